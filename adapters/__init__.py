@@ -1,0 +1,1 @@
+"""Adapter kinds, one module each (LoRA family, orthogonal, IP-Adapter, control, style, erasing)."""

@@ -1,0 +1,192 @@
+"""StudioPipeline: a backbone, its run-time options, and the diffusers call of its family."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from studio.backbones import Backbone, load_backbone
+from studio.errors import InvalidArgumentError, InvalidSizeError, RecipeError
+from studio.recipe import Recipe, save_png
+from studio.schedulers import build_scheduler, get_scheduler_spec, scheduler_kind
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+Progress = Callable[[int, int], None]  # (steps done, total steps)
+CallBuilder = Callable[[Recipe, "Progress | None"], dict[str, Any]]
+
+# family name -> the family-specific part of its diffusers call
+CALLS: dict[str, CallBuilder] = {}
+MAX_SEED = 2**63 - 1
+
+
+def register_call(*families: str):
+    def decorate(builder: CallBuilder) -> CallBuilder:
+        for family in families:
+            CALLS[family] = builder
+        return builder
+
+    return decorate
+
+
+def step_end_callback(progress: Progress | None, total: int) -> dict[str, Any]:
+    """The `callback_on_step_end` argument reporting progress, for pipelines that take it."""
+    if progress is None:
+        return {}
+
+    def on_step_end(pipe, step, timestep, tensors):
+        progress(step + 1, total)
+        return tensors
+
+    return {"callback_on_step_end": on_step_end}
+
+
+def standard_call(recipe: Recipe, progress: Progress | None) -> dict[str, Any]:
+    """The call of pipelines with negative prompts and `callback_on_step_end` (SD1/2, SDXL, SD3)."""
+    return {"negative_prompt": recipe.negative_prompt, **step_end_callback(progress, recipe.steps)}
+
+
+@dataclass
+class Generation:
+    """Images of one batch and the recipe that made them (image i's own recipe: `recipes[i]`)."""
+
+    images: list[Image.Image]
+    recipe: Recipe
+
+    @property
+    def recipes(self) -> list[Recipe]:
+        return [self.recipe.for_image(i) for i in range(len(self.images))]
+
+    def save(self, out: str | Path) -> list[Path]:
+        """Save as PNGs with their recipes: `out` is a file (`x.png`, `x-1.png`...) or a folder."""
+        return [save_png(image, recipe, path)
+                for image, recipe, path in zip(self.images, self.recipes, output_paths(out, self.recipe))]
+
+
+def output_paths(out: str | Path, recipe: Recipe) -> list[Path]:
+    """Where the images of a batch go: `x.png` -> x.png (x-0.png, x-1.png... for a batch); a folder ->
+    numbered files `00012-<seed>.png` after the ones already there."""
+    out = Path(out)
+    if out.suffix.lower() == ".png":
+        if recipe.n == 1:
+            return [out]
+        return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(recipe.n)]
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"out={str(out)!r} is a file but not a .png; pass a .png path or a folder.")
+    start = len(list(out.glob("*.png"))) if out.is_dir() else 0
+    return [out / f"{start + i:05d}-{recipe.seed + i}.png" for i in range(recipe.n)]
+
+
+class StudioPipeline:
+    """Generate with a backbone; every image comes back with its recipe."""
+
+    def __init__(self, backbone: Backbone | str | None = None, **load_options: Any):
+        import studio.pipelines.dit  # noqa: F401  (registers the family calls)
+        import studio.pipelines.unet  # noqa: F401
+
+        if not isinstance(backbone, Backbone):
+            backbone = load_backbone(backbone, **load_options)
+        elif load_options:
+            raise InvalidArgumentError(f"load options {sorted(load_options)} apply only to a backbone source.")
+        self.backbone = backbone
+        self.adapters: list[Any] = []  # attached adapters, in order (issue 4)
+
+    def __repr__(self) -> str:
+        return f"StudioPipeline({self.backbone!r})"
+
+    @property
+    def pipe(self):
+        return self.backbone.pipe
+
+    def recipe(self, prompt: str, *, negative_prompt: str = "", n: int = 1, seed: int | None = None,
+               steps: int | None = None, guidance: float | None = None, width: int | None = None,
+               height: int | None = None, scheduler: str | None = None) -> Recipe:
+        """The checked, complete recipe `generate` would run, defaults filled in from the family."""
+        from studio import __version__
+
+        family = self.backbone.family
+        if not isinstance(prompt, str):
+            raise InvalidArgumentError(f"prompt must be text, got {type(prompt).__name__}.")
+        if not isinstance(negative_prompt, str):
+            raise InvalidArgumentError(f"negative_prompt must be text, got {type(negative_prompt).__name__}.")
+        _check_int("n", n, 1)
+        steps = family.steps if steps is None else steps
+        _check_int("steps", steps, 1)
+        guidance = family.guidance if guidance is None else guidance
+        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance) \
+                or guidance < 0:
+            raise InvalidArgumentError(f"guidance={guidance!r} must be a finite number >= 0 (e.g. {family.guidance}).")
+        seed = secrets.randbelow(2**32) if seed is None else seed
+        _check_int("seed", seed, 0)
+        if seed + n - 1 > MAX_SEED:
+            raise InvalidArgumentError(f"seed={seed} with n={n} passes the largest seed {MAX_SEED}.")
+        width, height = (self._check_side(name, value) for name, value in (("width", width), ("height", height)))
+        scheduler = scheduler or family.scheduler
+        get_scheduler_spec(scheduler, kind=scheduler_kind(self.backbone.base_scheduler_config))
+        if family.name == "flux" and negative_prompt:
+            raise InvalidArgumentError(
+                "negative_prompt: Flux.1 is guidance-distilled and takes no negative prompt; leave it empty "
+                "and steer with `guidance` (the distilled guidance scale)."
+            )
+        return Recipe(prompt=prompt, negative_prompt=negative_prompt, seed=seed, n=n, steps=steps,
+                      guidance=float(guidance), width=width, height=height, scheduler=scheduler,
+                      backbone=self.backbone.source, backbone_hash=self.backbone.fingerprint(),
+                      family=family.name, dtype=str(self.backbone.dtype).replace("torch.", ""),
+                      device=str(self.backbone.device), adapters=[], studio_version=__version__)
+
+    def _check_side(self, name: str, value: int | None) -> int:
+        factor = self.backbone.size_factor
+        value = self.backbone.default_size if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int) or value < factor or value % factor:
+            lower = max(factor, (value // factor) * factor) if isinstance(value, int) else factor
+            raise InvalidSizeError(
+                f"{name}={value!r} must be a positive multiple of {factor} for this {self.backbone.family.title} "
+                f"backbone (e.g. {lower} or {lower + factor})."
+            )
+        return value
+
+    def generate(self, prompt: str, *, negative_prompt: str = "", n: int = 1, seed: int | None = None,
+                 steps: int | None = None, guidance: float | None = None, width: int | None = None,
+                 height: int | None = None, scheduler: str | None = None,
+                 progress: Progress | None = None) -> Generation:
+        """Generate `n` images of `prompt`; image i uses seed + i, as in A1111."""
+        recipe = self.recipe(prompt, negative_prompt=negative_prompt, n=n, seed=seed, steps=steps,
+                             guidance=guidance, width=width, height=height, scheduler=scheduler)
+        return Generation(self.run(recipe, progress=progress), recipe)
+
+    def run(self, recipe: Recipe, *, progress: Progress | None = None) -> list[Image.Image]:
+        """Run a complete recipe through the family's diffusers pipeline (the whole batch)."""
+        import torch
+
+        if recipe.adapters:
+            raise RecipeError("this recipe uses adapters, which this version of studio cannot attach yet.")
+        pipe = self.backbone.pipe
+        pipe.scheduler = build_scheduler(recipe.scheduler, self.backbone.base_scheduler_config)
+        # One CPU generator per image: image i is reproducible from seed + i on any device.
+        generators = [torch.Generator("cpu").manual_seed(recipe.seed + i) for i in range(recipe.n)]
+        output = pipe(prompt=recipe.prompt, num_images_per_prompt=recipe.n, generator=generators,
+                      num_inference_steps=recipe.steps, guidance_scale=recipe.guidance, width=recipe.width,
+                      height=recipe.height, output_type="pil",
+                      **CALLS[self.backbone.family.name](recipe, progress))
+        return list(output.images)
+
+    def replay(self, recipe: Recipe, *, progress: Progress | None = None) -> Image.Image:
+        """The image a recipe describes, made again (its whole batch is re-run, so pixels match exactly)."""
+        if recipe.family != self.backbone.family.name:
+            raise RecipeError(f"recipe is for a {recipe.family} backbone, this one is {self.backbone.family.name}.")
+        if recipe.backbone_hash != self.backbone.fingerprint():
+            warnings.warn(
+                f"backbone {self.backbone.source!r} has hash {self.backbone.short_hash}, the recipe was made with "
+                f"{recipe.backbone_hash[:10]}: the image will differ.", stacklevel=2)
+        return self.run(recipe, progress=progress)[recipe.index]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgumentError(f"{name}={value!r} must be a whole number >= {minimum}.")

@@ -1,0 +1,33 @@
+"""studio: a diffusion-model customization studio.
+
+Heavy modules (torch, diffusers) load on first use of the names below, so `import studio` and
+`studio --help` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_backbone": "studio.backbones",
+    "Backbone": "studio.backbones",
+    "FAMILIES": "studio.backbones",
+    "DEFAULT_BACKBONE": "studio.backbones",
+    "StudioPipeline": "studio.pipelines.base",
+    "Generation": "studio.pipelines.base",
+    "Recipe": "studio.recipe",
+    "read_recipe": "studio.recipe",
+    "SCHEDULERS": "studio.schedulers",
+    "StudioError": "studio.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'studio' has no attribute {name!r}")

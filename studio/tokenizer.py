@@ -1,0 +1,80 @@
+"""CLIP's BPE tokenizer built offline from the vocabulary file open_clip ships.
+
+No tokenizer can be downloaded here, and open_clip already carries CLIP's BPE merges
+(`bpe_simple_vocab_16e6.txt.gz`); transformers' CLIPTokenizer reads the same vocabulary once it is
+written as `vocab.json` + `merges.txt`, and then reproduces open_clip's ids exactly.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from studio.errors import StudioError
+from studio.home import atomic_write_bytes, cache_dir
+
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+VOCAB_SIZE = 49408
+# CLIP's BPE vocabulary keeps the first 48,894 merges (49152 - 256 - 2 in open_clip's SimpleTokenizer).
+N_MERGES = 49152 - 256 - 2
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's reversible byte -> printable-character table, in CLIP's order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def _open_clip_bpe() -> Path:
+    spec = importlib.util.find_spec("open_clip")  # locates the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise StudioError("open_clip is not installed; run `make install` (it ships CLIP's BPE vocabulary).")
+    path = Path(next(iter(spec.submodule_search_locations))) / BPE_FILE
+    if not path.is_file():
+        raise StudioError(f"open_clip has no {BPE_FILE} at {path}; reinstall open-clip-torch.")
+    return path
+
+
+def write_clip_tokenizer_files(folder: Path) -> Path:
+    """Write CLIP's `vocab.json` and `merges.txt` into `folder` and return it."""
+    folder = Path(folder)
+    lines = gzip.open(_open_clip_bpe(), "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
+    chars = _bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    if len(vocab) != VOCAB_SIZE:
+        raise StudioError(f"open_clip's {BPE_FILE} gave {len(vocab)} tokens, expected {VOCAB_SIZE}.")
+    encoder = {token: i for i, token in enumerate(vocab)}
+    atomic_write_bytes(folder / "vocab.json", json.dumps(encoder, ensure_ascii=False).encode())
+    text = "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
+    atomic_write_bytes(folder / "merges.txt", text.encode())
+    return folder
+
+
+@lru_cache(maxsize=4)
+def clip_tokenizer(max_length: int = 77):
+    """CLIP's tokenizer (49,408 tokens, padded with `<|endoftext|>` as SD1.x does)."""
+    from transformers import CLIPTokenizer
+
+    folder = cache_dir("clip-tokenizer")
+    if not (folder / "merges.txt").is_file():
+        write_clip_tokenizer_files(folder)
+    return CLIPTokenizer(
+        vocab_file=str(folder / "vocab.json"),
+        merges_file=str(folder / "merges.txt"),
+        model_max_length=max_length,
+        pad_token="<|endoftext|>",
+        clean_up_tokenization_spaces=False,
+    )
