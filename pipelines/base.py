@@ -66,7 +66,7 @@ class Generation:
     def save(self, out: str | Path) -> list[Path]:
         """Save as PNGs with their recipes: `out` is a file (`x.png`, `x-1.png`...) or a folder."""
         return [save_png(image, recipe, path)
-                for image, recipe, path in zip(self.images, self.recipes, output_paths(out, self.recipe))]
+                for image, recipe, path in zip(self.images, self.recipes, output_paths(out, self.recipe), strict=True)]
 
 
 def output_paths(out: str | Path, recipe: Recipe) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from studio.pipelines.base import Progress, register_call, standard_call, step_end_callback
+
 from studio.recipe import Recipe
 
 register_call("sd3")(standard_call)

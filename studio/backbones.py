@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -241,20 +242,21 @@ def detect_family(pipe: DiffusionPipeline) -> Family:
     denoiser = _denoiser_of(pipe)
     if denoiser is None:
         raise UnknownFamilyError(f"{type(pipe).__name__} has neither a UNet nor a transformer to adapt.")
-    cls = type(denoiser).__name__
+    return family_of_denoiser(type(denoiser).__name__, dict(denoiser.config), owner=type(pipe).__name__)
+
+
+def family_of_denoiser(cls: str, config: dict[str, Any], *, owner: str = "this pipeline") -> Family:
+    """The family of a UNet/transformer class and its config (what a diffusers folder's config.json holds)."""
     if cls == "UNet2DConditionModel":
-        config = denoiser.config
-        if config.addition_embed_type == "text_time":
+        if config.get("addition_embed_type") == "text_time":
             return FAMILIES["sdxl"]
-        if config.cross_attention_dim == 1024 or config.use_linear_projection:
+        if config.get("cross_attention_dim") == 1024 or config.get("use_linear_projection"):
             return FAMILIES["sd2"]
         return FAMILIES["sd1"]
     for family in FAMILIES.values():
         if family.arch == "dit" and family.denoiser == cls:
             return family
-    raise UnknownFamilyError(
-        f"{type(pipe).__name__} with a {cls} is not a supported family; supported: {', '.join(FAMILIES)}."
-    )
+    raise UnknownFamilyError(f"{owner} with a {cls} is not a supported family; supported: {', '.join(FAMILIES)}.")
 
 
 # Key markers of single-file checkpoints in their original (non-diffusers) layouts.
@@ -351,6 +353,7 @@ def quiet_libraries() -> None:
     for logging in (diffusers_logging, transformers_logging):
         logging.set_verbosity_error()
         logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # raised inside diffusers' loader
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -425,16 +428,24 @@ def _load_folder(location: str, source: str, fam: Family | None, device: str, dt
     cls = getattr(diffusers, fam.pipeline) if fam else diffusers.DiffusionPipeline
     torch_dtype = resolve_dtype(dtype, device, fam)
     try:
-        return cls.from_pretrained(location, torch_dtype=torch_dtype)
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
-        raise BackboneNotFoundError(
-            f"hub id {source!r} is not in the local Hugging Face cache and the hub cannot be reached "
-            f"(offline: {type(error).__name__}). {_offline_hint(source)}"
-        ) from None
-    except (HfHubHTTPError, OSError) as error:
+        # Components saved as [null, null] (SD3 without T5, no safety checker) must be passed as None.
+        absent = {name: None for name, value in cls.load_config(location).items()
+                  if isinstance(value, list) and value == [None, None]}
+        return cls.from_pretrained(location, torch_dtype=torch_dtype, **absent)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as error:
         if Path(location).is_dir():
             raise NotACheckpointError(f"folder {location!r} could not be loaded as a pipeline: {error}") from None
-        raise BackboneNotFoundError(f"hub id {source!r} could not be loaded: {error}. {_offline_hint(source)}") from None
+        if _hub_offline():
+            reason = "HF_HUB_OFFLINE=1 is set and it is not in the local Hugging Face cache"
+        else:
+            reason = f"the hub did not provide it ({str(error).strip().splitlines()[0]})"
+        raise BackboneNotFoundError(f"hub id {source!r} could not be loaded: {reason}. {_offline_hint(source)}") from None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _hub_snapshot(repo_id: str) -> Path:

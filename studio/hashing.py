@@ -64,7 +64,9 @@ def hash_modules(pipe: Any) -> str:
         if hasattr(config, "to_dict"):  # transformers configs
             config = config.to_dict()
         if isinstance(config, dict):  # diffusers FrozenDict configs are dicts
-            digest.update(f"{name}:{json.dumps(config, sort_keys=True, default=str)}".encode())
+            # private keys are bookkeeping (`_use_default_values` is a set in random order)
+            public = {k: v for k, v in config.items() if not k.startswith("_")}
+            digest.update(f"{name}:{json.dumps(public, sort_keys=True, default=str)}".encode())
         if isinstance(component, torch.nn.Module):
             for key, tensor in sorted(component.state_dict().items()):
                 digest.update(key.encode())

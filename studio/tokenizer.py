@@ -23,7 +23,7 @@ N_MERGES = 49152 - 256 - 2
 
 
 def _bytes_to_unicode() -> list[str]:
-    """GPT-2's reversible byte -> printable-character table, in CLIP's order."""
+    """GPT-2's reversible byte -> printable-character table, in CLIP's vocabulary order (printable first)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     bs += list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -33,7 +33,7 @@ def _bytes_to_unicode() -> list[str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return [chr(c) for _, c in sorted(zip(bs, cs))]
+    return [chr(c) for c in cs]
 
 
 def _open_clip_bpe() -> Path:
@@ -68,13 +68,8 @@ def clip_tokenizer(max_length: int = 77):
     """CLIP's tokenizer (49,408 tokens, padded with `<|endoftext|>` as SD1.x does)."""
     from transformers import CLIPTokenizer
 
-    folder = cache_dir("clip-tokenizer")
+    folder = cache_dir("clip-tokenizer-v1")
     if not (folder / "merges.txt").is_file():
         write_clip_tokenizer_files(folder)
-    return CLIPTokenizer(
-        vocab_file=str(folder / "vocab.json"),
-        merges_file=str(folder / "merges.txt"),
-        model_max_length=max_length,
-        pad_token="<|endoftext|>",
-        clean_up_tokenization_spaces=False,
-    )
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length, pad_token="<|endoftext|>",
+                                         clean_up_tokenization_spaces=False)

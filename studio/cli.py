@@ -1,0 +1,166 @@
+"""The `studio` command line. Heavy libraries load inside commands, so `studio --help` stays instant."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from studio.backbones import DEFAULT_BACKBONE, FAMILIES
+from studio.errors import StudioError
+from studio.schedulers import SCHEDULERS
+
+app = typer.Typer(name="studio", help="Teach, steer, erase and merge diffusion-model adapters.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+out_console = Console()
+
+SchedulerName = Enum("SchedulerName", {name: name for name in SCHEDULERS}, type=str)
+FamilyName = Enum("FamilyName", {name: name for name in FAMILIES}, type=str)
+
+BackboneOpt = Annotated[str | None, typer.Option(
+    "--backbone", "-b", help=f"Hub id, diffusers folder, .safetensors file or embedded name [default: {DEFAULT_BACKBONE}].")]
+FamilyOpt = Annotated[FamilyName | None, typer.Option(help="Override the detected backbone family.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cuda, mps or cpu [default: the first available].")]
+DtypeOpt = Annotated[str | None, typer.Option(help="fp32, fp16 or bf16 [default: fp32 on CPU, half on GPU].")]
+ConfigOpt = Annotated[str | None, typer.Option(
+    help="Diffusers folder/hub id whose configs build a single-file checkpoint (no download needed).")]
+
+
+def main() -> None:
+    """Entry point: run the app, turning StudioErrors into one clear line and exit code 2."""
+    try:
+        app()
+    except StudioError as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        sys.exit(2)
+
+
+def _value(option: Enum | None) -> str | None:
+    return option.value if option is not None else None
+
+
+def _load_pipeline(backbone: str | None, family: Enum | None, device: str | None, dtype: str | None,
+                   config: str | None):
+    from studio.pipelines import StudioPipeline
+
+    with console.status(f"loading {backbone or DEFAULT_BACKBONE}..."):
+        return StudioPipeline(backbone, family=_value(family), device=device, dtype=dtype, config=config)
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="What to draw (optional with --from).")] = None,
+    negative: Annotated[str | None, typer.Option("--negative", help="Negative prompt.")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Number of images (image i uses seed + i).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed [default: random, recorded in the PNG].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps [default: the family's].")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Guidance scale [default: the family's].")] = None,
+    width: Annotated[int | None, typer.Option(help="Width in pixels [default: the backbone's].")] = None,
+    height: Annotated[int | None, typer.Option(help="Height in pixels [default: the backbone's].")] = None,
+    scheduler: Annotated[SchedulerName | None, typer.Option(help="Sampler [default: the family's].")] = None,
+    backbone: BackboneOpt = None,
+    family: FamilyOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    config: ConfigOpt = None,
+    from_image: Annotated[Path | None, typer.Option(
+        "--from", help="A studio PNG: make it again (other options given here change its recipe).")] = None,
+    out: Annotated[Path, typer.Option(help="A .png path, or a folder for numbered files.")] = Path("outputs"),
+) -> None:
+    """Generate images; each PNG carries its recipe (A1111 `parameters` + studio JSON)."""
+    from studio.errors import InvalidArgumentError
+    from studio.pipelines.base import Generation
+    from studio.recipe import read_recipe
+
+    changes = {k: v for k, v in dict(prompt=prompt, negative_prompt=negative, n=n, seed=seed, steps=steps,
+                                     guidance=guidance, width=width, height=height,
+                                     scheduler=_value(scheduler)).items() if v is not None}
+    if from_image is None:
+        if prompt is None:
+            raise InvalidArgumentError("PROMPT is missing: give a prompt, or --from IMAGE.png to remake an image.")
+        pipeline = _load_pipeline(backbone, family, device, dtype, config)
+        recipe = pipeline.recipe(**changes)
+        index = None
+    else:
+        original = read_recipe(from_image)
+        pipeline = _load_pipeline(backbone or original.backbone, family or FamilyName(original.family),
+                                  device or original.device, dtype or original.dtype, config)
+        if changes:  # a new recipe from the old one
+            fields = dict(prompt=original.prompt, negative_prompt=original.negative_prompt, seed=original.image_seed,
+                          steps=original.steps, guidance=original.guidance, width=original.width,
+                          height=original.height, scheduler=original.scheduler) | changes
+            recipe, index = pipeline.recipe(**fields), None
+        else:
+            recipe, index = original, original.index
+    with _progress_bar() as bar:
+        task = bar.add_task("sampling", total=recipe.steps)
+        progress = lambda done, total: bar.update(task, completed=done)  # noqa: E731
+        if index is None:
+            result = Generation(pipeline.run(recipe, progress=progress), recipe)
+        else:
+            # the saved PNG holds the very same recipe, batch position included
+            result = Generation([pipeline.replay(recipe, progress=progress)], recipe)
+    paths = _save(result, out, index)
+    for path in paths:
+        out_console.print(str(path), highlight=False)
+
+
+def _save(result: Any, out: Path, index: int | None) -> list[Path]:
+    from studio.recipe import save_png
+
+    if index is None:
+        return result.save(out)
+    target = out if out.suffix.lower() == ".png" else out / f"{result.recipe.image_seed}.png"
+    return [save_png(result.images[0], result.recipe, target)]
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="A checkpoint or adapter file, a diffusers folder, a PNG or an embedded name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Say what a file is: family, kind, tensors, metadata, recipe."""
+    from rich.table import Table
+
+    from studio.inspection import inspect_path
+
+    info = inspect_path(path)
+    if as_json:
+        out_console.print_json(json.dumps(info, default=str))
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in info.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, indent=1, default=str)
+        table.add_row(f"[bold]{key}[/]", str(value))
+    out_console.print(table)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo images and index.html.")] = Path("out/demo"),
+    backbone: BackboneOpt = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
+) -> None:
+    """The main job on the embedded default: a grid of prompts, saved with their recipes."""
+    from studio.demo import run_demo
+
+    index = run_demo(out, backbone=backbone, steps=steps, console=console)
+    out_console.print(f"demo written to {index}", highlight=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""What a file or folder is (checkpoint, adapter, pipeline folder, studio image), read without loading weights."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from math import prod
+from pathlib import Path
+from typing import Any
+
+from studio.backbones import (
+    EMBEDDED,
+    PICKLE_SUFFIXES,
+    _ensure_embedded_registered,
+    detect_family_from_keys,
+    family_of_denoiser,
+    read_safetensors_header,
+)
+from studio.errors import BackboneNotFoundError, NotACheckpointError, StudioError
+
+ADAPTER_MARKERS = {
+    "kohya LoRA (A1111/ComfyUI)": ("lora_unet_", "lora_te", "lora_transformer_"),
+    "PEFT/diffusers LoRA": (".lora_A.", ".lora_B."),
+    "LyCORIS LoHa": (".hada_w1",),
+    "LyCORIS LoKr": (".lokr_w1",),
+    "LoRA (lora_down/lora_up)": (".lora_down.", ".lora_up."),
+}
+
+
+def inspect_path(path: str | Path) -> dict[str, Any]:
+    """A description of `path`: its kind, family, tensors and metadata."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        _ensure_embedded_registered()
+        if str(path) in EMBEDDED:
+            return {"path": str(path), "kind": "embedded backbone", "builder": EMBEDDED[str(path)].__doc__}
+        raise BackboneNotFoundError(f"{str(path)!r} does not exist (nor is it an embedded backbone name).")
+    if path.is_dir():
+        return _inspect_folder(path)
+    if path.suffix.lower() == ".png":
+        return _inspect_png(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        read_safetensors_header(path)  # raises UnsafeFileError with the conversion hint
+    return _inspect_safetensors(path)
+
+
+def _inspect_safetensors(path: Path) -> dict[str, Any]:
+    keys, shapes, metadata = read_safetensors_header(path)
+    info: dict[str, Any] = {
+        "path": str(path),
+        "size_mb": round(path.stat().st_size / 2**20, 2),
+        "tensors": len(keys),
+        "parameters": sum(prod(s) for s in shapes.values()),
+    }
+    if "studio.manifest" in metadata:
+        manifest = json.loads(metadata["studio.manifest"])
+        info |= {"kind": f"studio adapter ({manifest.get('kind', '?')})", "family": manifest.get("base_family"),
+                 "manifest": manifest}
+    elif adapter := next((name for name, marks in ADAPTER_MARKERS.items()
+                          if any(m in k for k in keys for m in marks)), None):
+        info |= {"kind": adapter}
+    else:
+        try:
+            info |= {"kind": "backbone checkpoint", "family": detect_family_from_keys(keys, shapes.__getitem__,
+                                                                                       name=path.name)}
+        except NotACheckpointError:
+            info |= {"kind": "unknown safetensors"}
+    info["top_level"] = dict(Counter(k.split(".")[0] for k in keys).most_common(8))
+    info["metadata"] = {k: (v if len(v) < 200 else v[:200] + "...") for k, v in metadata.items()
+                        if k != "studio.manifest"}
+    return info
+
+
+def _inspect_folder(path: Path) -> dict[str, Any]:
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise NotACheckpointError(f"folder {str(path)!r} has no model_index.json: not a diffusers pipeline folder.")
+    index = json.loads(index_file.read_text())
+    components = {k: v[1] for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[1]}
+    info: dict[str, Any] = {"path": str(path), "kind": "diffusers pipeline folder",
+                            "pipeline": index.get("_class_name"), "components": components}
+    for name in ("unet", "transformer"):
+        config_file = path / name / "config.json"
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
+            try:
+                info["family"] = family_of_denoiser(config.get("_class_name", ""), config).name
+            except StudioError as error:
+                info["family"] = f"unsupported ({error})"
+    weights = [f for f in path.rglob("*") if f.suffix in (".safetensors", ".bin")]
+    info["size_mb"] = round(sum(f.stat().st_size for f in weights) / 2**20, 2)
+    return info
+
+
+def _inspect_png(path: Path) -> dict[str, Any]:
+    from studio.recipe import PARAMETERS_CHUNK, RECIPE_CHUNK, Recipe, read_png_text
+
+    text = read_png_text(path)
+    info: dict[str, Any] = {"path": str(path), "kind": "image"}
+    if RECIPE_CHUNK in text:
+        info |= {"kind": "studio image", "recipe": Recipe.from_json(text[RECIPE_CHUNK]).to_dict()}
+    if PARAMETERS_CHUNK in text:
+        info["parameters"] = text[PARAMETERS_CHUNK]
+    return info

@@ -1,0 +1,34 @@
+"""The one import name `studio`, with adapters/ and pipelines/ installed as its subpackages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_subpackages_map_to_their_folders():
+    import studio
+    import studio.adapters
+    import studio.pipelines
+
+    assert Path(studio.__file__).parent == ROOT / "studio"
+    assert Path(studio.adapters.__file__).parent == ROOT / "adapters"
+    assert Path(studio.pipelines.__file__).parent == ROOT / "pipelines"
+    assert studio.__version__
+
+
+def test_wheel_installs_only_the_studio_name(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    wheel = next(tmp_path.glob("studio-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top == {"studio"}
+    assert "studio/adapters/__init__.py" in names and "studio/pipelines/base.py" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "studio = studio.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
