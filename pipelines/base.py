@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studio.backbones import Backbone, load_backbone
-from studio.errors import InvalidArgumentError, InvalidSizeError, RecipeError
+from studio.errors import InvalidArgumentError, InvalidSizeError, RecipeError, UnknownFamilyError
 from studio.recipe import Recipe, save_png
-from studio.schedulers import build_scheduler, get_scheduler_spec, scheduler_kind
+from studio.registry import Registry
+from studio.schedulers import get_scheduler_spec, scheduler_kind
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -22,17 +23,8 @@ Progress = Callable[[int, int], None]  # (steps done, total steps)
 CallBuilder = Callable[[Recipe, "Progress | None"], dict[str, Any]]
 
 # family name -> the family-specific part of its diffusers call
-CALLS: dict[str, CallBuilder] = {}
+CALLS: Registry[CallBuilder] = Registry("family", UnknownFamilyError)
 MAX_SEED = 2**63 - 1
-
-
-def register_call(*families: str):
-    def decorate(builder: CallBuilder) -> CallBuilder:
-        for family in families:
-            CALLS[family] = builder
-        return builder
-
-    return decorate
 
 
 def step_end_callback(progress: Progress | None, total: int) -> dict[str, Any]:
@@ -167,13 +159,13 @@ class StudioPipeline:
         if recipe.adapters:
             raise RecipeError("this recipe uses adapters, which this version of studio cannot attach yet.")
         pipe = self.backbone.pipe
-        pipe.scheduler = build_scheduler(recipe.scheduler, self.backbone.base_scheduler_config)
+        pipe.scheduler = self.backbone.scheduler(recipe.scheduler)
         # One CPU generator per image: image i is reproducible from seed + i on any device.
         generators = [torch.Generator("cpu").manual_seed(recipe.seed + i) for i in range(recipe.n)]
         output = pipe(prompt=recipe.prompt, num_images_per_prompt=recipe.n, generator=generators,
                       num_inference_steps=recipe.steps, guidance_scale=recipe.guidance, width=recipe.width,
                       height=recipe.height, output_type="pil",
-                      **CALLS[self.backbone.family.name](recipe, progress))
+                      **CALLS.get_or_raise(self.backbone.family.name)(recipe, progress))
         return list(output.images)
 
     def replay(self, recipe: Recipe, *, progress: Progress | None = None) -> Image.Image:

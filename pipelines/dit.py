@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from studio.pipelines.base import Progress, register_call, standard_call, step_end_callback
+from studio.pipelines.base import CALLS, Progress, standard_call, step_end_callback
 
 from studio.recipe import Recipe
 
-register_call("sd3")(standard_call)
+CALLS.register("sd3")(standard_call)
 
 
-@register_call("flux")
+@CALLS.register("flux")
 def flux_call(recipe: Recipe, progress: Progress | None) -> dict[str, Any]:
     """Flux.1 is guidance-distilled: `guidance_scale` feeds its guidance embedding, no negative prompt."""
     return step_end_callback(progress, recipe.steps)
 
 
-@register_call("pixart")
+@CALLS.register("pixart")
 def pixart_call(recipe: Recipe, progress: Progress | None) -> dict[str, Any]:
     """PixArt: exact sizes (no resolution binning), raw captions (no bs4/ftfy cleaning), old-style callback."""
     options: dict[str, Any] = {"negative_prompt": recipe.negative_prompt, "use_resolution_binning": False,

@@ -26,6 +26,7 @@ from studio.errors import (
     UnsafeFileError,
 )
 from studio.hashing import hash_files, hash_modules
+from studio.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -50,13 +51,7 @@ class Family:
     examples: str  # checkpoints of this family, for the README table and errors
 
 
-FAMILIES: dict[str, Family] = {}
-
-
-def register_family(family: Family) -> Family:
-    FAMILIES[family.name] = family
-    return family
-
+FAMILIES: Registry[Family] = Registry("family", UnknownFamilyError)
 
 for _family in (
     Family(name="sd1", arch="unet", pipeline="StableDiffusionPipeline", denoiser="UNet2DConditionModel",
@@ -78,16 +73,7 @@ for _family in (
            steps=20, guidance=4.5, scheduler="dpmpp_2m", gpu_dtype="float16",
            title="PixArt-Σ / PixArt-α", examples="PixArt-Sigma XL 512/1024"),
 ):
-    register_family(_family)
-
-
-def get_family(name: str) -> Family:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise UnknownFamilyError(
-            f"family={name!r} is not a known family; choose one of {', '.join(FAMILIES)}."
-        ) from None
+    FAMILIES.add(_family.name, _family)
 
 
 # Where each kind of block sits on a denoiser, and what studio calls it. Names are the diffusers
@@ -113,16 +99,8 @@ class Block:
 # ---------------------------------------------------------------------------------------------
 # Embedded backbones: names that need no download. Builders take (dtype) and return a pipeline.
 
-EMBEDDED: dict[str, Callable[[], DiffusionPipeline]] = {}
+EMBEDDED: Registry[Callable[[], DiffusionPipeline]] = Registry("backbone", BackboneNotFoundError)
 DEFAULT_BACKBONE = "tiny-sd1"
-
-
-def register_embedded(name: str):
-    def decorate(builder):
-        EMBEDDED[name] = builder
-        return builder
-
-    return decorate
 
 
 def _ensure_embedded_registered() -> None:
@@ -144,6 +122,7 @@ class Backbone:
         self.path = path
         # the scheduler the backbone ships with; every named sampler is built from it afresh
         self.base_scheduler_config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
+        self._schedulers: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"Backbone({self.source!r}, family={self.family.name}, device={self.device}, dtype={self.dtype})"
@@ -154,11 +133,21 @@ class Backbone:
 
     @property
     def device(self) -> torch.device:
-        return self.denoiser.device
+        # the first parameter's: diffusers' ModelMixin.device walks every module (ms per call)
+        return next(self.denoiser.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.denoiser.dtype
+        return next(self.denoiser.parameters()).dtype
+
+    def scheduler(self, name: str):
+        """The sampler `name` built from this backbone's own scheduler config, made once and reused
+        (diffusers resets a scheduler's state in `set_timesteps` at every call)."""
+        from studio.schedulers import build_scheduler
+
+        if name not in self._schedulers:
+            self._schedulers[name] = build_scheduler(name, self.base_scheduler_config)
+        return self._schedulers[name]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -367,7 +356,7 @@ def load_backbone(source: str | None = None, *, family: str | None = None, devic
     """
     source = str(source or DEFAULT_BACKBONE)
     quiet_libraries()
-    fam = get_family(family) if family else None
+    fam = FAMILIES.get_or_raise(family) if family else None
     device = resolve_device(device)
     _ensure_embedded_registered()
     path = Path(source).expanduser()

@@ -59,20 +59,18 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.
     for key, tensor in state.items():
         if key in fixed:
             new = fixed[key]
-        elif m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        elif m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            side, i, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
             part = f"0.{_rename_resnet(rest)}" if kind == "resnets" else f"1.{rest}"
-            new = f"input_blocks.{1 + i * stride + j}.{part}"
+            # input block 0 is conv_in; output blocks start at 0
+            new = f"input_blocks.{1 + i * stride + j}.{part}" if side == "down" else \
+                f"output_blocks.{i * stride + j}.{part}"
         elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
             new = f"input_blocks.{1 + int(m[1]) * stride + per_block}.0.op.{m[2]}"
         elif m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", key):
             new = f"middle_block.{2 * int(m[1])}.{_rename_resnet(m[2])}"
         elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
             new = f"middle_block.1.{m[1]}"
-        elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-            part = f"0.{_rename_resnet(rest)}" if kind == "resnets" else f"1.{rest}"
-            new = f"output_blocks.{i * stride + j}.{part}"
         elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
             i = int(m[1])
             new = f"output_blocks.{i * stride + per_block}.{2 if up_has_attention[i] else 1}.conv.{m[2]}"
@@ -84,8 +82,7 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.
 
 def vae_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
     """AutoencoderKL weights in the original `first_stage_model.*` layout (1x1-conv attention)."""
-    fixed = {v: k for k, v in _ldm_tables()["vae"].items()}
-    fixed = {diffusers: ldm for ldm, diffusers in fixed.items()}
+    fixed = _ldm_tables()["vae"]  # diffusers name -> original name
     n_up = len(config.up_block_types)
     attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
     out: dict[str, torch.Tensor] = {}

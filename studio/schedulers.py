@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from studio.errors import UnknownSchedulerError
+from studio.registry import Registry
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -18,12 +19,7 @@ class SchedulerSpec:
     doc: str = ""
 
 
-SCHEDULERS: dict[str, SchedulerSpec] = {}
-
-
-def register_scheduler(spec: SchedulerSpec) -> SchedulerSpec:
-    SCHEDULERS[spec.name] = spec
-    return spec
+SCHEDULERS: Registry[SchedulerSpec] = Registry("scheduler", UnknownSchedulerError)
 
 
 for _spec in (
@@ -44,7 +40,7 @@ for _spec in (
     SchedulerSpec(name="flow_euler", cls="FlowMatchEulerDiscreteScheduler", kind="flow", a1111="Euler",
                   doc="Euler on the rectified-flow ODE, Esser et al. 2024 (arXiv:2403.03206)"),
 ):
-    register_scheduler(_spec)
+    SCHEDULERS.add(_spec.name, _spec)
 
 
 def scheduler_kind(config: dict[str, Any]) -> Literal["discrete", "flow"]:
@@ -54,10 +50,10 @@ def scheduler_kind(config: dict[str, Any]) -> Literal["discrete", "flow"]:
 
 def get_scheduler_spec(name: str, *, kind: str | None = None) -> SchedulerSpec:
     """The spec named `name`, checked against the backbone's kind of scheduler when given."""
-    spec = SCHEDULERS.get(name)
     usable = [s.name for s in SCHEDULERS.values() if kind is None or s.kind == kind]
-    if spec is None:
+    if name not in SCHEDULERS:
         raise UnknownSchedulerError(f"scheduler={name!r} is not known; choose one of {', '.join(usable)}.")
+    spec = SCHEDULERS[name]
     if kind is not None and spec.kind != kind:
         raise UnknownSchedulerError(
             f"scheduler={name!r} is a {spec.kind} sampler but this backbone is trained for {kind} sampling; "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from studio.backbones import register_embedded
+from studio.backbones import EMBEDDED
 from studio.tokenizer import clip_tokenizer
 
 if TYPE_CHECKING:
@@ -65,41 +65,37 @@ def _seeded(build: Callable[[], DiffusionPipeline]) -> Callable[[], DiffusionPip
     return seeded
 
 
-@register_embedded("tiny-sd1")
-@_seeded
-def tiny_sd1() -> DiffusionPipeline:
-    """SD1.x layout: CLIP text encoder, cross-attention in the outer blocks, eps-prediction."""
+def _sd_pipeline(*, unet_options: dict, scheduler_options: dict) -> DiffusionPipeline:
+    """An SD1.x/2.x pipeline: cross-attention in the outer blocks, CLIP text encoder, DDIM betas of SD."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=2,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-    scheduler = DDIMScheduler(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+                                cross_attention_dim=32, norm_num_groups=32, **unet_options)
+    scheduler = DDIMScheduler(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              **scheduler_options)
     return StableDiffusionPipeline(vae=_vae(), text_encoder=_clip_text(), tokenizer=clip_tokenizer(),
                                    unet=unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, image_encoder=None, requires_safety_checker=False)
 
 
-@register_embedded("tiny-sd2")
+@EMBEDDED.register("tiny-sd1")
+@_seeded
+def tiny_sd1() -> DiffusionPipeline:
+    """SD1.x layout: CLIP text encoder, conv projections in the transformers, eps-prediction."""
+    return _sd_pipeline(unet_options={"attention_head_dim": 8}, scheduler_options={})
+
+
+@EMBEDDED.register("tiny-sd2")
 @_seeded
 def tiny_sd2() -> DiffusionPipeline:
     """SD2.x layout: linear projections in the transformers, v-prediction as SD 2.1-768."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=2,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True,
-                                norm_num_groups=32)
-    scheduler = DDIMScheduler(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              prediction_type="v_prediction")
-    return StableDiffusionPipeline(vae=_vae(), text_encoder=_clip_text(), tokenizer=clip_tokenizer(),
-                                   unet=unet, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    return _sd_pipeline(unet_options={"attention_head_dim": (2, 4), "use_linear_projection": True},
+                        scheduler_options={"prediction_type": "v_prediction"})
 
 
-@register_embedded("tiny-sdxl")
+@EMBEDDED.register("tiny-sdxl")
 @_seeded
 def tiny_sdxl() -> DiffusionPipeline:
     """SDXL layout: two text encoders of different widths (hidden states concatenated, as CLIP-L's 768
@@ -124,7 +120,7 @@ def tiny_sdxl() -> DiffusionPipeline:
                                      image_encoder=None, feature_extractor=None)
 
 
-@register_embedded("tiny-sd3")
+@EMBEDDED.register("tiny-sd3")
 @_seeded
 def tiny_sd3() -> DiffusionPipeline:
     """SD3 MMDiT with its two CLIP text encoders and no T5 (the T5 slot is zeros, as diffusers allows)."""
@@ -143,7 +139,7 @@ def tiny_sd3() -> DiffusionPipeline:
         text_encoder_3=None, tokenizer_3=None)
 
 
-@register_embedded("tiny-flux")
+@EMBEDDED.register("tiny-flux")
 @_seeded
 def tiny_flux() -> DiffusionPipeline:
     """Flux.1 layout: CLIP pooled + T5 tokens, double- and single-stream blocks, guidance embedding.
@@ -166,7 +162,7 @@ def tiny_flux() -> DiffusionPipeline:
     return pipe
 
 
-@register_embedded("tiny-pixart")
+@EMBEDDED.register("tiny-pixart")
 @_seeded
 def tiny_pixart() -> DiffusionPipeline:
     """PixArt-Σ layout: T5 text tokens, adaLN-single, learned sigma (8 output channels)."""

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from studio.pipelines import StudioPipeline
 
 from studio.backbones import load_backbone, resolve_dtype
 from studio.errors import (
@@ -20,7 +21,6 @@ from studio.errors import (
     UnknownSchedulerError,
     UnsafeFileError,
 )
-from studio.pipelines import StudioPipeline
 
 
 def test_unreachable_hub_id_offline_fails_fast_naming_the_id():

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 from conftest import FAMILIES, pixels
+from studio.pipelines import StudioPipeline
 
 from studio.backbones import load_backbone
-from studio.pipelines import StudioPipeline
 
 EXPECTED_BLOCKS = {
     "sd1": ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"],

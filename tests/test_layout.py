@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,9 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_subpackages_map_to_their_folders():
-    import studio
     import studio.adapters
     import studio.pipelines
+
+    import studio
 
     assert Path(studio.__file__).parent == ROOT / "studio"
     assert Path(studio.adapters.__file__).parent == ROOT / "adapters"
@@ -22,8 +24,14 @@ def test_subpackages_map_to_their_folders():
 
 
 def test_wheel_installs_only_the_studio_name(tmp_path):
+    source = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "studio", "adapters", "pipelines"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                            if (ROOT / name).is_dir() else {}))
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+                           "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     wheel = next(tmp_path.glob("studio-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

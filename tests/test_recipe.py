@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import pixels
 from PIL import Image
+from studio.pipelines import StudioPipeline
 
 from studio.errors import RecipeError
-from studio.pipelines import StudioPipeline
 from studio.recipe import Recipe, read_png_text, read_recipe
 
 

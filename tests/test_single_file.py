@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 from conftest import pixels
+from studio.pipelines import StudioPipeline
 
 from studio.backbones import detect_family_from_keys, load_backbone, read_safetensors_header
 from studio.errors import BackboneNotFoundError
 from studio.formats import save_single_file
-from studio.pipelines import StudioPipeline
 
 
 @pytest.fixture(scope="module")

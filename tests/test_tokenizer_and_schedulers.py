@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import pixels
+from studio.pipelines import StudioPipeline
 
 from studio.backbones import resolve_device, resolve_dtype
-from studio.pipelines import StudioPipeline
 from studio.schedulers import SCHEDULERS, build_scheduler
 from studio.tokenizer import clip_tokenizer
 
