@@ -97,7 +97,7 @@ class Block:
 
 
 # ---------------------------------------------------------------------------------------------
-# Embedded backbones: names that need no download. Builders take (dtype) and return a pipeline.
+# Embedded backbones: names that need no download. Builders take no argument and return a pipeline.
 
 EMBEDDED: Registry[Callable[[], DiffusionPipeline]] = Registry("backbone", BackboneNotFoundError)
 DEFAULT_BACKBONE = "tiny-sd1"
@@ -123,6 +123,7 @@ class Backbone:
         # the scheduler the backbone ships with; every named sampler is built from it afresh
         self.base_scheduler_config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
         self._schedulers: dict[str, Any] = {}
+        self._fingerprint: str | None = None
 
     def __repr__(self) -> str:
         return f"Backbone({self.source!r}, family={self.family.name}, device={self.device}, dtype={self.dtype})"
@@ -156,12 +157,10 @@ class Backbone:
     @property
     def size_factor(self) -> int:
         """Width and height must be multiples of this."""
-        config = self.denoiser.config
-        if self.family.name == "flux":
-            return self.vae_scale_factor * 2  # latents are packed in 2x2 patches
-        patch = int(getattr(config, "patch_size", None) or 1)
-        # diffusers' SD, SDXL and PixArt pipelines check multiples of 8 on top of the VAE factor.
-        return math.lcm(8, self.vae_scale_factor * patch) if self.family.name != "sd3" else self.vae_scale_factor * patch
+        # Flux packs latents in 2x2 patches; the other DiTs name their patch size. diffusers' SD, SDXL and
+        # PixArt pipelines also insist on multiples of 8.
+        patch = 2 if self.family.name == "flux" else int(getattr(self.denoiser.config, "patch_size", None) or 1)
+        return math.lcm(8, self.vae_scale_factor * patch)
 
     @property
     def default_size(self) -> int:
@@ -192,13 +191,9 @@ class Backbone:
 
     def fingerprint(self) -> str:
         """sha256 of the backbone's weights and configs (A1111's model hash is its first 10 digits)."""
-        if "_fingerprint" not in self.__dict__:
-            if self.origin == "embedded":
-                digest = hash_modules(self.pipe)
-            else:
-                digest = hash_files(self.path)
-            self.__dict__["_fingerprint"] = digest
-        return self.__dict__["_fingerprint"]
+        if self._fingerprint is None:
+            self._fingerprint = hash_modules(self.pipe) if self.origin == "embedded" else hash_files(self.path)
+        return self._fingerprint
 
     @property
     def short_hash(self) -> str:
@@ -365,13 +360,13 @@ def load_backbone(source: str | None = None, *, family: str | None = None, devic
         pipe = EMBEDDED[source]()
         origin, path = "embedded", None
     elif path.is_dir():
-        pipe = _load_folder(str(path), source, fam, device, dtype)
+        pipe, fam = _load_folder(str(path), source, fam, device, dtype)
         origin = "folder"
     elif path.is_file():
         pipe, fam = _load_single_file(path, fam, device, dtype, config)
         origin = "single_file"
     elif _HUB_ID.match(source):
-        pipe = _load_folder(source, source, fam, device, dtype)
+        pipe, fam = _load_folder(source, source, fam, device, dtype)
         origin = "hub"
         path = _hub_snapshot(source)
     else:
@@ -380,8 +375,7 @@ def load_backbone(source: str | None = None, *, family: str | None = None, devic
             f"name; embedded names: {', '.join(sorted(EMBEDDED))}."
         )
 
-    detected = detect_family(pipe)
-    fam = fam or detected
+    fam = fam or detect_family(pipe)
     if type(pipe).__name__ != fam.pipeline:
         import diffusers
 
@@ -405,7 +399,8 @@ def _offline_hint(source: str) -> str:
     )
 
 
-def _load_folder(location: str, source: str, fam: Family | None, device: str, dtype: Any) -> DiffusionPipeline:
+def _load_folder(location: str, source: str, fam: Family | None, device: str,
+                 dtype: Any) -> tuple[DiffusionPipeline, Family]:
     import diffusers
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
@@ -414,13 +409,15 @@ def _load_folder(location: str, source: str, fam: Family | None, device: str, dt
             f"folder {location!r} has no model_index.json, so it is not a diffusers pipeline folder; "
             f"point at the folder that holds model_index.json, or at a single .safetensors checkpoint."
         )
-    cls = getattr(diffusers, fam.pipeline) if fam else diffusers.DiffusionPipeline
-    torch_dtype = resolve_dtype(dtype, device, fam)
     try:
+        index = diffusers.DiffusionPipeline.load_config(location)
+        # the family before the weights, so they load straight into its dtype (bf16 Flux never via fp16)
+        fam = fam or _family_of_folder(location, index)
         # Components saved as [null, null] (SD3 without T5, no safety checker) must be passed as None.
-        absent = {name: None for name, value in cls.load_config(location).items()
-                  if isinstance(value, list) and value == [None, None]}
-        return cls.from_pretrained(location, torch_dtype=torch_dtype, **absent)
+        absent = {name: None for name, value in index.items() if isinstance(value, list) and value == [None, None]}
+        pipe = getattr(diffusers, fam.pipeline).from_pretrained(
+            location, torch_dtype=resolve_dtype(dtype, device, fam), **absent)
+        return pipe, fam
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as error:
         if Path(location).is_dir():
             raise NotACheckpointError(f"folder {location!r} could not be loaded as a pipeline: {error}") from None
@@ -429,6 +426,19 @@ def _load_folder(location: str, source: str, fam: Family | None, device: str, dt
         else:
             reason = f"the hub did not provide it ({str(error).strip().splitlines()[0]})"
         raise BackboneNotFoundError(f"hub id {source!r} could not be loaded: {reason}. {_offline_hint(source)}") from None
+
+
+def _family_of_folder(location: str, index: dict[str, Any]) -> Family:
+    """The family of a diffusers folder or hub id, from its denoiser's config.json alone."""
+    from diffusers import UNet2DConditionModel
+
+    for name in ("unet", "transformer"):
+        if isinstance(index.get(name), list) and index[name][1]:
+            # load_config reads any config.json; the class it is called on does not matter
+            config = UNet2DConditionModel.load_config(location, subfolder=name)
+            return family_of_denoiser(config.get("_class_name", index[name][1]), config,
+                                      owner=index.get("_class_name", location))
+    raise UnknownFamilyError(f"{location!r} ({index.get('_class_name')}) has neither a unet nor a transformer.")
 
 
 def _hub_offline() -> bool:
