@@ -57,8 +57,9 @@ class Generation:
 
     def save(self, out: str | Path) -> list[Path]:
         """Save as PNGs with their recipes: `out` is a file (`x.png`, `x-1.png`...) or a folder."""
+        paths = output_paths(out, self.recipe)
         return [save_png(image, recipe, path)
-                for image, recipe, path in zip(self.images, self.recipes, output_paths(out, self.recipe), strict=True)]
+                for image, recipe, path in zip(self.images, self.recipes, paths, strict=True)]
 
 
 def output_paths(out: str | Path, recipe: Recipe) -> list[Path]:
@@ -129,6 +130,7 @@ class StudioPipeline:
         return Recipe(prompt=prompt, negative_prompt=negative_prompt, seed=seed, n=n, steps=steps,
                       guidance=float(guidance), width=width, height=height, scheduler=scheduler,
                       backbone=self.backbone.source, backbone_hash=self.backbone.fingerprint(),
+                      backbone_config=self.backbone.config,
                       family=family.name, dtype=str(self.backbone.dtype).replace("torch.", ""),
                       device=str(self.backbone.device), adapters=[], studio_version=__version__)
 

@@ -114,10 +114,11 @@ class Backbone:
     """A loaded diffusers pipeline with its family, its blocks and where it came from."""
 
     def __init__(self, pipe: DiffusionPipeline, family: Family, *, source: str, origin: str,
-                 path: Path | None = None):
+                 path: Path | None = None, config: str | None = None):
         self.pipe = pipe
         self.family = family
         self.source = source
+        self.config = config  # the diffusers configs a single file was built with
         self.origin = origin  # embedded | folder | hub | single_file
         self.path = path
         # the scheduler the backbone ships with; every named sampler is built from it afresh
@@ -389,7 +390,12 @@ def load_backbone(source: str | None = None, *, family: str | None = None, devic
         if hasattr(component, "eval"):
             component.eval()
     _enable_memory_efficient_attention(pipe, device)
-    return Backbone(pipe, fam, source=source, origin=origin, path=path)
+    if origin in ("folder", "single_file"):  # recipes name local sources absolutely, to replay from anywhere
+        source = str(path.resolve())
+    if config and Path(config).expanduser().exists():
+        config = str(Path(config).expanduser().resolve())
+    return Backbone(pipe, fam, source=source, origin=origin, path=path,
+                    config=config if origin == "single_file" else None)
 
 
 def _offline_hint(source: str) -> str:

@@ -83,7 +83,7 @@ def generate(
     """Generate images; each PNG carries its recipe (A1111 `parameters` + studio JSON)."""
     from studio.errors import InvalidArgumentError
     from studio.pipelines.base import Generation
-    from studio.recipe import read_recipe
+    from studio.recipe import read_recipe, save_png
 
     changes = {k: v for k, v in dict(prompt=prompt, negative_prompt=negative, n=n, seed=seed, steps=steps,
                                      guidance=guidance, width=width, height=height,
@@ -97,7 +97,8 @@ def generate(
     else:
         original = read_recipe(from_image)
         pipeline = _load_pipeline(backbone or original.backbone, family or FamilyName(original.family),
-                                  device or original.device, dtype or original.dtype, config)
+                                  device or original.device, dtype or original.dtype,
+                                  config or original.backbone_config)
         if changes:  # a new recipe from the old one
             fields = dict(prompt=original.prompt, negative_prompt=original.negative_prompt, seed=original.image_seed,
                           steps=original.steps, guidance=original.guidance, width=original.width,
@@ -109,22 +110,12 @@ def generate(
         task = bar.add_task("sampling", total=recipe.steps)
         progress = lambda done, total: bar.update(task, completed=done)  # noqa: E731
         if index is None:
-            result = Generation(pipeline.run(recipe, progress=progress), recipe)
-        else:
-            # the saved PNG holds the very same recipe, batch position included
-            result = Generation([pipeline.replay(recipe, progress=progress)], recipe)
-    paths = _save(result, out, index)
+            paths = Generation(pipeline.run(recipe, progress=progress), recipe).save(out)
+        else:  # the saved PNG holds the very same recipe, batch position included
+            image = pipeline.replay(recipe, progress=progress)
+            paths = [save_png(image, recipe, out if out.suffix.lower() == ".png" else out / f"{recipe.image_seed}.png")]
     for path in paths:
         out_console.print(str(path), highlight=False)
-
-
-def _save(result: Any, out: Path, index: int | None) -> list[Path]:
-    from studio.recipe import save_png
-
-    if index is None:
-        return result.save(out)
-    target = out if out.suffix.lower() == ".png" else out / f"{result.recipe.image_seed}.png"
-    return [save_png(result.images[0], result.recipe, target)]
 
 
 @app.command()

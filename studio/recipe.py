@@ -41,6 +41,7 @@ class Recipe:
     scheduler: str
     backbone: str
     backbone_hash: str
+    backbone_config: str | None = None  # the diffusers configs a single-file backbone was built with
     family: str
     dtype: str
     device: str

@@ -75,3 +75,23 @@ def test_size_factor_and_default_size_follow_the_architecture(backbones):
     assert backbones("flux").size_factor == 16  # VAE 8 x 2x2 packing
     assert backbones("pixart").size_factor == 16
     assert backbones("sd1").default_size == 64  # sample_size 8 x VAE 8
+
+
+def test_hub_id_loads_from_the_local_hub_cache(saved_folders, tmp_path):
+    """The real hub code path (`from_pretrained(repo_id)`, offline), fed by a Hugging Face cache built here."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--studio-test--tiny-sdxl"
+    shutil.copytree(saved_folders("sdxl"), repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    code = ("from studio.backbones import load_backbone\n"
+            "b = load_backbone('studio-test/tiny-sdxl')\n"
+            "print('LOADED', b.family.name, b.origin, b.path.name, b.short_hash)\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert f"LOADED sdxl hub {revision}" in done.stdout, done.stderr

@@ -67,3 +67,25 @@ def test_sd2_is_told_from_sd1_by_its_text_encoder_and_width():
 ])
 def test_dit_single_files_are_detected(keys, family):
     assert detect_family_from_keys(keys, {}.__getitem__, name="x") == family
+
+
+def test_from_replays_a_single_file_recipe_without_repeating_config(single_files, saved_folders, tmp_path,
+                                                                    monkeypatch):
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+    from studio.recipe import read_recipe
+
+    monkeypatch.chdir(single_files["sd1"].parent)  # a relative path on the command line
+    runner = CliRunner()
+    made = runner.invoke(app, ["generate", "a cat", "--backbone", "sd1.safetensors", "--config",
+                               str(saved_folders("sd1")), "--seed", "3", "--steps", "2",
+                               "--out", str(tmp_path / "a.png")])
+    assert made.exit_code == 0, made.output
+    recipe = read_recipe(tmp_path / "a.png")
+    assert recipe.backbone == str(single_files["sd1"].resolve())
+    assert recipe.backbone_config == str(saved_folders("sd1").resolve())
+    monkeypatch.chdir(tmp_path)
+    again = runner.invoke(app, ["generate", "--from", "a.png", "--out", "b.png"])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "a.png").read_bytes()
