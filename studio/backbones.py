@@ -105,6 +105,7 @@ DEFAULT_BACKBONE = "tiny-sd1"
 
 def _ensure_embedded_registered() -> None:
     import studio.tiny  # noqa: F401  (fills EMBEDDED)
+    import studio.world.models  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,5 +153,79 @@ def demo(
     out_console.print(f"demo written to {index}", highlight=False)
 
 
+@app.command("eval")
+def eval_(
+    backbone: BackboneOpt = None,
+    n: Annotated[int, typer.Option("--n", help="Prompted samples.")] = 200,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+    guidance: Annotated[float, typer.Option(help="Guidance scale.")] = 6.0,
+    scheduler: Annotated[SchedulerName | None, typer.Option(help="Sampler [default: the family's].")] = None,
+    held_out: Annotated[bool, typer.Option("--held-out", help="Prompt held-out values too.")] = False,
+    shape: Annotated[str | None, typer.Option(help="Prompt only this shape.")] = None,
+    background: Annotated[str | None, typer.Option(help="Prompt only this background.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the prompts and samples.")] = 1234,
+    out: Annotated[Path, typer.Option(help="Folder for fidelity.json and fidelity.png.")] = Path("out/eval"),
+) -> None:
+    """Prompt fidelity of a backbone on the shapes world: accuracy per attribute, JSON and a PNG grid."""
+    from rich.table import Table
+
+    from studio.world.fidelity import fidelity, write_report
+
+    pipeline = _load_pipeline(backbone, None, None, None, None)
+    fixed = {k: v for k, v in dict(shape=shape, background=background).items() if v}
+    sampler = pipeline.backbone.scheduler(_value(scheduler) or pipeline.backbone.family.scheduler)
+    with console.status(f"sampling {n} prompts..."):
+        metrics = fidelity(pipeline.pipe, n=n, seed=seed, steps=steps, guidance=guidance, held_out=held_out,
+                           scheduler=sampler, **fixed)
+    json_path, png_path = write_report(metrics, out, title=pipeline.backbone.source)
+    table = Table("attribute", "accuracy", title=f"{pipeline.backbone.source}: {n} prompted samples")
+    for attribute, value in metrics["accuracy"].items():
+        table.add_row(attribute, f"{value:.3f}")
+    table.add_row("all correct", f"{metrics['all_correct']:.3f}")
+    out_console.print(table)
+    out_console.print(f"{json_path}\n{png_path}", highlight=False)
+
+
+world_app = typer.Typer(help="The shapes world: reference folders, and the recipes of its models.",
+                        no_args_is_help=True)
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("render")
+def world_render(
+    out: Annotated[Path, typer.Option(help="Folder to write NNN.png + NNN.txt (kohya layout).")],
+    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 12,
+    shape: Annotated[str | None, typer.Option(help="Fixed shape [default: random base shape].")] = None,
+    colour: Annotated[str | None, typer.Option(help="Fixed colour.")] = None,
+    background: Annotated[str | None, typer.Option(help="Fixed background.")] = None,
+    position: Annotated[str | None, typer.Option(help="Fixed position.")] = None,
+    size: Annotated[str | None, typer.Option(help="Fixed size (small, large).")] = None,
+    trigger: Annotated[str | None, typer.Option(help="Trigger word: captions say '<trigger> <shape>'.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Write a reference folder of renders with one caption file per image."""
+    from studio.world.folder import write_reference_folder
+
+    paths = write_reference_folder(out, n=n, seed=seed, trigger=trigger, shape=shape, colour=colour,
+                                   background=background, position=position, size=size)
+    out_console.print(f"{len(paths)} images with captions in {out}", highlight=False)
+
+
+@world_app.command("train")
+def world_train(
+    model: Annotated[str, typer.Option(help="vae, clip, evaluator, world-sd or world-dit.")],
+    out: Annotated[Path, typer.Option(help="Where the trained folder and train_log.jsonl go.")] = Path("out/world"),
+    steps: Annotated[int | None, typer.Option(help="Training steps [default: the recipe's].")] = None,
+) -> None:
+    """Retrain one shapes-world model from scratch with its fixed seed, logging as it goes."""
+    from studio.errors import InvalidArgumentError
+    from studio.world.train import MODELS
+
+    if model not in MODELS:
+        raise InvalidArgumentError(f"--model {model!r} is not a world model; choose one of {', '.join(MODELS)}.")
+    folder = MODELS[model](out, **({"steps": steps} if steps else {}), log=lambda line: console.print(line))
+    out_console.print(str(folder), highlight=False)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,29 @@
+"""Captions of shapes-world images, from templates over the exact labels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from studio.world.vocab import Labels
+
+BACKGROUND_WORDS = {"plain": "plain", "stripes": "striped", "dots": "dotted", "grid": "grid",
+                    "gradient": "gradient", "checker": "checkered", "waves": "wavy"}
+POSITION_WORDS = {"centre": "in the centre", "top left": "top left", "top right": "top right",
+                  "bottom left": "bottom left", "bottom right": "bottom right"}
+TEMPLATES = (
+    "a {size} {colour} {shape} on a {background} background, {position}",
+    "{size} {colour} {shape}, {background} background, {position}",
+    "a {colour} {shape}, {size}, {position}, on a {background} background",
+)
+
+
+def caption(labels: Labels, *, template: int = 0, trigger: str | None = None) -> str:
+    """The caption of `labels`; with `trigger`, the shape is named "<trigger> <shape>" (DreamBooth style)."""
+    shape = f"{trigger} {labels.shape}" if trigger else labels.shape
+    return TEMPLATES[template].format(size=labels.size, colour=labels.colour, shape=shape,
+                                      background=BACKGROUND_WORDS[labels.background],
+                                      position=POSITION_WORDS[labels.position])
+
+
+def random_caption(labels: Labels, rng: np.random.Generator, *, trigger: str | None = None) -> str:
+    return caption(labels, template=int(rng.integers(len(TEMPLATES))), trigger=trigger)

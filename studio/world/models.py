@@ -1,0 +1,30 @@
+"""The shapes-world backbones as embedded names: `world-sd` (SD1 layout) and `world-dit` (SD3 layout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from studio.backbones import EMBEDDED
+from studio.errors import BackboneNotFoundError
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "world"
+
+
+def world_folder(name: str) -> Path:
+    folder = ASSETS / name
+    if not (folder / "model_index.json").is_file() and not (folder / "config.json").is_file():
+        raise BackboneNotFoundError(
+            f"{name} is not in {ASSETS}; retrain it with `studio world train --model {name} --out {ASSETS.parent}`."
+        )
+    return folder
+
+
+@EMBEDDED.register("world-sd")
+def world_sd():
+    """The shapes-world UNet backbone (SD1.x layout, world-clip text tower, f=4 VAE)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(world_folder("world-sd"), torch_dtype=torch.float32,
+                                                   safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)

@@ -1,0 +1,424 @@
+"""Training recipes of the shapes-world models, each from scratch with a fixed seed.
+
+`studio world train --model vae|clip|evaluator|world-sd|world-dit` runs one; the shipped weights in
+assets/world/ came from these functions. Order: vae, clip, evaluator (judges VAE round trips),
+then the backbones (they use the VAE and the CLIP text tower).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from studio.world.data import render_set, to_tensor
+
+Log = Callable[[str], None]
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "world"
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def _batches(n_items: int, batch: int, seed: int) -> Iterator[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n_items)
+        for i in range(0, n_items - batch + 1, batch):
+            yield order[i : i + batch]
+
+
+def cosine_lr(step: int, total: int, warmup: int = 50) -> float:
+    """Linear warm-up, then cosine decay to 10% (the multiplier of the base learning rate)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class TrainLog:
+    """Prints and appends JSON lines to `<out>/train_log.jsonl`."""
+
+    def __init__(self, out: Path, log: Log):
+        self.path = Path(out) / "train_log.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        self.start = time.monotonic()
+
+    def __call__(self, **record: Any) -> None:
+        record["minutes"] = round((time.monotonic() - self.start) / 60, 2)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+
+
+def build_vae():
+    """AutoencoderKL with an f=4 down-scale (64 px -> 16x16x4): f=8 lost the background patterns."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64)
+
+
+def train_vae(out: Path, *, steps: int = 1500, batch: int = 16, lr: float = 2e-3, seed: int = 0,
+              log: Log = print) -> Path:
+    """Reconstruction (MSE + 0.5 L1) with a light KL (1e-6); the decoder sees the latent mean."""
+    import torch
+
+    _seed_everything(seed)
+    data = render_set(24000, seed=1)
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
+    record = TrainLog(out, log)
+    batches = _batches(len(data["images"]), batch, seed)
+    for step in range(steps):
+        x = to_tensor(data["images"][next(batches)])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.mean).sample
+        kl = posterior.kl().mean()
+        loss = torch.nn.functional.mse_loss(recon, x) + 0.5 * (recon - x).abs().mean() + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            record(step=step, loss=float(loss), kl=float(kl))
+    vae.eval()
+    with torch.no_grad():  # scale latents to unit variance, as SD's 0.18215 does
+        latents = torch.cat([vae.encode(to_tensor(data["images"][i : i + 256])).latent_dist.mean
+                             for i in range(0, 2048, 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    folder = Path(out) / "vae"
+    vae.to(torch.float16).save_pretrained(folder)
+    record(done=str(folder), scaling_factor=vae.config.scaling_factor)
+    return folder
+
+
+MODELS: dict[str, Callable[..., Path]] = {"vae": train_vae}
+
+
+# --------------------------------------------------------------------------------------------- CLIP
+
+MAX_TOKENS = 20  # the longest caption with a trigger word is 16 tokens
+
+
+def world_tokenizer():
+    from studio.tokenizer import clip_tokenizer
+
+    return clip_tokenizer(MAX_TOKENS)
+
+
+def build_clip():
+    """A tiny CLIP: text 64 wide x 2 layers over 20 positions; ViT patch 8 on 64 px, 64 wide x 2 layers."""
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=MAX_TOKENS, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                projection_dim=64)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=64,
+                  patch_size=8, projection_dim=64)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
+
+
+def _captions_of(data: dict[str, np.ndarray], index: np.ndarray, rng: np.random.Generator) -> list[str]:
+    from studio.world.captions import random_caption
+    from studio.world.data import labels_at
+
+    return [random_caption(labels_at(data, int(i)), rng) for i in index]
+
+
+def train_clip(out: Path, *, steps: int = 900, batch: int = 128, lr: float = 2e-3, seed: int = 0,
+               log: Log = print) -> Path:
+    """Contrastive image-caption training (CLIP's symmetric InfoNCE, transformers' `return_loss`)."""
+    import torch
+    from transformers import CLIPImageProcessor
+
+    _seed_everything(seed)
+    data = render_set(24000, seed=1)
+    clip = build_clip()
+    tokenizer = world_tokenizer()
+    opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
+    record = TrainLog(out, log)
+    rng = np.random.default_rng(seed)
+    batches = _batches(len(data["images"]), batch, seed)
+    for step in range(steps):
+        index = next(batches)
+        tokens = tokenizer(_captions_of(data, index, rng), padding="max_length", max_length=MAX_TOKENS,
+                           truncation=True, return_tensors="pt")
+        loss = clip(input_ids=tokens.input_ids, pixel_values=to_tensor(data["images"][index]),
+                    return_loss=True).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            record(step=step, loss=float(loss.detach()))
+    folder = Path(out) / "world-clip"
+    save_clip_parts(clip, tokenizer, folder)
+    # images are scaled to [-1, 1] exactly as in training
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, image_mean=[0.5] * 3,
+                       image_std=[0.5] * 3, do_convert_rgb=True).save_pretrained(folder)
+    record(done=str(folder))
+    return folder
+
+
+def save_clip_parts(clip, tokenizer, folder: Path) -> None:
+    """The vision tower as CLIPVisionModelWithProjection (world-clip) and the text tower beside it."""
+    import torch
+    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    vision = CLIPVisionModelWithProjection(clip.config.vision_config)
+    vision.vision_model.load_state_dict(clip.vision_model.state_dict())
+    vision.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    vision.to(torch.float16).save_pretrained(folder)
+    text = CLIPTextModelWithProjection(clip.config.text_config)
+    text.text_model.load_state_dict(clip.text_model.state_dict())
+    text.text_projection.load_state_dict(clip.text_projection.state_dict())
+    text.to(torch.float16).save_pretrained(Path(folder) / "text")
+    tokenizer.save_pretrained(Path(folder) / "text")
+
+
+MODELS["clip"] = train_clip
+
+
+# ---------------------------------------------------------------------------------------- evaluator
+
+
+def load_vae(folder: Path | None = None):
+    import torch
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder or ASSETS / "vae", torch_dtype=torch.float32).eval()
+
+
+def vae_roundtrip(vae, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """uint8 images through encode (mean) and decode, back to uint8."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = to_tensor(images[i : i + batch])
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample
+            out.append(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+def evaluator_accuracy(model, images: np.ndarray, labels: np.ndarray, masks: np.ndarray) -> dict[str, float]:
+    import torch
+
+    from studio.world.vocab import ATTRIBUTES
+
+    model.eval()
+    with torch.no_grad():
+        outs = [model(to_tensor(images[i : i + 256])) for i in range(0, len(images), 256)]
+    model.train()
+    result = {a: float((torch.cat([o[a] for o in outs]).argmax(-1).numpy() == labels[:, k]).mean())
+              for k, a in enumerate(ATTRIBUTES)}
+    pred = torch.cat([o["mask"] for o in outs]).numpy() > 0
+    inter = (pred & masks).reshape(len(masks), -1).sum(1)
+    union = np.maximum((pred | masks).reshape(len(masks), -1).sum(1), 1)
+    result["mask_iou"] = float((inter / union).mean())
+    return result
+
+
+def train_evaluator(out: Path, *, vae_folder: Path | None = None, steps: int = 2500, batch: int = 64,
+                    lr: float = 1e-3, seed: int = 0, log: Log = print) -> Path:
+    """Cross-entropy per attribute + BCE on the mask, over renders with every value (held-out too),
+    half of them VAE round trips, all with Gaussian noise of sigma up to 0.05."""
+    import torch
+
+    from studio.world.evaluator import WorldEvaluator
+    from studio.world.vocab import ATTRIBUTES
+
+    _seed_everything(seed)
+    vae = load_vae(vae_folder)
+    data = render_set(16000, seed=2, held_out=True)
+    trips = vae_roundtrip(vae, data["images"])
+    fresh = render_set(2000, seed=3, held_out=True)
+    fresh_trips = vae_roundtrip(vae, fresh["images"])
+    model = WorldEvaluator()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
+    record = TrainLog(out, log)
+    rng = np.random.default_rng(seed)
+    batches = _batches(len(data["images"]), batch, seed)
+    labels = torch.from_numpy(data["labels"])
+    masks = torch.from_numpy(data["masks"]).float()
+    for step in range(steps):
+        index = next(batches)
+        use_trip = rng.random(len(index)) < 0.5
+        x = to_tensor(np.where(use_trip[:, None, None, None], trips[index], data["images"][index]))
+        x = x + torch.randn_like(x) * torch.rand(len(index), 1, 1, 1) * 0.05
+        out_ = model(x)
+        loss = sum(torch.nn.functional.cross_entropy(out_[a], labels[index, k]) for k, a in enumerate(ATTRIBUTES))
+        loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(out_["mask"], masks[index])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == steps - 1:
+            acc = evaluator_accuracy(model, fresh_trips[:500], fresh["labels"][:500], fresh["masks"][:500])
+            record(step=step, loss=float(loss.detach()), **{f"roundtrip_{k}": v for k, v in acc.items()})
+    model.eval()
+    for name, images in (("fresh", fresh["images"]), ("roundtrip", fresh_trips)):
+        record(final=name, **evaluator_accuracy(model, images, fresh["labels"], fresh["masks"]))
+    folder = Path(out) / "evaluator"
+    model.to(torch.float16).save_pretrained(folder)
+    record(done=str(folder))
+    return folder
+
+
+MODELS["evaluator"] = train_evaluator
+
+
+# ------------------------------------------------------------------------------------------ world-sd
+
+
+def text_encoder_from_clip(folder: Path | None = None, *, with_projection: bool = False):
+    """world-clip's text tower as CLIPTextModel (SD1 layout) or CLIPTextModelWithProjection (SD3)."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    text = CLIPTextModelWithProjection.from_pretrained(Path(folder or ASSETS / "world-clip") / "text",
+                                                       torch_dtype=torch.float32)
+    if with_projection:
+        return text.eval()
+    plain = CLIPTextModel(text.config)
+    (plain.text_model if hasattr(plain, "text_model") else plain).load_state_dict(text.text_model.state_dict())
+    return plain.eval()
+
+
+def build_world_unet():
+    """4 M parameters over 16x16x4 latents: channels 32/64/128, cross-attention at every level."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128),
+                                layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3,
+                                up_block_types=("CrossAttnUpBlock2D",) * 3, cross_attention_dim=64,
+                                attention_head_dim=8, norm_num_groups=16)
+
+
+def world_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def encode_latents(vae, images: np.ndarray, batch: int = 256):
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([vae.encode(to_tensor(images[i : i + batch])).latent_dist.mean
+                          for i in range(0, len(images), batch)]) * vae.config.scaling_factor
+
+
+def _checkpoint(path: Path, model, opt, step: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors.tmp")
+    (path / "model.safetensors.tmp").replace(path / "model.safetensors")
+    torch.save(opt.state_dict(), path / "optimizer.pt.tmp")  # tensors only: reloaded with weights_only=True
+    (path / "optimizer.pt.tmp").replace(path / "optimizer.pt")
+    (path / "step.json").write_text(json.dumps({"step": step}))
+
+
+def _resume(path: Path, model, opt) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    if not (path / "step.json").is_file():
+        return 0
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return json.loads((path / "step.json").read_text())["step"]
+
+
+def train_world_sd(out: Path, *, steps: int = 8000, batch: int = 32, lr: float = 1e-3, seed: int = 0,
+                   eval_every: int = 1000, log: Log = print) -> Path:
+    """A UNet from scratch on cached latents, frozen world-clip text tower, 10% caption dropout,
+    eps-prediction on SD's scaled-linear betas. Resumes from `<out>/checkpoint` if present."""
+    import torch
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    _seed_everything(seed)
+    vae = load_vae()
+    text_encoder = text_encoder_from_clip()
+    tokenizer = world_tokenizer()
+    data = render_set(24000, seed=1)
+    latents = encode_latents(vae, data["images"])  # (N, 4, 16, 16)
+    unet = build_world_unet()
+    noise_schedule = DDPMScheduler.from_config(world_scheduler().config)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
+    checkpoint = Path(out) / "checkpoint-world-sd"
+    start = _resume(checkpoint, unet, opt)
+    for _ in range(start):
+        sched.step()
+    record = TrainLog(out, log)
+    rng = np.random.default_rng([seed, start])
+    batches = _batches(len(latents), batch, seed + start)
+    alphas = noise_schedule.alphas_cumprod
+    for step in range(start, steps):
+        index = next(batches)
+        captions = ["" if rng.random() < 0.1 else c for c in _captions_of(data, index, rng)]
+        with torch.no_grad():
+            tokens = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                               return_tensors="pt")
+            context = text_encoder(tokens.input_ids)[0]
+        x0 = latents[index]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, len(alphas), (len(index),))
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=context).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            record(step=step, loss=float(loss.detach()), lr=sched.get_last_lr()[0])
+        if (step + 1) % 500 == 0 or step + 1 == steps:
+            _checkpoint(checkpoint, unet, opt, step + 1)
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            unet.eval()
+            pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                           scheduler=world_scheduler(), safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            try:
+                from studio.world.fidelity import fidelity
+
+                record(step=step + 1, **fidelity(pipe, n=48)["accuracy"])
+            except Exception as error:  # the evaluator may not exist yet on a first run
+                record(step=step + 1, fidelity_skipped=str(error)[:80])
+            unet.train()
+    folder = Path(out) / "world-sd"
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=world_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(folder)
+    record(done=str(folder))
+    return folder
+
+
+MODELS["world-sd"] = train_world_sd
