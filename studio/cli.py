@@ -144,9 +144,10 @@ def inspect(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo images and index.html.")] = Path("out/demo"),
     backbone: BackboneOpt = None,
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
 ) -> None:
-    """The main job on the embedded default: a grid of prompts, saved with their recipes."""
+    """The main job on the embedded default: a grid of prompts, saved with their recipes and scored
+    by the shapes-world evaluator."""
     from studio.demo import run_demo
 
     index = run_demo(out, backbone=backbone, steps=steps, console=console)

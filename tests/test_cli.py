@@ -96,10 +96,11 @@ def test_inspect_png_shows_its_recipe(tmp_path):
     assert info["parameters"].startswith("a moon\nSteps: 1, Sampler: DPM++ 2M Karras")
 
 
-def test_demo_writes_pngs_and_a_page_and_says_the_model_is_random(tmp_path):
-    done = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--steps", "2"])
+def test_demo_writes_pngs_and_a_scored_page(tmp_path):
+    done = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--steps", "2", "--backbone", "tiny-sd1"])
     assert done.exit_code == 0, done.output
-    assert "random-initialised" in done.output
+    assert "random-initialised" in done.output  # said plainly for the random tiny models
     page = (tmp_path / "index.html").read_text()
-    assert page.count("<img") == 4 and "random-initialised" in page
-    assert sorted(p.name for p in Path(tmp_path).glob("*.png")) == ["00.png", "01.png", "02.png", "03.png"]
+    assert page.count("<img") == 8 and "random-initialised" in page
+    assert "evaluator:" in page and "shape:" in page  # every image read by the evaluator
+    assert sorted(p.name for p in Path(tmp_path).glob("*.png")) == [f"{i:02d}.png" for i in range(8)]

@@ -33,18 +33,17 @@ class WorldEvaluator(ModelMixin, ConfigMixin):
     def __init__(self, width: int = 32, classes: dict[str, int] | None = None):
         super().__init__()
         classes = classes or {a: len(v) for a, v in VALUES.items()}
-        self.stem = _block(3, width, 1)  # 64x64
-        self.down1 = _block(width, 2 * width, 2)  # 32x32
-        self.down2 = _block(2 * width, 4 * width, 2)  # 16x16
-        self.down3 = _block(4 * width, 4 * width, 2)  # 8x8
-        self.pool = nn.Sequential(nn.Conv2d(4 * width, 4 * width, 3, 2, 1), nn.SiLU())  # 4x4, keeps where
+        self.stem = _block(3, width, 2)  # 32x32
+        self.down1 = _block(width, 2 * width, 2)  # 16x16
+        self.down2 = _block(2 * width, 4 * width, 2)  # 8x8
+        self.down3 = _block(4 * width, 4 * width, 2)  # 4x4: a flattened 4x4 map keeps where things are
         self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * width, 256), nn.SiLU(), nn.Dropout(0.1))
         self.heads = nn.ModuleDict({a: nn.Linear(256, n) for a, n in classes.items()})
-        self.mask_head = nn.Conv2d(4 * width, 1, 1)
+        self.mask_head = nn.Conv2d(2 * width, 1, 1)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        h16 = self.down2(self.down1(self.stem(images)))  # (B, 4w, 16, 16)
-        features = self.trunk(self.pool(self.down3(h16)))  # (B, 256)
+        h16 = self.down1(self.stem(images))  # (B, 2w, 16, 16)
+        features = self.trunk(self.down3(self.down2(h16)))  # (B, 256)
         out = {a: head(features) for a, head in self.heads.items()}
         mask = nn.functional.interpolate(self.mask_head(h16), scale_factor=4, mode="bilinear", align_corners=False)
         out["mask"] = mask[:, 0]  # (B, 64, 64)
