@@ -100,7 +100,7 @@ class Block:
 # Embedded backbones: names that need no download. Builders take no argument and return a pipeline.
 
 EMBEDDED: Registry[Callable[[], DiffusionPipeline]] = Registry("backbone", BackboneNotFoundError)
-DEFAULT_BACKBONE = "tiny-sd1"
+DEFAULT_BACKBONE = "world-sd"
 
 
 def _ensure_embedded_registered() -> None:

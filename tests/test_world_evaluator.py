@@ -1,0 +1,66 @@
+"""The shapes-world evaluator reads fresh renders and VAE round trips; world-sd follows its prompts
+(a check an untrained model fails)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from studio.world.data import render_set
+from studio.world.evaluator import evaluate, load_evaluator
+from studio.world.models import ASSETS
+from studio.world.train import load_vae, vae_roundtrip
+from studio.world.vocab import ATTRIBUTES, VALUES, Labels
+
+
+def _labels(data, i):
+    return Labels(**{a: VALUES[a][int(k)] for a, k in zip(ATTRIBUTES, data["labels"][i], strict=True)})
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    return render_set(300, seed=77, held_out=True)  # held-out values included
+
+
+def test_evaluator_reads_fresh_renders(fresh):
+    expected = [_labels(fresh, i) for i in range(len(fresh["images"]))]
+    metrics = evaluate(list(fresh["images"]), expected, masks=fresh["masks"])
+    for attribute in ATTRIBUTES:
+        assert metrics["accuracy"][attribute] >= 0.97, (attribute, metrics["accuracy"])
+    assert metrics["mask_iou"] >= 0.85
+
+
+def test_vae_round_trip_keeps_colours_for_the_evaluator(fresh):
+    trips = vae_roundtrip(load_vae(), fresh["images"])
+    expected = [{"colour": _labels(fresh, i).colour} for i in range(len(trips))]
+    assert evaluate(list(trips), expected)["accuracy"]["colour"] >= 0.97
+
+
+def test_evaluator_is_not_fooled_by_noise_images():
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, size=(64, 64, 64, 3), dtype=np.uint8)
+    truth = [{"shape": "circle"}] * 64
+    assert evaluate(list(noise), truth)["accuracy"]["shape"] < 0.6
+    assert {a: h.out_features for a, h in load_evaluator().heads.items()} == {a: len(v) for a, v in VALUES.items()}
+
+
+def test_world_sd_follows_prompts_on_16_samples():
+    from studio.backbones import load_backbone
+    from studio.world.fidelity import fidelity
+
+    backbone = load_backbone("world-sd")
+    metrics = fidelity(backbone.pipe, n=16, steps=20, scheduler=backbone.scheduler("ddim"))
+    accuracy = metrics["accuracy"]
+    # chance: shape 1/6, colour 1/8, position 1/5, size 1/2; an untrained UNet stays near it.
+    # (Backgrounds are not yet followed: 0.15 on 96 samples, see the README.)
+    for attribute in ("shape", "colour", "position", "size"):
+        assert accuracy[attribute] >= 0.75, accuracy
+
+
+def test_held_out_shapes_are_not_drawn_by_the_base_model():
+    from studio.backbones import load_backbone
+    from studio.world.fidelity import fidelity
+
+    backbone = load_backbone("world-sd")
+    metrics = fidelity(backbone.pipe, n=16, steps=20, scheduler=backbone.scheduler("ddim"), shape="star")
+    assert metrics["accuracy"]["shape"] <= 0.25  # the star is what customization must teach
