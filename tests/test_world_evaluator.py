@@ -8,7 +8,6 @@ import pytest
 
 from studio.world.data import render_set
 from studio.world.evaluator import evaluate, load_evaluator
-from studio.world.models import ASSETS
 from studio.world.train import load_vae, vae_roundtrip
 from studio.world.vocab import ATTRIBUTES, VALUES, Labels
 
