@@ -6,14 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from studio.world.data import render_set
+from studio.world.data import labels_at, render_set
 from studio.world.evaluator import evaluate, load_evaluator
 from studio.world.train import load_vae, vae_roundtrip
-from studio.world.vocab import ATTRIBUTES, VALUES, Labels
-
-
-def _labels(data, i):
-    return Labels(**{a: VALUES[a][int(k)] for a, k in zip(ATTRIBUTES, data["labels"][i], strict=True)})
+from studio.world.vocab import ATTRIBUTES, VALUES
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +18,7 @@ def fresh():
 
 
 def test_evaluator_reads_fresh_renders(fresh):
-    expected = [_labels(fresh, i) for i in range(len(fresh["images"]))]
+    expected = [labels_at(fresh, i) for i in range(len(fresh["images"]))]
     metrics = evaluate(list(fresh["images"]), expected, masks=fresh["masks"])
     for attribute in ATTRIBUTES:
         assert metrics["accuracy"][attribute] >= 0.97, (attribute, metrics["accuracy"])
@@ -31,7 +27,7 @@ def test_evaluator_reads_fresh_renders(fresh):
 
 def test_vae_round_trip_keeps_colours_for_the_evaluator(fresh):
     trips = vae_roundtrip(load_vae(), fresh["images"])
-    expected = [{"colour": _labels(fresh, i).colour} for i in range(len(trips))]
+    expected = [{"colour": labels_at(fresh, i).colour} for i in range(len(trips))]
     assert evaluate(list(trips), expected)["accuracy"]["colour"] >= 0.97
 
 

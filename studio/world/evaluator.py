@@ -16,9 +16,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from studio.world import ASSETS
 from studio.world.vocab import ATTRIBUTES, VALUES, Labels
-
-ASSETS = Path(__file__).resolve().parents[2] / "assets" / "world"
 
 
 def _block(c_in: int, c_out: int, stride: int) -> nn.Sequential:

@@ -6,8 +6,7 @@ from pathlib import Path
 
 from studio.backbones import EMBEDDED
 from studio.errors import BackboneNotFoundError
-
-ASSETS = Path(__file__).resolve().parents[2] / "assets" / "world"
+from studio.world import ASSETS
 
 
 def world_folder(name: str) -> Path:

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from studio.world import ASSETS
 from studio.world.data import render_set, to_tensor
 
 Log = Callable[[str], None]
-ASSETS = Path(__file__).resolve().parents[2] / "assets" / "world"
 
 
 def _part(out: Path, name: str) -> Path:
@@ -407,7 +407,7 @@ def train_world_sd(out: Path, *, steps: int = 3500, batch: int = 32, lr: float =
         if (step + 1) % 500 == 0 or step + 1 == steps:
             _checkpoint(checkpoint, unet, opt, step + 1)
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            pipe = world_sd_pipeline(unet, out)
+            pipe = world_sd_pipeline(unet, out, vae=vae, text_encoder=text_encoder)
             try:
                 from studio.world.fidelity import fidelity
 
@@ -415,17 +415,19 @@ def train_world_sd(out: Path, *, steps: int = 3500, batch: int = 32, lr: float =
             except Exception as error:  # the evaluator may not exist yet on a first run
                 record(step=step + 1, fidelity_skipped=str(error)[:80])
             unet.train()
-    folder = save_world_sd(unet, out)
+    folder = Path(out) / "world-sd"
+    world_sd_pipeline(unet, out, vae=vae, text_encoder=text_encoder).to(torch.float16).save_pretrained(folder)
     record(done=str(folder))
     return folder
 
 
-def world_sd_pipeline(unet, out: Path):
-    """world-sd around a UNet: the world VAE, world-clip's text tower, its tokenizer and DDIM."""
+def world_sd_pipeline(unet, out: Path, *, vae=None, text_encoder=None):
+    """world-sd around a UNet: the world VAE, world-clip's text tower (loaded unless given), its
+    tokenizer and DDIM."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=load_vae(_part(out, "vae")),
-                                   text_encoder=text_encoder_from_clip(_part(out, "world-clip")),
+    pipe = StableDiffusionPipeline(vae=vae or load_vae(_part(out, "vae")),
+                                   text_encoder=text_encoder or text_encoder_from_clip(_part(out, "world-clip")),
                                    tokenizer=world_tokenizer(), unet=unet.eval(), scheduler=world_scheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
