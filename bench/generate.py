@@ -49,6 +49,8 @@ def bare_generate(bare, family, prompt, *, n, seed, steps, guidance, size):
                   generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)])
     if family != "flux":
         kwargs["negative_prompt"] = ""
+    if family == "sd3" and bare.text_encoder_3 is None:  # as many zero T5 tokens as CLIP tokens
+        kwargs["max_sequence_length"] = bare.tokenizer_max_length
     return bare(**kwargs, **FAMILY_EXTRAS.get(family, {})).images
 
 

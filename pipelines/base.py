@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 Progress = Callable[[int, int], None]  # (steps done, total steps)
-CallBuilder = Callable[[Recipe, "Progress | None"], dict[str, Any]]
+CallBuilder = Callable[[Any, Recipe, "Progress | None"], dict[str, Any]]  # (diffusers pipe, recipe, progress)
 
 # family name -> the family-specific part of its diffusers call
 CALLS: Registry[CallBuilder] = Registry("family", UnknownFamilyError)
@@ -39,7 +39,7 @@ def step_end_callback(progress: Progress | None, total: int) -> dict[str, Any]:
     return {"callback_on_step_end": on_step_end}
 
 
-def standard_call(recipe: Recipe, progress: Progress | None) -> dict[str, Any]:
+def standard_call(pipe: Any, recipe: Recipe, progress: Progress | None) -> dict[str, Any]:
     """The call of pipelines with negative prompts and `callback_on_step_end` (SD1/2, SDXL, SD3)."""
     return {"negative_prompt": recipe.negative_prompt, **step_end_callback(progress, recipe.steps)}
 
@@ -167,7 +167,7 @@ class StudioPipeline:
         output = pipe(prompt=recipe.prompt, num_images_per_prompt=recipe.n, generator=generators,
                       num_inference_steps=recipe.steps, guidance_scale=recipe.guidance, width=recipe.width,
                       height=recipe.height, output_type="pil",
-                      **CALLS.get_or_raise(self.backbone.family.name)(recipe, progress))
+                      **CALLS.get_or_raise(self.backbone.family.name)(pipe, recipe, progress))
         return list(output.images)
 
     def replay(self, recipe: Recipe, *, progress: Progress | None = None) -> Image.Image:

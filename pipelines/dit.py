@@ -8,17 +8,30 @@ from studio.pipelines.base import CALLS, Progress, standard_call, step_end_callb
 
 from studio.recipe import Recipe
 
-CALLS.register("sd3")(standard_call)
+
+def t5_free_options(pipe: Any) -> dict[str, Any]:
+    """SD3 without its T5 encoder: diffusers still appends `max_sequence_length` zero tokens (256 by
+    default) to the CLIP tokens and the transformer attends to them, so their count is part of the
+    conditioning. Such a backbone gets as many as its CLIP tokenizer's length (world-dit trains so)."""
+    if hasattr(pipe, "text_encoder_3") and pipe.text_encoder_3 is None:
+        return {"max_sequence_length": pipe.tokenizer_max_length}
+    return {}
+
+
+@CALLS.register("sd3")
+def sd3_call(pipe: Any, recipe: Recipe, progress: Progress | None) -> dict[str, Any]:
+    """SD3/3.5: the standard call, with `t5_free_options`."""
+    return standard_call(pipe, recipe, progress) | t5_free_options(pipe)
 
 
 @CALLS.register("flux")
-def flux_call(recipe: Recipe, progress: Progress | None) -> dict[str, Any]:
+def flux_call(pipe: Any, recipe: Recipe, progress: Progress | None) -> dict[str, Any]:
     """Flux.1 is guidance-distilled: `guidance_scale` feeds its guidance embedding, no negative prompt."""
     return step_end_callback(progress, recipe.steps)
 
 
 @CALLS.register("pixart")
-def pixart_call(recipe: Recipe, progress: Progress | None) -> dict[str, Any]:
+def pixart_call(pipe: Any, recipe: Recipe, progress: Progress | None) -> dict[str, Any]:
     """PixArt: exact sizes (no resolution binning), raw captions (no bs4/ftfy cleaning), old-style callback."""
     options: dict[str, Any] = {"negative_prompt": recipe.negative_prompt, "use_resolution_binning": False,
                                "clean_caption": False}

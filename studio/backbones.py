@@ -460,11 +460,8 @@ def _hub_snapshot(repo_id: str) -> Path:
     return Path(snapshot_download(repo_id, local_files_only=True))
 
 
-def read_safetensors_header(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dict[str, str]]:
-    """Tensor names, shapes and metadata of a .safetensors file, reading no tensor data."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
+def refuse_pickle(path: Path) -> None:
+    """Pickle files can run code when loaded: refuse them, saying how to convert once."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UnsafeFileError(
             f"{path.name} is a pickle file ({path.suffix}), which can run code when loaded; studio reads "
@@ -473,6 +470,14 @@ def read_safetensors_header(path: Path) -> tuple[list[str], dict[str, tuple[int,
             f"weights_only=True).get('state_dict', ...), '{path.stem}.safetensors')\"`, or download the "
             f".safetensors release of the same model."
         )
+
+
+def read_safetensors_header(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dict[str, str]]:
+    """Tensor names, shapes and metadata of a .safetensors file, reading no tensor data."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    refuse_pickle(path)
     try:
         with safe_open(str(path), framework="numpy") as handle:
             keys = list(handle.keys())

@@ -8,6 +8,7 @@ written as `vocab.json` + `merges.txt`, and then reproduces open_clip's ids exac
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import json
 from functools import lru_cache
@@ -22,7 +23,7 @@ VOCAB_SIZE = 49408
 N_MERGES = 49152 - 256 - 2
 
 
-def _bytes_to_unicode() -> list[str]:
+def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable-character table, in CLIP's vocabulary order (printable first)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     bs += list(range(ord("®"), ord("ÿ") + 1))
@@ -33,7 +34,7 @@ def _bytes_to_unicode() -> list[str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return [chr(c) for c in cs]
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
 def _open_clip_bpe() -> Path:
@@ -46,15 +47,39 @@ def _open_clip_bpe() -> Path:
     return path
 
 
-def write_clip_tokenizer_files(folder: Path) -> Path:
-    """Write CLIP's `vocab.json` and `merges.txt` into `folder` and return it."""
+def _bpe_merges_of(word: str, ranks: dict[tuple[str, str], int]) -> set[tuple[str, str]]:
+    """The merges CLIP's BPE applies to one pre-tokenized word (byte-encoded, last symbol + `</w>`)."""
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    used: set[tuple[str, str]] = set()
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), k, pair) for k, pair in enumerate(zip(symbols, symbols[1:], strict=False))]
+        rank, k, pair = min(pairs)
+        if rank == len(ranks):
+            break
+        used.add(pair)
+        symbols[k : k + 2] = ["".join(pair)]
+    return used
+
+
+def write_clip_tokenizer_files(folder: Path, words: tuple[str, ...] | None = None) -> Path:
+    """Write CLIP's `vocab.json` and `merges.txt` into `folder` and return it.
+
+    With `words`, a trimmed vocabulary: the 512 byte symbols plus only the merges those words use, so
+    the words tokenize exactly as in CLIP and anything else falls back to shorter pieces. The shapes
+    world uses it: a 64-wide text tower then needs a 40 K-parameter embedding, not a 3 M one."""
     folder = Path(folder)
     lines = gzip.open(_open_clip_bpe(), "rt", encoding="utf-8").read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
-    chars = _bytes_to_unicode()
+    byte_chars = _bytes_to_unicode()
+    chars = list(byte_chars.values())
+    if words is not None:
+        ranks = {pair: i for i, pair in enumerate(merges)}
+        byte_encoded = ["".join(byte_chars[b] for b in w.lower().encode()) for w in words if w]
+        kept = set().union(*(_bpe_merges_of(w, ranks) for w in byte_encoded))
+        merges = [m for m in merges if m in kept]
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    if len(vocab) != VOCAB_SIZE:
+    if words is None and len(vocab) != VOCAB_SIZE:
         raise StudioError(f"open_clip's {BPE_FILE} gave {len(vocab)} tokens, expected {VOCAB_SIZE}.")
     encoder = {token: i for i, token in enumerate(vocab)}
     atomic_write_bytes(folder / "vocab.json", json.dumps(encoder, ensure_ascii=False).encode())
@@ -63,13 +88,17 @@ def write_clip_tokenizer_files(folder: Path) -> Path:
     return folder
 
 
-@lru_cache(maxsize=4)
-def clip_tokenizer(max_length: int = 77):
-    """CLIP's tokenizer (49,408 tokens, padded with `<|endoftext|>` as SD1.x does)."""
+@lru_cache(maxsize=8)
+def clip_tokenizer(max_length: int = 77, words: tuple[str, ...] | None = None):
+    """CLIP's tokenizer (49,408 tokens, padded with `<|endoftext|>` as SD1.x does); with `words`, the
+    trimmed vocabulary of `write_clip_tokenizer_files`."""
     from transformers import CLIPTokenizer
 
-    folder = cache_dir("clip-tokenizer-v1")
+    name = "clip-tokenizer-v1"
+    if words is not None:
+        name = f"clip-tokenizer-trimmed-{hashlib.sha256(chr(0).join(words).encode()).hexdigest()[:12]}"
+    folder = cache_dir(name)
     if not (folder / "merges.txt").is_file():
-        write_clip_tokenizer_files(folder)
+        write_clip_tokenizer_files(folder, words)
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length, pad_token="<|endoftext|>",
                                          clean_up_tokenization_spaces=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import pixels
@@ -29,6 +30,24 @@ def test_clip_tokenizer_matches_open_clip_itself():
     ours = clip_tokenizer()(text, padding="max_length", max_length=77).input_ids
     n = int((reference != 0).sum())
     assert ours[:n] == reference[:n].tolist()
+
+
+def test_trimmed_tokenizer_splits_the_world_words_as_clip_does():
+    from studio.world.captions import caption, vocabulary, world_tokenizer
+    from studio.world.render import sample_labels
+
+    trimmed, full = world_tokenizer(), clip_tokenizer()
+    assert 520 < len(trimmed) < 1000  # 512 byte symbols, the world's merges, two specials
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        text = caption(sample_labels(rng, held_out=True), template=int(rng.integers(3)), trigger="sks")
+        assert trimmed.tokenize(text) == full.tokenize(text)
+    assert set(vocabulary()) >= {"checkered", "wavy", "star", "dotted", "background", ","}
+    # a word outside the vocabulary falls back to pieces, never to an unknown token
+    pieces = trimmed.tokenize("zebra")
+    assert "".join(pieces).replace("</w>", "") == "zebra" and len(pieces) > 1
+    ids = trimmed("a zebra").input_ids
+    assert ids[0] == len(trimmed) - 2 and ids[-1] == len(trimmed) - 1  # <|startoftext|>, <|endoftext|>
 
 
 @pytest.mark.parametrize("name", [s for s in SCHEDULERS if SCHEDULERS[s].kind == "discrete"])

@@ -19,9 +19,8 @@ def test_world_clip_pairs_renders_with_their_captions():
     import torch
     from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-    from studio.world.captions import caption
+    from studio.world.captions import caption, world_tokenizer
     from studio.world.data import labels_at, to_tensor
-    from studio.world.train import world_tokenizer
 
     data = render_set(64, seed=79)
     vision = CLIPVisionModelWithProjection.from_pretrained(ASSETS / "world-clip", torch_dtype=torch.float32)
@@ -46,3 +45,23 @@ def test_world_sd_loads_with_plain_diffusers_and_generates():
     image = pipe("a large red circle on a plain background, in the centre", num_inference_steps=4,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+
+
+def test_world_dit_loads_with_plain_diffusers_and_generates():
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    # diffusers' documented way to load SD3 without its T5 encoder
+    pipe = StableDiffusion3Pipeline.from_pretrained(ASSETS / "world-dit", text_encoder_3=None, tokenizer_3=None,
+                                                    torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.transformer).__name__ == "SD3Transformer2DModel"
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    image = pipe("a large red circle on a plain background, in the centre", num_inference_steps=4,
+                 max_sequence_length=pipe.tokenizer_max_length, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_world_weights_fit_the_budget():
+    total = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file() and "checkpoint-" not in str(f))
+    assert total <= 40 * 2**20, total / 2**20

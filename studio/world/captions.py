@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
-from studio.world.vocab import Labels
+from studio.world.vocab import VALUES, Labels
 
 BACKGROUND_WORDS = {"plain": "plain", "stripes": "striped", "dots": "dotted", "grid": "grid",
                     "gradient": "gradient", "checker": "checkered", "waves": "wavy"}
@@ -27,3 +29,22 @@ def caption(labels: Labels, *, template: int = 0, trigger: str | None = None) ->
 
 def random_caption(labels: Labels, rng: np.random.Generator, *, trigger: str | None = None) -> str:
     return caption(labels, template=int(rng.integers(len(TEMPLATES))), trigger=trigger)
+
+
+MAX_TOKENS = 20  # the longest caption with a trigger word is 16 tokens
+# Words people put in prompts beyond the templates; anything else tokenizes into shorter pieces.
+EXTRA_WORDS = ("an", "the", "of", "with", "and", "in", "shape", "image", "photo", "picture", "style", "sks")
+
+
+def vocabulary() -> tuple[str, ...]:
+    """Every word the world's captions use (templates, values, their caption forms) plus EXTRA_WORDS."""
+    text = " ".join((*(re.sub(r"\{\w+\}", " ", t) for t in TEMPLATES), *(v for vs in VALUES.values() for v in vs),
+                     *BACKGROUND_WORDS.values(), *POSITION_WORDS.values(), *EXTRA_WORDS))
+    return tuple(sorted(set(re.findall(r"[a-z]+|[^\sa-z]", text))))
+
+
+def world_tokenizer():
+    """CLIP's BPE trimmed to the world's vocabulary (about 600 tokens), `MAX_TOKENS` long."""
+    from studio.tokenizer import clip_tokenizer
+
+    return clip_tokenizer(MAX_TOKENS, vocabulary())

@@ -21,6 +21,8 @@ def prompted_samples(pipe, expected: list[Labels], *, seed: int, steps: int, gui
     """One image per expected label set, prompted by its caption; image i uses seed + i."""
     import torch
 
+    from studio.pipelines.dit import t5_free_options
+
     if scheduler is not None:
         pipe.scheduler = scheduler
     images = []
@@ -28,7 +30,7 @@ def prompted_samples(pipe, expected: list[Labels], *, seed: int, steps: int, gui
         prompts = [caption(e, trigger=trigger) for e in expected[i : i + BATCH]]
         generators = [torch.Generator().manual_seed(seed + i + j) for j in range(len(prompts))]
         images += pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                       output_type="pil").images
+                       output_type="pil", **t5_free_options(pipe)).images
     return images
 
 

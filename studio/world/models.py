@@ -27,3 +27,13 @@ def world_sd():
     return StableDiffusionPipeline.from_pretrained(world_folder("world-sd"), torch_dtype=torch.float32,
                                                    safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
+
+
+@EMBEDDED.register("world-dit")
+def world_dit():
+    """The shapes-world DiT backbone (SD3 layout: world-clip's text tower in both CLIP slots, no T5)."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(world_folder("world-dit"), torch_dtype=torch.float32,
+                                                    text_encoder_3=None, tokenizer_3=None)

@@ -1,0 +1,286 @@
+"""LoRA and DoRA: low-rank weight changes, attached unfused through PEFT or fused into the weights.
+
+The tensors are kept in the diffusers/PEFT layout (`unet.<module>.lora_A.weight` (r, in),
+`.lora_B.weight` (out, r), DoRA's `.lora_magnitude_vector` (out,)), with the alpha/rank scale folded
+into `lora_B`, so a studio LoRA file is also a file `pipe.load_lora_weights` reads. Files written by
+other tools (kohya, LyCORIS, older diffusers) are read by `studio.lora_formats` into the same form.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from studio.adapters.base import (
+    AdapterConfig,
+    IncompatibleAdapterError,
+    WeightAdapter,
+    components,
+    module_table,
+    register,
+)
+
+from studio.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    import torch
+
+    from studio.backbones import Backbone
+    from studio.merge.deltas import Delta
+
+# Which modules a LoRA trains, by preset: attention projections (the kohya / diffusers default),
+# every linear layer, or every linear and conv layer (kohya's LoCon).
+TARGET_PRESETS = {
+    "attention": r"(attn\d?|attention|self_attn)\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out"
+                 r"|q_proj|k_proj|v_proj|out_proj)$",
+    "all-linear": r".*",
+    "locon": r".*",
+}
+SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
+
+
+@dataclass(kw_only=True)
+class LoraConfig(AdapterConfig):
+    rank: int = 16
+    alpha: float | None = None  # scale alpha / rank while training; None = rank (scale 1)
+    dora: bool = False  # DoRA (Liu et al. 2024, arXiv:2402.09353): magnitude and direction apart
+    target: str = "attention"  # a TARGET_PRESETS name or a regular expression over module names
+    text_encoder: bool = False  # train the text encoders' attention too
+    source_format: str = "studio"  # studio | diffusers | kohya | lycoris: who wrote the file
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise InvalidArgumentError(f"rank={self.rank!r} must be an integer >= 1 (e.g. 16).")
+        if self.alpha is not None and not self.alpha > 0:
+            raise InvalidArgumentError(f"alpha={self.alpha!r} must be > 0, or None for alpha = rank.")
+        if self.target not in TARGET_PRESETS:
+            try:
+                re.compile(self.target)
+            except re.error as error:
+                raise InvalidArgumentError(f"target={self.target!r} is neither a preset "
+                                           f"({', '.join(TARGET_PRESETS)}) nor a valid regular expression: {error}.") from error
+
+
+def target_modules(backbone: Backbone, target: str = "attention", *, text_encoder: bool = False) -> list[str]:
+    """The module names (`<component>.<path>`) a LoRA with this target preset or pattern changes."""
+    import torch
+
+    pattern = re.compile(TARGET_PRESETS.get(target, target))
+    names = []
+    for name, module in module_table(backbone).items():
+        component = name.split(".", 1)[0]
+        if component.startswith("text_encoder") and not text_encoder:
+            continue
+        if isinstance(module, torch.nn.Conv2d) and target != "locon":
+            continue
+        if component in ("unet", "transformer") and target == "all-linear" and not isinstance(module, torch.nn.Linear):
+            continue
+        if pattern.search(name.split(".", 1)[1]):
+            names.append(name)
+    if not names:
+        raise InvalidArgumentError(f"target={target!r} matches no module of {backbone.source!r}.")
+    return names
+
+
+def _split(key: str) -> tuple[str, str]:
+    """`unet.a.b.lora_A.weight` -> (`unet.a.b`, `.lora_A.weight`)."""
+    for suffix in SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
+    raise InvalidArgumentError(f"{key!r} is not a LoRA tensor name (expected one ending in {', '.join(SUFFIXES)}).")
+
+
+@register("lora")
+class LoraAdapter(WeightAdapter):
+    """A LoRA (or DoRA when `config.dora`): `tensors` in the PEFT layout with the scale folded in."""
+
+    config_class = LoraConfig
+    peft_name = "lora"
+
+    def __init__(self, config: LoraConfig, tensors: dict[str, torch.Tensor]):
+        super().__init__(config, tensors)
+        modules = sorted({_split(k)[0] for k in tensors})
+        if not config.targets:
+            config.targets = modules
+
+    # ------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_deltas(cls, deltas: dict[str, Delta], config: LoraConfig) -> LoraAdapter:
+        """From per-module deltas (dense ones become exact low-rank factors by SVD)."""
+        from studio.merge.deltas import Dense
+
+        tensors = {}
+        for name, delta in deltas.items():
+            low = (delta.low_rank() if isinstance(delta, Dense) else delta).folded()
+            tensors[f"{name}.lora_A.weight"] = low.down.contiguous()
+            tensors[f"{name}.lora_B.weight"] = low.up.contiguous()
+        config.targets = sorted(deltas)
+        return cls(config, tensors)
+
+    @classmethod
+    def from_foreign(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str], backbone: Backbone, *,
+                     allow_partial: bool = False, source: str = "") -> LoraAdapter:
+        """A LoRA / LoCon / LoHa / LoKr file written by diffusers, PEFT, kohya or LyCORIS."""
+        from studio.lora_formats import read_foreign
+
+        deltas, magnitudes, layout = read_foreign(tensors, metadata, backbone, allow_partial=allow_partial,
+                                                  source=source)
+        ranks = Counter(d.rank for d in deltas.values() if hasattr(d, "rank"))
+        config = LoraConfig(family=backbone.family.name, base=backbone.source, name=source.rsplit(".", 1)[0],
+                            rank=ranks.most_common(1)[0][0] if ranks else 1, dora=bool(magnitudes),
+                            source_format=layout)
+        adapter = cls.from_deltas(deltas, config)
+        for name, magnitude in magnitudes.items():
+            adapter.tensors[f"{name}.lora_magnitude_vector"] = magnitude
+        return adapter
+
+    # ----------------------------------------------------------------------------------- deltas
+
+    def factors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per module: {"down": lora_A, "up": lora_B[, "magnitude": ...]}."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        names = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_magnitude_vector": "magnitude"}
+        for key, value in self.tensors.items():
+            module, suffix = _split(key)
+            out.setdefault(module, {})[names[suffix]] = value
+        return out
+
+    def deltas(self, backbone: Backbone | None = None, *, weight: float = 1.0) -> dict[str, Delta]:
+        """Low-rank per module; DoRA's change depends on the base weight, so it needs the backbone
+        and comes back dense."""
+        from studio.merge.deltas import Dense, LowRank
+
+        result: dict[str, Delta] = {}
+        modules = module_table(backbone) if backbone is not None else {}
+        for name, f in self.factors().items():
+            rank = float(f["down"].shape[0])
+            low = LowRank(up=f["up"].float() * weight, down=f["down"].float(), alpha=rank)
+            if "magnitude" not in f:
+                result[name] = low
+                continue
+            if backbone is None:
+                raise InvalidArgumentError(f"{self.name!r} is a DoRA: its change depends on the base weights; "
+                                           f"pass the backbone.")
+            # DoRA: W' = m (W + w BA) / ||W + w BA||, norms per output row (arXiv:2402.09353 eq. 5; PEFT's weighting)
+            base = modules[name].weight.detach().float()
+            changed = base + low.dense()
+            norm = changed.flatten(1).norm(dim=1).view(-1, *([1] * (changed.dim() - 1)))
+            result[name] = Dense(f["magnitude"].float().view_as(norm) * changed / norm - base)
+        return result
+
+    # ---------------------------------------------------------------------------- attach/detach
+
+    def check_backbone(self, backbone: Backbone) -> None:
+        super().check_backbone(backbone)
+        modules = module_table(backbone)
+        for name, f in self.factors().items():
+            weight = modules[name].weight
+            want = (weight.shape[0], weight[0].numel())
+            got = (f["up"].shape[0], f["down"][0].numel())
+            if want != got:
+                raise IncompatibleAdapterError(
+                    f"adapter {self.name!r} changes {name} as {got[0]}x{got[1]}, but in {backbone.source!r} it is "
+                    f"{want[0]}x{want[1]}: the adapter was made on {self.config.base or 'another model'}."
+                )
+
+    def peft_config(self, names: list[str]):
+        """One PEFT LoraConfig for these modules of one component (ranks per module; alpha = rank,
+        since the scale is folded into lora_B)."""
+        from peft import LoraConfig as PeftLoraConfig
+
+        factors = self.factors()
+        ranks = {n.split(".", 1)[1]: factors[n]["down"].shape[0] for n in names}
+        common = Counter(ranks.values()).most_common(1)[0][0]
+        pattern = {f"^{re.escape(k)}$": r for k, r in ranks.items() if r != common}
+        return PeftLoraConfig(r=common, lora_alpha=common, target_modules=sorted(ranks), rank_pattern=pattern,
+                              alpha_pattern=pattern, use_dora=self.config.dora, init_lora_weights=False)
+
+    def attach(self, backbone: Backbone, weight: float = 1.0, **inputs: Any) -> None:
+        """Inject unfused through PEFT, at `weight`; other attached adapters stay active."""
+        from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+        if inputs:
+            raise InvalidArgumentError(f"a {self.kind} adapter takes no inputs, got {sorted(inputs)}.")
+        attached = attached_adapters(backbone)
+        if self.name in attached:
+            raise InvalidArgumentError(f"an adapter named {self.name!r} is already attached; detach it or rename one.")
+        self.check_backbone(backbone)
+        parts = components(backbone)
+        by_component: dict[str, list[str]] = {}
+        for name in self.factors():
+            by_component.setdefault(name.split(".", 1)[0], []).append(name)
+        for component, names in by_component.items():
+            model = parts[component]
+            with warnings.catch_warnings():  # PEFT warns whenever a second adapter joins a model
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                inject_adapter_in_model(self.peft_config(names), model, adapter_name=self.name)
+            state = {k.split(".", 1)[1]: v for k, v in self.tensors.items() if k.split(".", 1)[0] == component}
+            result = set_peft_model_state_dict(model, state, adapter_name=self.name)
+            unexpected = [k for k in result.unexpected_keys if self.name in k or "lora" in k]
+            if unexpected:
+                raise IncompatibleAdapterError(f"adapter {self.name!r}: PEFT did not place {unexpected[:3]}.")
+        attached[self.name] = {"adapter": self, "weight": float(weight)}
+        activate(backbone)
+
+    def set_weight(self, backbone: Backbone, weight: float) -> None:
+        attached = attached_adapters(backbone)
+        if self.name not in attached:
+            raise InvalidArgumentError(f"adapter {self.name!r} is not attached to {backbone.source!r}.")
+        attached[self.name]["weight"] = float(weight)
+        activate(backbone)
+
+    def detach(self, backbone: Backbone) -> None:
+        """Remove the adapter's layers; once none is left a module is unwrapped, so the backbone's
+        modules, state-dict keys and outputs are exactly those before `attach`."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        attached = attached_adapters(backbone)
+        if attached.pop(self.name, None) is None:
+            raise InvalidArgumentError(f"adapter {self.name!r} is not attached to {backbone.source!r}.")
+        for model in components(backbone).values():
+            for parent in list(model.modules()):
+                for child_name, child in list(parent.named_children()):
+                    if not isinstance(child, BaseTunerLayer):
+                        continue
+                    if self.name in child._get_available_adapters():
+                        child.delete_adapter(self.name)
+                    if not child._get_available_adapters():
+                        setattr(parent, child_name, child.get_base_layer())
+            config = getattr(model, "peft_config", None)
+            if isinstance(config, dict):
+                config.pop(self.name, None)
+                if not config:
+                    del model.peft_config
+        activate(backbone)
+
+
+def attached_adapters(backbone: Backbone) -> dict[str, dict[str, Any]]:
+    """name -> {"adapter", "weight"} of the weight adapters attached unfused, in attach order."""
+    if not hasattr(backbone, "attached_adapters"):
+        backbone.attached_adapters = {}
+    return backbone.attached_adapters
+
+
+def activate(backbone: Backbone) -> None:
+    """Every attached adapter active in every PEFT layer that has it, each at its weight."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    attached = attached_adapters(backbone)
+    for model in components(backbone).values():
+        for module in model.modules():
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            present = [n for n in attached if n in module._get_available_adapters()]
+            if not present:
+                continue
+            module.set_adapter(present)
+            for name in present:
+                if hasattr(module, "set_scale"):
+                    module.set_scale(name, attached[name]["weight"])
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)  # PEFT's set_adapter marks active adapters trainable
