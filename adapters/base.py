@@ -53,6 +53,20 @@ class UnknownKeysError(AdapterFileError):
 ADAPTERS: Registry[type[Adapter]] = Registry("adapter kind", UnknownAdapterKindError)
 
 
+def adapter_kinds() -> Registry[type[Adapter]]:
+    """The registry, after importing every module of `studio.adapters` (each registers its kinds), so
+    a new kind needs no line anywhere else."""
+    import importlib
+    import pkgutil
+
+    import studio.adapters
+
+    for module in pkgutil.iter_modules(studio.adapters.__path__):
+        if module.name != "base":
+            importlib.import_module(f"studio.adapters.{module.name}")
+    return ADAPTERS
+
+
 def register(kind: str) -> Callable[[type[Adapter]], type[Adapter]]:
     """Class decorator: `@register("lora")` names the kind and makes it loadable from files."""
 
@@ -312,7 +326,7 @@ def load_adapter(path: str | Path, backbone: Backbone | None = None, *, allow_pa
     tensors, metadata = read_safetensors(path)
     if MANIFEST_KEY in metadata:
         manifest = json.loads(metadata[MANIFEST_KEY])
-        adapter = ADAPTERS.get_or_raise(manifest.get("kind", "")).from_manifest(manifest, tensors)
+        adapter = adapter_kinds().get_or_raise(manifest.get("kind", "")).from_manifest(manifest, tensors)
     else:
         from studio.adapters.lora import LoraAdapter
 

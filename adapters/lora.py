@@ -8,6 +8,7 @@ other tools (kohya, LyCORIS, older diffusers) are read by `studio.lora_formats` 
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections import Counter
@@ -94,21 +95,157 @@ def _split(key: str) -> tuple[str, str]:
     raise InvalidArgumentError(f"{key!r} is not a LoRA tensor name (expected one ending in {', '.join(SUFFIXES)}).")
 
 
+class PeftAdapter(WeightAdapter):
+    """A weight-space kind that PEFT injects (LoRA, DoRA, orthogonal LoRA, OFT, BOFT). `tensors` are
+    PEFT's state dict per component, keyed `<component>.<PEFT key without the adapter name>`."""
+
+    suffixes: tuple[str, ...] = ()
+
+    def target_names(self) -> list[str]:
+        """The module names the tensors belong to."""
+        return sorted({next(k[: -len(s)] for s in self.suffixes if k.endswith(s)) for k in self.tensors})
+
+    def peft_config(self, names: list[str]):
+        """The PEFT config that injects this adapter into these modules of one component."""
+        raise NotImplementedError
+
+    def attach(self, backbone: Backbone, weight: float = 1.0, **inputs: Any) -> None:
+        """Inject unfused through PEFT, at `weight`; other attached adapters stay active."""
+        from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+        if inputs:
+            raise InvalidArgumentError(f"a {self.kind} adapter takes no inputs, got {sorted(inputs)}.")
+        attached = attached_adapters(backbone)
+        if self.name in attached:
+            raise InvalidArgumentError(f"an adapter named {self.name!r} is already attached; detach it or rename one.")
+        self.check_backbone(backbone)
+        parts = components(backbone)
+        by_component: dict[str, list[str]] = {}
+        for name in self.target_names():
+            by_component.setdefault(name.split(".", 1)[0], []).append(name)
+        for component, names in by_component.items():
+            model = parts[component]
+            with warnings.catch_warnings():  # PEFT warns whenever a second adapter joins a model
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                inject_adapter_in_model(self.peft_config(names), model, adapter_name=self.name)
+            state = {k.split(".", 1)[1]: v for k, v in self.tensors.items() if k.split(".", 1)[0] == component}
+            result = set_peft_model_state_dict(model, state, adapter_name=self.name)
+            unexpected = [k for k in result.unexpected_keys if self.name in k]
+            if unexpected:
+                raise IncompatibleAdapterError(f"adapter {self.name!r}: PEFT did not place {unexpected[:3]}.")
+        attached[self.name] = {"adapter": self, "weight": float(weight)}
+        activate(backbone)
+
+    def set_weight(self, backbone: Backbone, weight: float) -> None:
+        attached = attached_adapters(backbone)
+        if self.name not in attached:
+            raise InvalidArgumentError(f"adapter {self.name!r} is not attached to {backbone.source!r}.")
+        attached[self.name]["weight"] = float(weight)
+        activate(backbone)
+
+    def detach(self, backbone: Backbone) -> None:
+        """Remove the adapter's layers; once none is left a module is unwrapped, so the backbone's
+        modules, state-dict keys and outputs are exactly those before `attach`."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        attached = attached_adapters(backbone)
+        if attached.pop(self.name, None) is None:
+            raise InvalidArgumentError(f"adapter {self.name!r} is not attached to {backbone.source!r}.")
+        for model in components(backbone).values():
+            for parent in list(model.modules()):
+                for child_name, child in list(parent.named_children()):
+                    if not isinstance(child, BaseTunerLayer):
+                        continue
+                    if self.name in child._get_available_adapters():
+                        child.delete_adapter(self.name)
+                    if not child._get_available_adapters():
+                        setattr(parent, child_name, child.get_base_layer())
+            config = getattr(model, "peft_config", None)
+            if isinstance(config, dict):
+                config.pop(self.name, None)
+                if not config:
+                    del model.peft_config
+        activate(backbone)
+
+    # ------------------------------------------------------------------------------------ training
+
+    def trainable_parameters(self, backbone: Backbone) -> dict[str, list[torch.nn.Parameter]]:
+        """The attached adapter's parameters by PEFT sub-layer (`lora_A`, `lora_B`, `oft_R`...), made
+        trainable; everything else stays frozen."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        groups: dict[str, list[torch.nn.Parameter]] = {}
+        for model in components(backbone).values():
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer) and self.name in module._get_available_adapters():
+                    for layer_name in module.adapter_layer_names:
+                        layer = getattr(module, layer_name)
+                        if self.name in layer and self.trains(layer_name):
+                            groups.setdefault(layer_name, []).extend(_params(layer[self.name]))
+        for params in groups.values():
+            for p in params:
+                p.requires_grad_(True)
+        return groups
+
+    def trains(self, layer_name: str) -> bool:
+        """Whether the PEFT sub-layer `layer_name` (lora_A, lora_B, ...) trains."""
+        return True
+
+    def sync_from(self, backbone: Backbone) -> None:
+        """Read the attached (trained) values back into `tensors`."""
+        from peft import get_peft_model_state_dict
+
+        tensors = {}
+        for component, model in components(backbone).items():
+            if not any(n.startswith(component + ".") for n in self.target_names()):
+                continue
+            state = get_peft_model_state_dict(model, adapter_name=self.name)
+            tensors |= {f"{component}.{k}": v.detach().clone() for k, v in state.items()}
+        self.tensors = tensors
+
+
+def _params(layer) -> list[torch.nn.Parameter]:
+    import torch
+
+    return [layer] if isinstance(layer, torch.nn.Parameter) else list(layer.parameters())
+
+
 @register("lora")
-class LoraAdapter(WeightAdapter):
+class LoraAdapter(PeftAdapter):
     """A LoRA (or DoRA when `config.dora`): `tensors` in the PEFT layout with the scale folded in."""
 
     config_class = LoraConfig
-    peft_name = "lora"
+    suffixes = SUFFIXES
 
     def __init__(self, config: LoraConfig, tensors: dict[str, torch.Tensor]):
         super().__init__(config, tensors)
-        modules = sorted({_split(k)[0] for k in tensors})
         if not config.targets:
-            config.targets = modules
+            config.targets = self.target_names()
 
     # ------------------------------------------------------------------------------- construction
 
+    @classmethod
+    def create(cls, backbone: Backbone, config: LoraConfig, *, seed: int = 0) -> LoraAdapter:
+        """A fresh adapter to train: lora_A as PEFT initialises it (Kaiming-uniform), lora_B zero, so
+        it starts as the identity; DoRA magnitudes start at the base weights' row norms."""
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        modules = module_table(backbone)
+        config.targets = target_modules(backbone, config.target, text_encoder=config.text_encoder)
+        config.family, config.base = backbone.family.name, config.base or backbone.source
+        tensors = {}
+        for name in config.targets:
+            weight = modules[name].weight
+            fan_in = weight[0].numel()
+            bound = 1 / math.sqrt(fan_in)  # PEFT's kaiming_uniform_(a=sqrt(5)) bound
+            tensors[f"{name}.lora_A.weight"] = (torch.rand(config.rank, *weight.shape[1:], generator=generator)
+                                                * 2 - 1) * bound
+            tensors[f"{name}.lora_B.weight"] = torch.zeros(weight.shape[0], config.rank,
+                                                           *([1, 1] if weight.dim() == 4 else []))
+            if config.dora:
+                tensors[f"{name}.lora_magnitude_vector"] = weight.detach().float().flatten(1).norm(dim=1)
+        return cls(config, tensors)
     @classmethod
     def from_deltas(cls, deltas: dict[str, Delta], config: LoraConfig) -> LoraAdapter:
         """From per-module deltas (dense ones become exact low-rank factors by SVD)."""
@@ -200,64 +337,6 @@ class LoraAdapter(WeightAdapter):
         return PeftLoraConfig(r=common, lora_alpha=common, target_modules=sorted(ranks), rank_pattern=pattern,
                               alpha_pattern=pattern, use_dora=self.config.dora, init_lora_weights=False)
 
-    def attach(self, backbone: Backbone, weight: float = 1.0, **inputs: Any) -> None:
-        """Inject unfused through PEFT, at `weight`; other attached adapters stay active."""
-        from peft import inject_adapter_in_model, set_peft_model_state_dict
-
-        if inputs:
-            raise InvalidArgumentError(f"a {self.kind} adapter takes no inputs, got {sorted(inputs)}.")
-        attached = attached_adapters(backbone)
-        if self.name in attached:
-            raise InvalidArgumentError(f"an adapter named {self.name!r} is already attached; detach it or rename one.")
-        self.check_backbone(backbone)
-        parts = components(backbone)
-        by_component: dict[str, list[str]] = {}
-        for name in self.factors():
-            by_component.setdefault(name.split(".", 1)[0], []).append(name)
-        for component, names in by_component.items():
-            model = parts[component]
-            with warnings.catch_warnings():  # PEFT warns whenever a second adapter joins a model
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                inject_adapter_in_model(self.peft_config(names), model, adapter_name=self.name)
-            state = {k.split(".", 1)[1]: v for k, v in self.tensors.items() if k.split(".", 1)[0] == component}
-            result = set_peft_model_state_dict(model, state, adapter_name=self.name)
-            unexpected = [k for k in result.unexpected_keys if self.name in k or "lora" in k]
-            if unexpected:
-                raise IncompatibleAdapterError(f"adapter {self.name!r}: PEFT did not place {unexpected[:3]}.")
-        attached[self.name] = {"adapter": self, "weight": float(weight)}
-        activate(backbone)
-
-    def set_weight(self, backbone: Backbone, weight: float) -> None:
-        attached = attached_adapters(backbone)
-        if self.name not in attached:
-            raise InvalidArgumentError(f"adapter {self.name!r} is not attached to {backbone.source!r}.")
-        attached[self.name]["weight"] = float(weight)
-        activate(backbone)
-
-    def detach(self, backbone: Backbone) -> None:
-        """Remove the adapter's layers; once none is left a module is unwrapped, so the backbone's
-        modules, state-dict keys and outputs are exactly those before `attach`."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        attached = attached_adapters(backbone)
-        if attached.pop(self.name, None) is None:
-            raise InvalidArgumentError(f"adapter {self.name!r} is not attached to {backbone.source!r}.")
-        for model in components(backbone).values():
-            for parent in list(model.modules()):
-                for child_name, child in list(parent.named_children()):
-                    if not isinstance(child, BaseTunerLayer):
-                        continue
-                    if self.name in child._get_available_adapters():
-                        child.delete_adapter(self.name)
-                    if not child._get_available_adapters():
-                        setattr(parent, child_name, child.get_base_layer())
-            config = getattr(model, "peft_config", None)
-            if isinstance(config, dict):
-                config.pop(self.name, None)
-                if not config:
-                    del model.peft_config
-        activate(backbone)
-
 
 def attached_adapters(backbone: Backbone) -> dict[str, dict[str, Any]]:
     """name -> {"adapter", "weight"} of the weight adapters attached unfused, in attach order."""
@@ -268,6 +347,7 @@ def attached_adapters(backbone: Backbone) -> dict[str, dict[str, Any]]:
 
 def activate(backbone: Backbone) -> None:
     """Every attached adapter active in every PEFT layer that has it, each at its weight."""
+    from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     attached = attached_adapters(backbone)
@@ -280,7 +360,7 @@ def activate(backbone: Backbone) -> None:
                 continue
             module.set_adapter(present)
             for name in present:
-                if hasattr(module, "set_scale"):
+                if isinstance(module, LoraLayer):  # OFT/BOFT layers have no scale (attached at 1)
                     module.set_scale(name, attached[name]["weight"])
             for parameter in module.parameters():
                 parameter.requires_grad_(False)  # PEFT's set_adapter marks active adapters trainable

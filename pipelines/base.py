@@ -88,7 +88,7 @@ class StudioPipeline:
         elif load_options:
             raise InvalidArgumentError(f"load options {sorted(load_options)} apply only to a backbone source.")
         self.backbone = backbone
-        self.adapters: list[Any] = []  # attached adapters, in order (issue 4)
+        self.adapters: list[dict[str, Any]] = []  # attached: {"adapter", "weight", "inputs"}, in order
 
     def __repr__(self) -> str:
         return f"StudioPipeline({self.backbone!r})"
@@ -96,6 +96,64 @@ class StudioPipeline:
     @property
     def pipe(self):
         return self.backbone.pipe
+
+    # ------------------------------------------------------------------------------------ adapters
+
+    def attach(self, adapter: Any, weight: float = 1.0, **inputs: Any) -> Any:
+        """Attach an adapter (an `Adapter` or a file path) at `weight`; returns the adapter."""
+        from studio.adapters.base import Adapter, load_adapter
+
+        if not isinstance(adapter, Adapter):
+            adapter = load_adapter(adapter, self.backbone)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+            raise InvalidArgumentError(f"adapter weight={weight!r} must be a finite number (e.g. 0.8).")
+        adapter.attach(self.backbone, float(weight), **inputs)
+        self.adapters.append({"adapter": adapter, "weight": float(weight), "inputs": inputs})
+        return adapter
+
+    def detach(self, adapter: Any = None) -> None:
+        """Detach one adapter (the object or its name), or all of them."""
+        for entry in list(self.adapters):
+            if adapter is None or entry["adapter"] is adapter or entry["adapter"].name == adapter:
+                entry["adapter"].detach(self.backbone)
+                self.adapters.remove(entry)
+
+    def set_weight(self, adapter: Any, weight: float) -> None:
+        for entry in self.adapters:
+            if entry["adapter"] is adapter or entry["adapter"].name == adapter:
+                entry["adapter"].set_weight(self.backbone, float(weight))
+                entry["weight"] = float(weight)
+                return
+        raise InvalidArgumentError(f"no attached adapter {adapter!r}; attached: {[e['adapter'].name for e in self.adapters]}.")
+
+    def _adapter_records(self) -> list[dict[str, Any]]:
+        from studio.hashing import sha256_file
+
+        records = []
+        for entry in self.adapters:
+            adapter = entry["adapter"]
+            path = adapter.path
+            records.append({"name": adapter.name, "kind": adapter.kind, "weight": entry["weight"],
+                            "path": str(path.resolve()) if path else None,
+                            "sha256": sha256_file(path) if path else None})
+        return records
+
+    def _match_adapters(self, recipe: Recipe) -> None:
+        """Make the attached adapters those the recipe names (files checked by hash), at its weights."""
+        from studio.hashing import sha256_file
+
+        if recipe.adapters == self._adapter_records():
+            return
+        for record in recipe.adapters:
+            if not record.get("path"):
+                raise RecipeError(f"the recipe uses adapter {record.get('name')!r}, which was never saved to a "
+                                  f"file; it cannot be attached again.")
+            if not Path(record["path"]).is_file() or sha256_file(Path(record["path"])) != record["sha256"]:
+                raise RecipeError(f"the recipe's adapter {record['path']!r} is missing or changed (sha256 "
+                                  f"{record['sha256'][:10]}); put that file back to remake the image.")
+        self.detach()
+        for record in recipe.adapters:
+            self.attach(record["path"], record["weight"])
 
     def recipe(self, prompt: str, *, negative_prompt: str = "", n: int = 1, seed: int | None = None,
                steps: int | None = None, guidance: float | None = None, width: int | None = None,
@@ -132,7 +190,8 @@ class StudioPipeline:
                       backbone=self.backbone.source, backbone_hash=self.backbone.fingerprint(),
                       backbone_config=self.backbone.config,
                       family=family.name, dtype=str(self.backbone.dtype).replace("torch.", ""),
-                      device=str(self.backbone.device), adapters=[], studio_version=__version__)
+                      device=str(self.backbone.device), adapters=self._adapter_records(),
+                      studio_version=__version__)
 
     def _check_side(self, name: str, value: int | None) -> int:
         factor = self.backbone.size_factor
@@ -158,8 +217,7 @@ class StudioPipeline:
         """Run a complete recipe through the family's diffusers pipeline (the whole batch)."""
         import torch
 
-        if recipe.adapters:
-            raise RecipeError("this recipe uses adapters, which this version of studio cannot attach yet.")
+        self._match_adapters(recipe)
         pipe = self.backbone.pipe
         pipe.scheduler = self.backbone.scheduler(recipe.scheduler)
         # One CPU generator per image: image i is reproducible from seed + i on any device.

@@ -22,6 +22,9 @@ _EXPORTS = {
     "read_recipe": "studio.recipe",
     "SCHEDULERS": "studio.schedulers",
     "StudioError": "studio.errors",
+    "train": "studio.training.trainer",
+    "TrainConfig": "studio.training.trainer",
+    "load_adapter": "studio.adapters.base",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -53,6 +53,22 @@ def _load_pipeline(backbone: str | None, family: Enum | None, device: str | None
         return StudioPipeline(backbone, family=_value(family), device=device, dtype=dtype, config=config)
 
 
+def _attach_adapters(pipeline, specs: list[str] | None, allow_partial: bool) -> None:
+    """`FILE[:WEIGHT]` specs attached in order."""
+    from studio.adapters.base import load_adapter
+    from studio.errors import InvalidArgumentError
+
+    for spec in specs or []:
+        path, weight = spec, 1.0
+        head, _, tail = spec.rpartition(":")
+        if head and not Path(spec).exists():
+            try:
+                path, weight = head, float(tail)
+            except ValueError as error:
+                raise InvalidArgumentError(f"--adapter {spec!r}: the weight after ':' must be a number.") from error
+        pipeline.attach(load_adapter(path, pipeline.backbone, allow_partial=allow_partial), weight)
+
+
 def _progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -78,6 +94,10 @@ def generate(
     config: ConfigOpt = None,
     from_image: Annotated[Path | None, typer.Option(
         "--from", help="A studio PNG: make it again (other options given here change its recipe).")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(
+        "--adapter", "-a", help="An adapter file, optionally :WEIGHT (repeatable), e.g. sks.safetensors:0.8.")] = None,
+    allow_partial: Annotated[bool, typer.Option(
+        "--allow-partial", help="Load foreign LoRA files even when some keys match no module.")] = False,
     out: Annotated[Path, typer.Option(help="A .png path, or a folder for numbered files.")] = Path("outputs"),
 ) -> None:
     """Generate images; each PNG carries its recipe (A1111 `parameters` + studio JSON)."""
@@ -92,6 +112,7 @@ def generate(
         if prompt is None:
             raise InvalidArgumentError("PROMPT is missing: give a prompt, or --from IMAGE.png to remake an image.")
         pipeline = _load_pipeline(backbone, family, device, dtype, config)
+        _attach_adapters(pipeline, adapter, allow_partial)
         recipe = pipeline.recipe(**changes)
         index = None
     else:
@@ -99,7 +120,11 @@ def generate(
         pipeline = _load_pipeline(backbone or original.backbone, family or FamilyName(original.family),
                                   device or original.device, dtype or original.dtype,
                                   config or original.backbone_config)
-        if changes:  # a new recipe from the old one
+        if adapter:
+            _attach_adapters(pipeline, adapter, allow_partial)
+        elif original.adapters:
+            pipeline._match_adapters(original)
+        if changes or adapter:  # a new recipe from the old one
             fields = dict(prompt=original.prompt, negative_prompt=original.negative_prompt, seed=original.image_seed,
                           steps=original.steps, guidance=original.guidance, width=original.width,
                           height=original.height, scheduler=original.scheduler) | changes
@@ -185,6 +210,95 @@ def eval_(
     table.add_row("all correct", f"{metrics['all_correct']:.3f}")
     out_console.print(table)
     out_console.print(f"{json_path}\n{png_path}", highlight=False)
+
+
+@app.command()
+def train(
+    folder: Annotated[Path, typer.Argument(help="Reference images: flat, or kohya `N_words` subfolders; .txt captions.")],
+    out: Annotated[Path | None, typer.Option(help="The adapter file [default: <folder name>.safetensors].")] = None,
+    kind: Annotated[str, typer.Option(help="lora, dora, orthogonal, oft or boft.")] = "lora",
+    backbone: BackboneOpt = None,
+    rank: Annotated[int | None, typer.Option(help="Rank [default: 16; orthogonal 20].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps [default: 300].")] = None,
+    batch: Annotated[int | None, typer.Option(help="Batch size [default: 4].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate [default: 1e-4].")] = None,
+    trigger: Annotated[str | None, typer.Option(help="Trigger word (caption of images without one).")] = None,
+    concept_seed: Annotated[int | None, typer.Option(help="Orthogonal: which basis columns (one per concept).")] = None,
+    recipe: Annotated[Path | None, typer.Option(
+        "--config", help="A YAML/TOML recipe with any TrainConfig keys; options given here win.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the unfinished run of the same --out.")] = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Train an adapter on a folder of reference images."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from studio.training.trainer import TrainConfig
+    from studio.training.trainer import train as run_training
+
+    dora = kind == "dora"
+    options = dict(folder=str(folder), out=str(out or Path(f"{folder.resolve().name}.safetensors")),
+                   kind="lora" if dora else kind, backbone=backbone, rank=rank or (20 if kind == "orthogonal" else None),
+                   steps=steps, batch=batch, lr=lr, trigger=trigger, concept_seed=concept_seed, device=device,
+                   dora=dora or None)
+    options = {k: v for k, v in options.items() if v is not None}
+    config = TrainConfig.from_file(recipe, **options) if recipe else TrainConfig(**options)
+    columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TextColumn("{task.fields[rate]} it/s"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("training", total=config.steps, loss="-", rate="-")
+        started: list[float] = []
+
+        def progress(step: int, total: int, loss: float) -> None:
+            import time
+
+            started.append(time.monotonic())
+            rate = (len(started) - 1) / (started[-1] - started[0]) if len(started) > 1 else 0.0
+            bar.update(task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:.2f}")
+
+        path = run_training(config, resume=resume, progress=progress, log=lambda line: console.print(line))
+    out_console.print(str(path), highlight=False)
+
+
+@app.command("train-batch")
+def train_batch(
+    parent: Annotated[Path, typer.Argument(help="A folder with one subfolder of images per concept.")],
+    out: Annotated[Path, typer.Option(help="Folder for the adapters (<subfolder>.safetensors).")] = Path("adapters"),
+    kind: Annotated[str, typer.Option(help="lora, orthogonal, oft or boft.")] = "lora",
+    backbone: BackboneOpt = None,
+    rank: Annotated[int | None, typer.Option(help="Rank.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps per adapter.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Train one adapter per subfolder; the job list survives crashes (run it again to continue)."""
+    from rich.table import Table
+
+    from studio.training.batch import train_batch as run_batch
+
+    options = {k: v for k, v in dict(kind=kind, backbone=backbone, rank=rank, steps=steps, lr=lr,
+                                     device=device).items() if v is not None}
+    jobs = run_batch(parent, out, log=lambda line: console.print(line, highlight=False), **options)
+    table = Table("job", "status", "adapter or error")
+    for job in jobs:
+        table.add_row(job["name"], job["status"], job["result"] or job["error"] or "")
+    out_console.print(table)
+
+
+@app.command()
+def convert(
+    path: Annotated[Path, typer.Argument(help="An adapter file (studio, diffusers, kohya or LyCORIS).")],
+    to: Annotated[str, typer.Option(help="kohya (A1111, Forge, ComfyUI) or diffusers (pipe.load_lora_weights).")],
+    out: Annotated[Path | None, typer.Option(help="Output file [default: <name>.<to>.safetensors].")] = None,
+    backbone: BackboneOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+) -> None:
+    """Write an adapter in the key layout another tool reads."""
+    from studio.lora_formats import convert_file
+
+    target = out or path.with_name(f"{path.stem}.{to}.safetensors")
+    with console.status("converting..."):
+        written = convert_file(path, to, target, backbone=backbone, overwrite=overwrite)
+    out_console.print(str(written), highlight=False)
 
 
 world_app = typer.Typer(help="The shapes world: reference folders, and the recipes of its models.",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from studio.adapters.base import AdapterFileError, UnknownKeysError, module_table
@@ -234,3 +235,59 @@ def to_kohya(adapter: LoraAdapter, backbone: Backbone) -> dict[str, torch.Tensor
         out[f"{base}.lora_up.weight"] = delta.up.contiguous()
         out[f"{base}.alpha"] = torch.tensor(float(delta.alpha))
     return out
+
+
+FORMATS = ("kohya", "diffusers")
+
+
+def convert_file(path: str | Path, to: str, out: str | Path, *, backbone: Backbone | str | None = None,
+                 overwrite: bool = False) -> Path:
+    """Rewrite an adapter file in another tool's layout: `kohya` (A1111, Forge, ComfyUI; with kohya's
+    `ss_*` metadata) or `diffusers` (PEFT keys `pipe.load_lora_weights` reads). The export carries
+    modelspec keys but no studio manifest: it is that tool's file."""
+    import json as json_
+
+    from studio.adapters.base import MANIFEST_KEY, load_adapter, modelspec, read_safetensors
+    from studio.backbones import load_backbone
+    from studio.errors import InvalidArgumentError
+
+    if to not in FORMATS:
+        raise InvalidArgumentError(f"--to {to!r}; choose one of {', '.join(FORMATS)}.")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InvalidArgumentError(f"{str(out)!r} exists; choose another --out or pass --overwrite.")
+    if backbone is not None and not isinstance(backbone, str):
+        bb = backbone
+    else:
+        source = backbone
+        if source is None:
+            _, metadata = read_safetensors(path)
+            if MANIFEST_KEY not in metadata:
+                raise InvalidArgumentError(f"{str(path)!r} was written by another tool: say which backbone it is for "
+                                           f"with --backbone.")
+            source = json_.loads(metadata[MANIFEST_KEY]).get("base") or None
+        bb = load_backbone(source)
+    adapter = load_adapter(path, bb)
+    if not hasattr(adapter, "factors"):
+        raise InvalidArgumentError(f"{str(path)!r} is a {adapter.kind} adapter; only LoRA-like adapters have "
+                                   f"kohya/diffusers layouts.")
+    manifest = adapter.manifest()
+    metadata = modelspec(manifest)
+    if to == "kohya":
+        tensors = to_kohya(adapter, bb)
+        metadata |= {"ss_network_module": "networks.lora", "ss_network_dim": str(adapter.config.rank),
+                     "ss_network_alpha": str(adapter.config.rank), "ss_base_model_version": bb.family.name,
+                     "ss_tag_frequency": json_.dumps({w: 1 for w in adapter.config.trigger_words})}
+    else:
+        tensors = dict(adapter.tensors)
+    return _write_plain(out, tensors, metadata)
+
+
+def _write_plain(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path

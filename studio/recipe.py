@@ -103,8 +103,11 @@ class Recipe:
         }
         if self.n > 1:
             fields |= {"Batch size": self.n, "Batch pos": self.index}
+        if self.adapters:  # A1111's LoRA fields: `<lora:name:weight>` in the prompt, short file hashes
+            fields["Lora hashes"] = '"' + ", ".join(f"{a['name']}: {(a.get('sha256') or '')[:12]}"
+                                                   for a in self.adapters) + '"'
         fields["Version"] = f"studio {self.studio_version}".strip()
-        lines = [self.prompt]
+        lines = [" ".join([self.prompt, *(f"<lora:{a['name']}:{a['weight']:g}>" for a in self.adapters)])]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))

@@ -35,12 +35,13 @@ def prompted_samples(pipe, expected: list[Labels], *, seed: int, steps: int, gui
 
 
 def fidelity(pipe, *, n: int = 200, seed: int = 1234, steps: int = 25, guidance: float = 6.0,
-             held_out: bool = False, scheduler=None, **fixed: str) -> dict[str, Any]:
+             held_out: bool = False, scheduler=None, trigger: str | None = None, **fixed: str) -> dict[str, Any]:
     """Accuracy per attribute of `n` samples prompted with random labels (base values unless
-    `held_out`; `fixed` pins attributes, e.g. shape="star")."""
+    `held_out`; `fixed` pins attributes, e.g. shape="star"; `trigger` names the shape "<trigger> <shape>")."""
     rng = np.random.default_rng(seed)
     expected = [sample_labels(rng, held_out=held_out, **fixed) for _ in range(n)]
-    images = prompted_samples(pipe, expected, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler)
+    images = prompted_samples(pipe, expected, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
+                              trigger=trigger)
     metrics = evaluate(images, expected)
     metrics["images"] = images
     metrics["expected"] = [e.as_dict() for e in expected]

@@ -466,31 +466,16 @@ def train_world_sd(out: Path, *, steps: int = 3500, batch: int = 32, lr: float =
                    eval_every: int = 1000, log: Log = print) -> Path:
     """A UNet from scratch on a frozen world-clip text tower: eps-prediction on SD's scaled-linear
     betas (DDPM training, DDIM sampling)."""
-    import torch
-    from diffusers import DDPMScheduler
+    from studio.training.objectives import NoisePrediction
 
     _seed_everything(seed)
     vae = load_vae(_part(out, "vae"))
-    text_encoder = text_encoder_from_clip(_part(out, "world-clip"))
-    tokenizer = world_tokenizer()
     unet = build_world_unet()
-    alphas = DDPMScheduler.from_config(world_scheduler().config).alphas_cumprod
-
-    def encode(captions: list[str]) -> dict[str, Any]:
-        tokens = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                           return_tensors="pt")
-        return {"context": text_encoder(tokens.input_ids)[0]}
-
-    def loss_of(model, x0, *, context):
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, len(alphas), (len(x0),))
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        return torch.nn.functional.mse_loss(model(xt, t, encoder_hidden_states=context).sample, noise)
-
-    return _train_backbone(out, "world-sd", unet, encode=encode, loss_of=loss_of, vae=vae,
-                           pipeline=lambda: world_sd_pipeline(unet, out, vae=vae, text_encoder=text_encoder),
-                           steps=steps, batch=batch, lr=lr, seed=seed, eval_every=eval_every, log=log)
+    pipe = world_sd_pipeline(unet, out, vae=vae)
+    objective = NoisePrediction(pipe)
+    return _train_backbone(out, "world-sd", unet, encode=objective.encode, loss_of=objective.loss, vae=vae,
+                           pipeline=lambda: pipe, steps=steps, batch=batch, lr=lr, seed=seed,
+                           eval_every=eval_every, log=log)
 
 
 def world_sd_pipeline(unet, out: Path, *, vae=None, text_encoder=None):
@@ -562,27 +547,15 @@ def train_world_dit(out: Path, *, steps: int = 4000, batch: int = 32, lr: float 
     """An MMDiT from scratch with rectified flow as SD3 trains: x_t = (1 - s) x0 + s noise, velocity
     target noise - x0, s drawn logit-normal(0, 1). Prompts are encoded by the pipeline itself, with as
     many zero T5 tokens as CLIP tokens (see pipelines/dit.py), so training and sampling match exactly."""
-    import torch
+
+    from studio.training.objectives import RectifiedFlow
 
     _seed_everything(seed)
     vae = load_vae(_part(out, "vae"))
     transformer = build_world_transformer()
     pipe = world_dit_pipeline(transformer, out, vae=vae)
-
-    def encode(captions: list[str]) -> dict[str, Any]:
-        context, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False,
-                                                   max_sequence_length=MAX_TOKENS)
-        return {"context": context, "pooled": pooled}
-
-    def loss_of(model, x0, *, context, pooled):
-        noise = torch.randn_like(x0)
-        sigma = torch.sigmoid(torch.randn(len(x0))).view(-1, 1, 1, 1)
-        xt = (1 - sigma) * x0 + sigma * noise
-        velocity = model(hidden_states=xt, timestep=sigma.flatten() * 1000, encoder_hidden_states=context,
-                         pooled_projections=pooled).sample
-        return torch.nn.functional.mse_loss(velocity, noise - x0)
-
-    return _train_backbone(out, "world-dit", transformer, encode=encode, loss_of=loss_of, vae=vae,
+    objective = RectifiedFlow(pipe)
+    return _train_backbone(out, "world-dit", transformer, encode=objective.encode, loss_of=objective.loss, vae=vae,
                            pipeline=lambda: pipe, steps=steps, batch=batch, lr=lr, seed=seed,
                            eval_every=eval_every, log=log)
 

@@ -1,0 +1,111 @@
+"""The library: an SQLite index under `$STUDIO_HOME` of adapters, training jobs and generations.
+
+WAL mode, one short transaction per change, so a crash never loses a finished job and readers (the
+web UI) never block the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from studio.home import studio_home
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    path TEXT PRIMARY KEY, name TEXT, kind TEXT, family TEXT, base TEXT, trigger_words TEXT, tags TEXT,
+    sha256 TEXT, thumbnail TEXT, added REAL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, batch TEXT, name TEXT, config TEXT, status TEXT, error TEXT,
+    result TEXT, step INTEGER DEFAULT 0, created REAL, updated REAL, UNIQUE (batch, name));
+CREATE TABLE IF NOT EXISTS generations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT, recipe TEXT, created REAL);
+"""
+JOB_STATES = ("queued", "running", "done", "failed")
+
+
+class Library:
+    """`Library()` opens (and creates) `$STUDIO_HOME/library.db`."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else studio_home() / "library.db"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self):
+        db = sqlite3.connect(self.path, timeout=30)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        try:
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    # ---------------------------------------------------------------------------------- adapters
+
+    def add_adapter(self, path: str | Path, *, tags: list[str] | None = None, thumbnail: str | None = None) -> dict:
+        """Index an adapter file (its manifest's kind, family, trigger words; its hash)."""
+        from studio.adapters.base import MANIFEST_KEY, read_safetensors
+        from studio.hashing import sha256_file
+
+        path = Path(path).resolve()
+        _, metadata = read_safetensors(path)
+        manifest = json.loads(metadata.get(MANIFEST_KEY, "{}"))
+        row = {"path": str(path), "name": manifest.get("name") or path.stem, "kind": manifest.get("kind", "lora"),
+               "family": manifest.get("family", ""), "base": manifest.get("base", ""),
+               "trigger_words": json.dumps(manifest.get("trigger_words", [])), "tags": json.dumps(tags or []),
+               "sha256": sha256_file(path), "thumbnail": thumbnail, "added": time.time()}
+        with self._connect() as db:
+            db.execute(f"INSERT OR REPLACE INTO adapters ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                       tuple(row.values()))
+        return row
+
+    def adapters(self, query: str = "") -> list[dict[str, Any]]:
+        """Adapters whose name, kind, family, trigger words or tags contain `query`, newest first."""
+        like = f"%{query}%"
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM adapters WHERE name LIKE ? OR kind LIKE ? OR family LIKE ? OR "
+                              "trigger_words LIKE ? OR tags LIKE ? ORDER BY added DESC", (like,) * 5).fetchall()
+        return [dict(r) for r in rows]
+
+    # -------------------------------------------------------------------------------------- jobs
+
+    def add_jobs(self, batch: str, jobs: dict[str, dict[str, Any]]) -> None:
+        """Queue named jobs of a batch; jobs already there (from an earlier start) are kept as they are."""
+        now = time.time()
+        with self._connect() as db:
+            for name, config in jobs.items():
+                db.execute("INSERT OR IGNORE INTO jobs (batch, name, config, status, created, updated) "
+                           "VALUES (?, ?, ?, 'queued', ?, ?)", (batch, name, json.dumps(config), now, now))
+
+    def jobs(self, batch: str | None = None) -> list[dict[str, Any]]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE ? IS NULL OR batch = ? ORDER BY id", (batch, batch)).fetchall()
+        return [dict(r) for r in rows]
+
+    def update_job(self, job_id: int, **values: Any) -> None:
+        if "status" in values and values["status"] not in JOB_STATES:
+            raise ValueError(f"job status {values['status']!r} is not one of {JOB_STATES}")
+        values["updated"] = time.time()
+        with self._connect() as db:
+            db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?",
+                       (*values.values(), job_id))
+
+    # ------------------------------------------------------------------------------- generations
+
+    def add_generation(self, path: str | Path, recipe_json: str) -> None:
+        with self._connect() as db:
+            db.execute("INSERT INTO generations (path, recipe, created) VALUES (?, ?, ?)",
+                       (str(path), recipe_json, time.time()))
+
+    def generations(self, limit: int = 100) -> list[dict[str, Any]]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM generations ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [dict(r) for r in rows]

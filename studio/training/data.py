@@ -1,0 +1,194 @@
+"""Reference folders in kohya's conventions, bucketed by aspect ratio, encoded once and cached.
+
+A folder holds images directly, or `N_words` subfolders (kohya/DreamBooth): N is how often each
+image repeats per epoch, `words` the trigger and class words ("10_sks star"). An image's caption is
+its `.txt` or `.caption` file, else the subfolder's words, else the trigger word. Unreadable images
+and images smaller than the training size are skipped and listed; a folder with nothing usable is
+an error that says what it found.
+
+Latents and text conditioning are cached under `$STUDIO_HOME/cache/train`, keyed by the content
+hash of the image (or caption), the backbone's fingerprint, the bucket and the flip, so a second run
+on the same folder encodes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from studio.errors import InvalidArgumentError, StudioError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_SUFFIXES = (".txt", ".caption")
+
+
+class DatasetError(StudioError, ValueError):
+    """A training folder studio cannot train on."""
+
+
+@dataclass
+class Item:
+    path: Path
+    caption: str
+    repeats: int
+    size: tuple[int, int]  # (width, height)
+    sha256: str
+    regularisation: bool = False
+
+
+@dataclass
+class Scan:
+    """What a folder scan found: usable items and the files it skipped, with why."""
+
+    items: list[Item] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _caption_of(image: Path, words: str, trigger: str) -> str:
+    for suffix in CAPTION_SUFFIXES:
+        side = image.with_suffix(suffix)
+        if side.is_file():
+            text = side.read_text(encoding="utf-8", errors="replace").strip()
+            if text:
+                return text
+    return words or trigger
+
+
+def scan_folder(folder: str | Path, *, trigger: str = "", min_size: int = 0, regularisation: bool = False) -> Scan:
+    """Every image under `folder` (kohya `N_words` subfolders or flat) with caption and repeats."""
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"training folder {str(folder)!r} does not exist or is not a folder.")
+    groups: list[tuple[Path, int, str]] = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        m = re.fullmatch(r"(\d+)_(.*)", sub.name)
+        if m:
+            groups.append((sub, max(1, int(m[1])), m[2].strip()))
+    groups.append((folder, 1, ""))
+    scan = Scan()
+    for where, repeats, words in groups:
+        for path in sorted(p for p in where.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+            try:
+                with Image.open(path) as image:
+                    image.verify()  # catches truncated and garbage files
+                with Image.open(path) as image:
+                    size = image.size
+                    image.convert("RGB").load()
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+                scan.skipped.append((path, f"unreadable image ({type(error).__name__}: {error})"))
+                continue
+            if min(size) < min_size:
+                scan.skipped.append((path, f"{size[0]}x{size[1]} is smaller than the training size {min_size}; "
+                                           f"use a larger image or a smaller --size"))
+                continue
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            scan.items.append(Item(path=path, caption=_caption_of(path, words, trigger), repeats=repeats,
+                                   size=size, sha256=digest, regularisation=regularisation))
+    if not scan.items:
+        found = sorted(p.name for p in folder.rglob("*") if p.is_file())[:5]
+        reasons = "; ".join(f"{p.name}: {why}" for p, why in scan.skipped[:3])
+        raise DatasetError(
+            f"no usable images in {str(folder)!r} ({len(scan.skipped)} skipped{': ' + reasons if reasons else ''}; "
+            f"files seen: {found or 'none'}). Put .png/.jpg/.webp images there, flat or in kohya `N_name` subfolders."
+        )
+    return scan
+
+
+def buckets(size: int, factor: int, *, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(width, height) pairs with about size^2 pixels, sides multiples of `factor`, aspect <= max_ratio
+    (kohya's bucketing, simplified to one area)."""
+    out = set()
+    side = factor
+    while side <= size * max_ratio:
+        other = int(size * size / side) // factor * factor
+        if other >= factor and max(side, other) / min(side, other) <= max_ratio:
+            out.add((side, other))
+        side += factor
+    out.add((size, size))
+    return sorted(out)
+
+
+def bucket_of(image_size: tuple[int, int], choices: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest the image's (log-ratio distance)."""
+    import math
+
+    ratio = math.log(image_size[0] / image_size[1])
+    return min(choices, key=lambda wh: abs(math.log(wh[0] / wh[1]) - ratio))
+
+
+def fit(image: Image.Image, bucket: tuple[int, int], *, flip: bool = False, crop_at: tuple[float, float] = (0.5, 0.5)):
+    """Resize to cover the bucket, crop to it (centre unless `crop_at` says where), optionally mirror."""
+    from PIL import Image as PILImage
+
+    width, height = bucket
+    scale = max(width / image.width, height / image.height)
+    resized = image.convert("RGB").resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                                          PILImage.LANCZOS)
+    left = round((resized.width - width) * crop_at[0])
+    top = round((resized.height - height) * crop_at[1])
+    out = resized.crop((left, top, left + width, top + height))
+    return out.transpose(PILImage.FLIP_LEFT_RIGHT) if flip else out
+
+
+def encode_images(backbone: Any, images: list[Image.Image]) -> torch.Tensor:
+    """Latents as the family's denoiser sees them: (sample mean - shift) * scale."""
+    import numpy as np
+    import torch
+
+    vae = backbone.pipe.vae
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        latents = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean.float()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+class LatentCache:
+    """Per-item latents and text conditioning on disk, keyed by content and backbone."""
+
+    def __init__(self, backbone: Any):
+        from studio.home import cache_dir
+
+        self.backbone = backbone
+        self.root = cache_dir("train")
+        self.prefix = backbone.fingerprint()[:16]
+
+    def _path(self, kind: str, key: str) -> Path:
+        digest = hashlib.sha256(f"{self.prefix}|{kind}|{key}".encode()).hexdigest()
+        return self.root / digest[:2] / f"{digest}.safetensors"
+
+    def get(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        path = self._path(kind, key)
+        if not path.is_file():
+            return None
+        try:
+            return load_file(str(path))
+        except Exception:  # a damaged cache entry is recomputed, never trusted
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        path = self._path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(path)
+
+
+def check_size(size: int, factor: int) -> int:
+    if not isinstance(size, int) or size < factor or size % factor:
+        raise InvalidArgumentError(f"size={size!r} must be a positive multiple of {factor} for this backbone.")
+    return size

@@ -1,0 +1,112 @@
+"""Training objectives per backbone family: how captions become conditioning and what the loss is.
+
+Conditioning always comes from the family's own diffusers pipeline (`encode_prompt`), so a model
+trains on exactly what it is sampled with. Losses: noise or v prediction on the scheduler's betas
+(SD1/SD2/SDXL, DDPM, Ho et al. 2020; v: Salimans & Ho 2022) and rectified flow with logit-normal
+timesteps (SD3, Esser et al. 2024, arXiv:2403.03206).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from studio.errors import UnknownFamilyError
+from studio.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+OBJECTIVES: Registry[type[Objective]] = Registry("family", UnknownFamilyError)
+
+
+class Objective:
+    """`encode(captions)` -> conditioning (tensors, batch first); `loss(denoiser, x0, **conditioning)`."""
+
+    def __init__(self, pipe: Any):
+        self.pipe = pipe
+
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def loss(self, denoiser: Any, x0: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NoisePrediction(Objective):
+    """eps (or v, from the scheduler's `prediction_type`) prediction at uniform DDPM timesteps."""
+
+    def __init__(self, pipe: Any):
+        super().__init__(pipe)
+        from diffusers import DDPMScheduler
+
+        config = pipe.scheduler.config
+        self.noise_schedule = DDPMScheduler.from_config(config)
+        self.prediction = config.get("prediction_type", "epsilon")
+
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        embeds, _ = self.pipe.encode_prompt(captions, self.pipe.device, 1, False)
+        return {"context": embeds}
+
+    def extra(self, conditioning: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {}
+
+    def loss(self, denoiser: Any, x0: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        alphas = self.noise_schedule.alphas_cumprod.to(x0.device)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, len(alphas), (len(x0),), device=x0.device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = noise if self.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        out = denoiser(xt, t, encoder_hidden_states=conditioning["context"], **self.extra(conditioning)).sample
+        return torch.nn.functional.mse_loss(out.float(), target.float())
+
+
+OBJECTIVES.register("sd1", "sd2")(NoisePrediction)
+
+
+@OBJECTIVES.register("sdxl")
+class NoisePredictionXL(NoisePrediction):
+    """SDXL: two text encoders, pooled text and size/crop conditions (original = target size, crop 0)."""
+
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(captions, device=self.pipe.device,
+                                                       do_classifier_free_guidance=False)
+        return {"context": embeds, "pooled": pooled}
+
+    def extra(self, conditioning: dict[str, torch.Tensor]) -> dict[str, Any]:
+        import torch
+
+        pooled = conditioning["pooled"]
+        side = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=pooled.dtype, device=pooled.device)
+        return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}}
+
+
+@OBJECTIVES.register("sd3")
+class RectifiedFlow(Objective):
+    """x_t = (1 - s) x0 + s noise, target noise - x0, s ~ logit-normal(0, 1) (SD3's default)."""
+
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        from studio.pipelines.dit import t5_free_options
+
+        embeds, _, pooled, _ = self.pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False,
+                                                       **t5_free_options(self.pipe))
+        return {"context": embeds, "pooled": pooled}
+
+    def loss(self, denoiser: Any, x0: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        noise = torch.randn_like(x0)
+        sigma = torch.sigmoid(torch.randn(len(x0), device=x0.device)).view(-1, 1, 1, 1)
+        xt = (1 - sigma) * x0 + sigma * noise
+        velocity = denoiser(hidden_states=xt, timestep=sigma.flatten() * 1000,
+                            encoder_hidden_states=conditioning["context"],
+                            pooled_projections=conditioning["pooled"]).sample
+        return torch.nn.functional.mse_loss(velocity.float(), (noise - x0).float())
+
+
+def objective_for(backbone: Any) -> Objective:
+    """The objective of a backbone's family (a clear error for families not trainable yet)."""
+    return OBJECTIVES.get_or_raise(backbone.family.name)(backbone.pipe)

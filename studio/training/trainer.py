@@ -1,0 +1,472 @@
+"""One trainer loop for every weight-space adapter kind, from a reference folder to an adapter file.
+
+accelerate carries precision (fp16/bf16 autocast on GPUs), gradient accumulation and clipping;
+studio adds what a folder-to-adapter run needs around it: kohya folder conventions, buckets, cached
+latents and text conditioning, prior preservation, checkpoints that a killed run resumes from,
+sample images, a JSONL log and a loss plot.
+
+Files beside `out` (e.g. `sks.safetensors`): `sks.checkpoint/` (the resumable state),
+`sks.log.jsonl`, `sks.loss.png` and `sks.samples/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from studio.errors import InvalidArgumentError, StudioError
+
+Progress = Callable[[int, int, float], None]  # (step done, total steps, loss)
+LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
+
+
+class TrainingError(StudioError, RuntimeError):
+    """A training run that cannot go on (e.g. the loss became NaN)."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything a run needs; YAML/TOML recipes load into it and unknown keys raise."""
+
+    folder: str
+    out: str
+    kind: str = "lora"
+    backbone: str | None = None  # default: the embedded world-sd
+    rank: int = 16
+    alpha: float | None = None  # kohya's alpha: with Adam, B's learning rate x alpha / rank
+    dora: bool = False
+    target: str = "attention"
+    text_encoder: bool = False
+    concept_seed: int = 0  # orthogonal: which basis columns
+    oft_block_size: int = 8  # oft/boft
+    trigger: str = ""
+    steps: int = 300
+    batch: int = 4
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup: int = 0
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, CUDA)
+    grad_accumulation: int = 1
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto | no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    size: int | None = None  # bucket area = size^2; default: the backbone's default size
+    buckets: bool = True
+    flip: bool = False  # mirrored copies (cached too)
+    caption_dropout: float = 0.0
+    reg_folder: str | None = None  # prior preservation images (their captions name the class)
+    prior_weight: float = 1.0
+    checkpoint_every: int = 100
+    sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=list)
+    seed: int = 0
+    device: str | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        from studio.adapters.base import adapter_kinds
+
+        adapter_kinds().get_or_raise(self.kind)
+        for name in ("rank", "steps", "batch", "grad_accumulation", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidArgumentError(f"{name}={value!r} must be an integer >= 1.")
+        if not self.lr > 0:
+            raise InvalidArgumentError(f"lr={self.lr!r} must be > 0 (e.g. 1e-4).")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InvalidArgumentError(f"lr_schedule={self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
+        if not 0 <= self.caption_dropout < 1:
+            raise InvalidArgumentError(f"caption_dropout={self.caption_dropout!r} must be in [0, 1).")
+        if self.precision not in ("auto", "no", "fp16", "bf16"):
+            raise InvalidArgumentError(f"precision={self.precision!r}; choose auto, no, fp16 or bf16.")
+        if not str(self.out).endswith(".safetensors"):
+            raise InvalidArgumentError(f"out={self.out!r} must be a .safetensors file name.")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """A YAML or TOML recipe (keys = these fields), with `overrides` on top."""
+        import tomllib
+        import yaml
+
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise InvalidArgumentError(f"recipe {str(path)!r} must be a mapping of option: value.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidArgumentError(f"recipe {str(path)!r} has unknown keys {unknown}; known keys: {sorted(known)}.")
+        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def paths(self) -> dict[str, Path]:
+        out = Path(self.out)
+        stem = out.with_suffix("")
+        return {"out": out, "checkpoint": Path(f"{stem}.checkpoint"), "log": Path(f"{stem}.log.jsonl"),
+                "plot": Path(f"{stem}.loss.png"), "samples": Path(f"{stem}.samples")}
+
+
+def kind_config(config: TrainConfig, backbone: Any):
+    """The adapter kind's own config from the run's options."""
+    from studio.adapters.base import adapter_kinds
+
+    cls = adapter_kinds().get_or_raise(config.kind).config_class
+    wanted = dict(family=backbone.family.name, base=backbone.source, name=config.name or Path(config.out).stem,
+                  trigger_words=[config.trigger] if config.trigger else [], rank=config.rank, alpha=config.alpha,
+                  dora=config.dora, target=config.target, text_encoder=config.text_encoder,
+                  concept_seed=config.concept_seed, block_size=config.oft_block_size)
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in wanted.items() if k in known})
+
+
+class Run:
+    """A prepared run: data encoded, adapter attached; `step()` trains one step."""
+
+    def __init__(self, config: TrainConfig, *, log: Callable[[str], None] = print):
+        import torch
+
+        from studio.adapters.base import adapter_kinds
+        from studio.backbones import load_backbone
+        from studio.training.data import LatentCache, bucket_of, buckets, check_size, scan_folder
+        from studio.training.objectives import objective_for
+
+        self.config, self.log = config, log
+        self.paths = config.paths()
+        self.backbone = load_backbone(config.backbone, device=config.device)
+        backbone = self.backbone
+        size = check_size(config.size or backbone.default_size, backbone.size_factor)
+        self.scan = scan_folder(config.folder, trigger=config.trigger, min_size=size)
+        for path, why in self.scan.skipped:
+            log(f"skipped {path}: {why}")
+        self.reg = scan_folder(config.reg_folder, min_size=size, regularisation=True) if config.reg_folder else None
+        choices = buckets(size, backbone.size_factor) if config.buckets else [(size, size)]
+        self.objective = objective_for(backbone)
+        self.cache = LatentCache(backbone)
+        items = self.scan.items + (self.reg.items if self.reg else [])
+        self.examples: list[dict[str, Any]] = []  # one per (item, flip)
+        for item in items:
+            bucket = bucket_of(item.size, choices)
+            for flip in (False, True) if config.flip else (False,):
+                self.examples.append({"item": item, "bucket": bucket, "flip": flip})
+        self._encode_latents()
+        captions = sorted({e["item"].caption for e in self.examples} | {""})
+        self.conditioning = {c: self._conditioning(c) for c in captions} if not config.text_encoder else {}
+        self.adapter = adapter_kinds().get_or_raise(config.kind).create(backbone, kind_config(config, backbone),
+                                                                 seed=config.seed)
+        self.adapter.attach(backbone, 1.0)
+        for part in (backbone.denoiser, *(m for n, m in backbone.pipe.components.items() if n.startswith("text_encoder")
+                                         and m is not None)):
+            part.requires_grad_(False)
+        self.groups = self.adapter.trainable_parameters(backbone)
+        self.params = [p for params in self.groups.values() for p in params]
+        if config.gradient_checkpointing and hasattr(backbone.denoiser, "enable_gradient_checkpointing"):
+            backbone.denoiser.enable_gradient_checkpointing()
+        self._setup_optimizer()
+        self.step_done = 0
+        self.losses: list[float] = []
+        torch.manual_seed(config.seed)
+
+    # ------------------------------------------------------------------------------------- data
+
+    def _encode_latents(self) -> None:
+        from PIL import Image
+
+        from studio.training.data import encode_images, fit
+
+        missing = []
+        for example in self.examples:
+            key = f"{example['item'].sha256}|{example['bucket']}|{example['flip']}"
+            example["key"] = key
+            cached = self.cache.get("latent", key)
+            if cached is None:
+                missing.append(example)
+            else:
+                example["latent"] = cached["latent"]
+        for i in range(0, len(missing), 8):
+            chunk = missing[i : i + 8]
+            by_bucket: dict[tuple[int, int], list[dict[str, Any]]] = {}
+            for example in chunk:
+                by_bucket.setdefault(example["bucket"], []).append(example)
+            for bucket, group in by_bucket.items():
+                images = []
+                for example in group:
+                    with Image.open(example["item"].path) as image:
+                        images.append(fit(image, bucket, flip=example["flip"]))
+                latents = encode_images(self.backbone, images)
+                for example, latent in zip(group, latents, strict=True):
+                    example["latent"] = latent
+                    self.cache.put("latent", example["key"], {"latent": latent})
+        self.log(f"{len(self.examples)} training examples ({len(self.examples) - len(missing)} latents from the cache)")
+
+    def _conditioning(self, caption: str) -> dict[str, Any]:
+        import torch
+
+        cached = self.cache.get("text", caption)
+        if cached is None:
+            with torch.no_grad():
+                cached = {k: v[0] for k, v in self.objective.encode([caption]).items()}
+            self.cache.put("text", caption, cached)
+        return cached
+
+    def batch(self, step: int, regularisation: bool = False) -> tuple[Any, dict[str, Any]] | None:
+        """Step `step`'s batch: one bucket, `batch` examples, drawn from a generator seeded by the step
+        (so a resumed run draws exactly what the uninterrupted one would)."""
+        import numpy as np
+        import torch
+
+        pool = [e for e in self.examples if e["item"].regularisation == regularisation]
+        if not pool:
+            return None
+        rng = np.random.default_rng([self.config.seed, step, int(regularisation)])
+        weights = np.array([e["item"].repeats for e in pool], dtype=float)
+        first = pool[rng.choice(len(pool), p=weights / weights.sum())]
+        same = [i for i, e in enumerate(pool) if e["bucket"] == first["bucket"]]
+        picked = [pool[i] for i in rng.choice(same, size=self.config.batch, replace=len(same) < self.config.batch,
+                                              p=weights[same] / weights[same].sum())]
+        captions = ["" if rng.random() < self.config.caption_dropout else e["item"].caption for e in picked]
+        x0 = torch.stack([e["latent"] for e in picked])
+        if self.config.text_encoder:
+            conditioning = self.objective.encode(captions)  # with gradients into the text encoders' adapter
+        else:
+            conditioning = {k: torch.stack([self.conditioning[c][k] for c in captions])
+                            for k in self.conditioning[captions[0]]}
+        return x0, conditioning
+
+    # ------------------------------------------------------------------------------- optimisation
+
+    def _setup_optimizer(self) -> None:
+        import torch
+        from accelerate import Accelerator
+
+        config = self.config
+        device = self.backbone.device
+        precision = config.precision
+        if precision == "auto":
+            precision = "no" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu",
+                                       gradient_accumulation_steps=config.grad_accumulation)
+        # kohya's alpha scales the forward pass of B by alpha / rank; B starts at zero and Adam's steps
+        # do not depend on the gradient's scale, so that equals B's learning rate x alpha / rank.
+        scale = (config.alpha / config.rank) if config.alpha else 1.0
+        groups = [{"params": params, "lr": config.lr * (scale if name == "lora_B" else 1.0)}
+                  for name, params in self.groups.items()]
+        optimizer_cls = torch.optim.AdamW
+        if config.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes
+
+                optimizer_cls = bitsandbytes.optim.AdamW8bit
+            except ImportError:
+                self.log("bitsandbytes is not installed: using torch AdamW")
+        elif config.optimizer != "adamw":
+            raise InvalidArgumentError(f"optimizer={config.optimizer!r}; choose adamw or adamw8bit.")
+        self.optimizer = optimizer_cls(groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+    def _lr_factor(self, step: int) -> float:
+        config = self.config
+        if config.warmup and step < config.warmup:
+            return (step + 1) / config.warmup
+        if config.lr_schedule in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        if config.lr_schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def step(self) -> float:
+        """Train one optimizer step (with `grad_accumulation` micro-batches); returns the loss."""
+        import torch
+
+        step = self.step_done
+        denoiser = self.backbone.denoiser
+        denoiser.train()
+        total = 0.0
+        for micro in range(self.config.grad_accumulation):
+            torch.manual_seed((self.config.seed * 1_000_003 + step * 101 + micro) % 2**31)  # this exact step's noise
+            x0, conditioning = self.batch(step * self.config.grad_accumulation + micro)
+            with self.accelerator.autocast():
+                loss = self.objective.loss(denoiser, x0.to(self.backbone.device), **_to(conditioning, self.backbone))
+                prior = self.batch(step * self.config.grad_accumulation + micro, regularisation=True)
+                if prior is not None:  # DreamBooth prior preservation (Ruiz et al. 2023)
+                    loss = loss + self.config.prior_weight * self.objective.loss(
+                        denoiser, prior[0].to(self.backbone.device), **_to(prior[1], self.backbone))
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the loss became {float(loss)} at step {step}; lower the learning rate "
+                                    f"(lr={self.config.lr}) or use precision='no'.")
+            self.accelerator.backward(loss / self.config.grad_accumulation)
+            total += float(loss.detach()) / self.config.grad_accumulation
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_done += 1
+        self.losses.append(total)
+        return total
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> None:
+        """The adapter, the optimizer state and the step, written so a kill at any moment leaves the
+        previous checkpoint or the new one, never half of one."""
+        import torch
+        from safetensors.torch import save_file
+
+        folder = self.paths["checkpoint"]
+        tmp = folder.with_name(folder.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.adapter.sync_from(self.backbone)
+        save_file({k: v.contiguous() for k, v in self.adapter.tensors.items()}, str(tmp / "adapter.safetensors"))
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")  # tensors only: read with weights_only
+        (tmp / "state.json").write_text(json.dumps({"step": self.step_done, "losses": self.losses,
+                                                    "config": asdict(self.config)}))
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            folder.replace(old)
+        tmp.replace(folder)
+        if old.exists():
+            import shutil
+
+            shutil.rmtree(old)
+
+    def load_checkpoint(self) -> bool:
+        """Continue from the checkpoint (or the one a kill left mid-swap); False when there is none."""
+        import torch
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = self.paths["checkpoint"]
+        if not (folder / "state.json").is_file():
+            old = folder.with_name(folder.name + ".old")
+            if not (old / "state.json").is_file():
+                return False
+            folder = old
+        state = json.loads((folder / "state.json").read_text())
+        mine, theirs = asdict(self.config), state["config"]
+        changed = [k for k in mine if k not in ("steps", "checkpoint_every", "sample_every", "device")
+                   and mine[k] != theirs.get(k)]
+        if changed:
+            raise InvalidArgumentError(f"the checkpoint in {str(folder)!r} is of a run with other options "
+                                       f"({', '.join(f'{k}: {theirs.get(k)!r} -> {mine[k]!r}' for k in changed)}); "
+                                       f"resume with the same options or delete the checkpoint.")
+        tensors = load_file(str(folder / "adapter.safetensors"))
+        from studio.adapters.base import components
+
+        for component, model in components(self.backbone).items():
+            part = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == component}
+            if part:
+                set_peft_model_state_dict(model, part, adapter_name=self.adapter.name)
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        self.step_done = state["step"]
+        self.losses = state["losses"]
+        for _ in range(self.step_done):
+            self.scheduler.step()
+        return True
+
+    # --------------------------------------------------------------------------------- outputs
+
+    def samples(self) -> Path | None:
+        """A row of sample images at the current step (adapter active), saved as one PNG."""
+        from PIL import Image
+
+        from studio.pipelines import StudioPipeline
+
+        prompts = self.config.sample_prompts or [self.scan.items[0].caption]
+        self.backbone.denoiser.eval()
+        images = []
+        for i, prompt in enumerate(prompts):
+            images += StudioPipeline(self.backbone).generate(prompt, n=2, seed=self.config.seed + i, steps=20).images
+        self.backbone.denoiser.train()
+        folder = self.paths["samples"]
+        folder.mkdir(parents=True, exist_ok=True)
+        width, height = images[0].size
+        sheet = Image.new("RGB", (width * len(images), height))
+        for i, image in enumerate(images):
+            sheet.paste(image, (i * width, 0))
+        path = folder / f"step-{self.step_done:05d}.png"
+        sheet.save(path)
+        return path
+
+    def finish(self) -> Path:
+        """Write the adapter file (the training options in its manifest) and detach it."""
+        self.adapter.sync_from(self.backbone)
+        self.adapter.detach(self.backbone)
+        self.adapter.config.training = {k: v for k, v in asdict(self.config).items() if k not in ("device",)}
+        path = self.adapter.save(self.paths["out"], overwrite=True)
+        loss_plot(self.losses, self.paths["plot"])
+        return path
+
+
+def _to(conditioning: dict[str, Any], backbone: Any) -> dict[str, Any]:
+    return {k: v.to(backbone.device) for k, v in conditioning.items()}
+
+
+def loss_plot(losses: list[float], path: Path, *, width: int = 640, height: int = 240) -> Path:
+    """The loss per step (light) and its running mean (dark) as a PNG, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    if losses:
+        smooth, mean = [], losses[0]
+        for value in losses:
+            mean = 0.9 * mean + 0.1 * value
+            smooth.append(mean)
+        top, bottom = max(losses), min(losses)
+        span = (top - bottom) or 1.0
+
+        def xy(i: int, v: float) -> tuple[float, float]:
+            return 40 + i * (width - 50) / max(1, len(losses) - 1), 10 + (top - v) / span * (height - 40)
+
+        draw.line([xy(i, v) for i, v in enumerate(losses)], fill=(180, 200, 240), width=1)
+        draw.line([xy(i, v) for i, v in enumerate(smooth)], fill=(20, 60, 160), width=2)
+        draw.text((4, 4), f"{top:.3g}", fill="black")
+        draw.text((4, height - 36), f"{bottom:.3g}", fill="black")
+        draw.text((40, height - 18), f"loss over {len(losses)} steps", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def train(config: TrainConfig | None = None, *, resume: bool = False, progress: Progress | None = None,
+          log: Callable[[str], None] = print, **options: Any) -> Path:
+    """Train an adapter on a reference folder and write it; `studio.train(folder=..., out=..., kind=...)`.
+
+    With `resume`, a run continues from its last checkpoint and finishes the same number of steps."""
+    config = config or TrainConfig(**options)
+    paths = config.paths()
+    if not resume and (paths["checkpoint"] / "state.json").is_file():
+        raise InvalidArgumentError(f"{str(paths['checkpoint'])!r} holds an unfinished run; continue it with "
+                                   f"resume=True (--resume) or delete that folder to start over.")
+    run = Run(config, log=log)
+    if resume and run.load_checkpoint():
+        log(f"resumed at step {run.step_done} of {config.steps}")
+    paths["log"].parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with open(paths["log"], "a") as handle:
+        while run.step_done < config.steps:
+            loss = run.step()
+            step = run.step_done
+            record = {"step": step, "loss": round(loss, 6), "lr": run.scheduler.get_last_lr()[0],
+                      "seconds": round(time.monotonic() - start, 2)}
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            if progress is not None:
+                progress(step, config.steps, loss)
+            if config.sample_every and step % config.sample_every == 0:
+                run.samples()
+            if step % config.checkpoint_every == 0 and step < config.steps:
+                run.save_checkpoint()
+    path = run.finish()
+    import shutil
+
+    shutil.rmtree(paths["checkpoint"], ignore_errors=True)
+    log(f"wrote {path}")
+    return path

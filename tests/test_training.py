@@ -1,0 +1,154 @@
+"""Folder training: kohya folders, bad images, caching, recipes, orthogonal freezing, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from studio.adapters.base import load_adapter
+
+from studio.errors import InvalidArgumentError
+from studio.training.data import DatasetError, bucket_of, buckets, scan_folder
+from studio.training.trainer import TrainConfig, train
+from studio.world.folder import write_reference_folder
+
+
+@pytest.fixture
+def refs(tmp_path):
+    folder = tmp_path / "refs"
+    write_reference_folder(folder / "5_sks star", n=4, seed=1, shape="star", trigger="sks")
+    write_reference_folder(folder, n=2, seed=2, shape="circle")
+    return folder
+
+
+def test_scan_reads_kohya_folders_and_reports_bad_images(refs):
+    (refs / "5_sks star" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    Image.new("RGB", (16, 16)).save(refs / "tiny.png")
+    (refs / "5_sks star" / "000.txt").unlink()  # no caption file: the folder's words
+    scan = scan_folder(refs, trigger="sks", min_size=64)
+    by_name = {(i.path.parent.name, i.path.name): i for i in scan.items}
+    assert len(scan.items) == 6
+    assert by_name[("5_sks star", "000.png")].caption == "sks star"
+    assert by_name[("5_sks star", "001.png")].repeats == 5 and "sks star" in by_name[("5_sks star", "001.png")].caption
+    assert by_name[("refs", "000.png")].repeats == 1
+    skipped = {p.name: why for p, why in scan.skipped}
+    assert "unreadable" in skipped["broken.png"] and "smaller than the training size 64" in skipped["tiny.png"]
+
+
+def test_folders_with_nothing_to_train_on_say_so(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        scan_folder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no usable images"):
+        scan_folder(tmp_path / "empty")
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("hello")
+    with pytest.raises(DatasetError, match=r"a\.txt"):
+        scan_folder(tmp_path / "texts")
+
+
+def test_buckets_keep_the_area_and_the_factor():
+    choices = buckets(512, 64)
+    assert (512, 512) in choices and all(w % 64 == 0 and h % 64 == 0 for w, h in choices)
+    assert all(0.75 < w * h / 512**2 <= 1.0 for w, h in choices)
+    assert bucket_of((1024, 512), choices)[0] > bucket_of((1024, 512), choices)[1]
+
+
+def test_recipe_files_load_and_unknown_keys_raise(tmp_path):
+    (tmp_path / "r.yaml").write_text("folder: refs\nout: a.safetensors\nrank: 8\nsteps: 12\n")
+    config = TrainConfig.from_file(tmp_path / "r.yaml", steps=20)
+    assert (config.rank, config.steps) == (8, 20)
+    (tmp_path / "r.toml").write_text('folder = "refs"\nout = "a.safetensors"\nlearning_rate = 1e-4\n')
+    with pytest.raises(InvalidArgumentError, match="learning_rate"):
+        TrainConfig.from_file(tmp_path / "r.toml")
+    with pytest.raises(InvalidArgumentError, match="rank"):
+        TrainConfig(folder="refs", out="a.safetensors", rank=0)
+
+
+def test_training_writes_a_loadable_adapter_log_plot_and_uses_the_cache(refs, tmp_path):
+    lines = []
+    out = tmp_path / "sks.safetensors"
+    path = train(folder=str(refs), out=str(out), steps=3, batch=2, rank=2, lr=1e-3, trigger="sks", flip=True,
+                 log=lines.append)
+    adapter = load_adapter(path)
+    assert adapter.config.trigger_words == ["sks"] and adapter.config.training["steps"] == 3
+    assert any(v.abs().max() > 0 for k, v in adapter.tensors.items() if "lora_B" in k)  # it trained
+    records = [json.loads(line) for line in out.with_suffix(".log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert Image.open(tmp_path / "sks.loss.png").size == (640, 240)
+    assert not (tmp_path / "sks.checkpoint").exists()
+    assert "12 training examples (0 latents from the cache)" in lines
+    again = []
+    train(folder=str(refs), out=str(tmp_path / "b.safetensors"), steps=1, batch=2, rank=2, flip=True, log=again.append)
+    assert "12 training examples (12 latents from the cache)" in again
+
+
+def test_orthogonal_training_keeps_the_basis_frozen(refs, tmp_path):
+    from studio.adapters.orthogonal import basis_columns
+
+    path = train(folder=str(refs), out=str(tmp_path / "o.safetensors"), kind="orthogonal", steps=2, batch=2,
+                 rank=4, lr=1e-3, concept_seed=7, log=lambda line: None)
+    adapter = load_adapter(path)
+    assert adapter.kind == "orthogonal" and adapter.config.concept_seed == 7
+    for name, f in adapter.factors().items():
+        columns = adapter.config.columns[name]
+        expected = torch.from_numpy(basis_columns(name, f["down"].shape[1], columns).T).float()
+        assert torch.allclose(f["down"], expected, atol=1e-6), name
+    assert any(f["up"].abs().max() > 0 for f in adapter.factors().values())
+
+
+def test_killed_training_resumes_and_finishes_the_same_steps(refs, tmp_path):
+    out = tmp_path / "k.safetensors"
+    command = [sys.executable, "-m", "studio.cli", "train", str(refs), "--out", str(out), "--steps", "30",
+               "--batch", "2", "--rank", "2", "--lr", "1e-3"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("checkpoint_every: 4\n")
+    command += ["--config", str(recipe)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out.with_suffix(".log.jsonl")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists() and (tmp_path / "k.checkpoint" / "state.json").exists()
+    refused = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    finished = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps[-1] == 30 and set(range(1, 31)) <= set(steps)
+    adapter = load_adapter(out)
+    assert adapter.config.training["steps"] == 30
+    assert not (tmp_path / "k.checkpoint").exists()
+
+
+def test_batch_trains_one_adapter_per_subfolder_and_a_rerun_continues(tmp_path):
+    from studio.library import Library
+    from studio.training.batch import train_batch
+
+    parent = tmp_path / "concepts"
+    write_reference_folder(parent / "star", n=2, seed=3, shape="star", trigger="star")
+    (parent / "heart").mkdir()  # nothing to train on yet: this job fails, the other finishes
+    library = Library(tmp_path / "lib.db")
+    options = dict(steps=2, batch=2, rank=2, log=lambda line: None, library=library)
+    jobs = {j["name"]: j for j in train_batch(parent, tmp_path / "out", **options)}
+    assert jobs["star"]["status"] == "done" and jobs["heart"]["status"] == "failed"
+    assert "no usable images" in jobs["heart"]["error"]
+    done_at = (tmp_path / "out" / "star.safetensors").stat().st_mtime_ns
+    write_reference_folder(parent / "heart", n=2, seed=4, shape="heart", trigger="heart")
+    jobs = {j["name"]: j for j in train_batch(parent, tmp_path / "out", **options)}
+    assert all(j["status"] == "done" for j in jobs.values())
+    assert (tmp_path / "out" / "star.safetensors").stat().st_mtime_ns == done_at  # not trained again
+    assert {a["name"] for a in library.adapters()} == {"star", "heart"}
+    assert [a["name"] for a in library.adapters("heart")] == ["heart"]
