@@ -224,6 +224,9 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Learning rate [default: 1e-4].")] = None,
     trigger: Annotated[str | None, typer.Option(help="Trigger word (caption of images without one).")] = None,
     concept_seed: Annotated[int | None, typer.Option(help="Orthogonal: which basis columns (one per concept).")] = None,
+    target: Annotated[str | None, typer.Option(help="attention, all-linear, locon, or a regex over module names.")] = None,
+    text_encoder: Annotated[bool | None, typer.Option(
+        "--text-encoder/--no-text-encoder", help="Train the text encoders' attention too.")] = None,
     recipe: Annotated[Path | None, typer.Option(
         "--config", help="A YAML/TOML recipe with any TrainConfig keys; options given here win.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the unfinished run of the same --out.")] = False,
@@ -239,7 +242,7 @@ def train(
     options = dict(folder=str(folder), out=str(out or Path(f"{folder.resolve().name}.safetensors")),
                    kind="lora" if dora else kind, backbone=backbone, rank=rank or (20 if kind == "orthogonal" else None),
                    steps=steps, batch=batch, lr=lr, trigger=trigger, concept_seed=concept_seed, device=device,
-                   dora=dora or None)
+                   dora=dora or None, target=target, text_encoder=text_encoder)
     options = {k: v for k, v in options.items() if v is not None}
     config = TrainConfig.from_file(recipe, **options) if recipe else TrainConfig(**options)
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),

@@ -267,3 +267,19 @@ def test_pickle_adapter_files_are_refused(tmp_path):
     path.write_bytes(b"not even read")
     with pytest.raises(UnsafeFileError, match="safetensors"):
         load_adapter(path)
+
+
+def test_dit_lora_in_kohya_names_reads_back(tmp_path):
+    from safetensors.torch import save_file
+
+    backbone = load_backbone("tiny-sd3")
+    adapter = random_lora(backbone, target="all-linear")
+    names = kohya_names(backbone)
+    state = kohya_file(adapter, backbone, {n: names[n][0] for n in adapter.deltas()})
+    assert all(k.startswith("lora_transformer_") for k in state)
+    save_file(state, tmp_path / "dit.safetensors")
+    loaded = load_adapter(tmp_path / "dit.safetensors", backbone)
+    expected = adapter.deltas()
+    assert set(loaded.deltas()) == set(expected)
+    for name, delta in loaded.deltas().items():
+        assert torch.allclose(delta.dense(), expected[name].dense(), atol=1e-6)

@@ -114,9 +114,10 @@ def test_killed_training_resumes_and_finishes_the_same_steps(refs, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = out.with_suffix(".log.jsonl")
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if log.exists() and len(log.read_text().splitlines()) >= 10:
+    state = tmp_path / "k.checkpoint" / "state.json"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and process.poll() is None:  # kill it mid-run, between checkpoints
+        if state.exists() and log.exists() and len(log.read_text().splitlines()) >= 10:
             break
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)

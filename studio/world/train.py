@@ -411,15 +411,21 @@ def _resume(path: Path, model, opt) -> int:
     return json.loads((path / "step.json").read_text())["step"]
 
 
-def _train_backbone(out: Path, name: str, model, *, encode: Callable[[list[str]], dict[str, Any]],
-                    loss_of: Callable[..., Any], pipeline: Callable[[], Any], vae, steps: int, batch: int,
-                    lr: float, seed: int, eval_every: int, log: Log) -> Path:
-    """The loop both world backbones share: latents of 24,000 renders cached once, 10% caption dropout,
-    AdamW with warm-up and cosine decay, gradient clipping at 1, a checkpoint every 500 steps (a rerun
-    resumes from `<out>/checkpoint-<name>`), and prompt fidelity every `eval_every` steps.
-    `encode(captions)` gives the model's conditioning; `loss_of(model, x0, **conditioning)` the loss."""
+def _train_backbone(out: Path, name: str, build: Callable[[], Any], make_pipeline: Callable[..., Any],
+                    objective_cls: type, *, steps: int, batch: int, lr: float, seed: int, eval_every: int,
+                    log: Log) -> Path:
+    """The loop both world backbones share: the world VAE, the model `build()` makes inside the
+    pipeline `make_pipeline(model, out, vae=...)`, the family's training objective; latents of 24,000
+    renders cached once, 10% caption dropout, AdamW with warm-up and cosine decay, gradient clipping at
+    1, a checkpoint every 500 steps (a rerun resumes from `<out>/checkpoint-<name>`), and prompt
+    fidelity every `eval_every` steps."""
     import torch
 
+    _seed_everything(seed)
+    vae = load_vae(_part(out, "vae"))
+    model = build()
+    pipe = make_pipeline(model, out, vae=vae)
+    objective = objective_cls(pipe)
     _seed_everything(seed)
     data = render_set(24000, seed=1)
     latents = encode_latents(vae, data["images"])  # (N, 4, 16, 16)
@@ -437,8 +443,8 @@ def _train_backbone(out: Path, name: str, model, *, encode: Callable[[list[str]]
         index = next(batches)
         captions = ["" if rng.random() < 0.1 else c for c in _captions_of(data, index, rng)]
         with torch.no_grad():
-            conditioning = encode(captions)
-        loss = loss_of(model, latents[index], **conditioning)
+            conditioning = objective.encode(captions)
+        loss = objective.loss(model, latents[index], **conditioning)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -452,12 +458,12 @@ def _train_backbone(out: Path, name: str, model, *, encode: Callable[[list[str]]
             try:
                 from studio.world.fidelity import fidelity
 
-                record(step=step + 1, **fidelity(pipeline(), n=48)["accuracy"])
+                record(step=step + 1, **fidelity(pipe, n=48)["accuracy"])
             except Exception as error:  # the evaluator may not exist yet on a first run
                 record(step=step + 1, fidelity_skipped=str(error)[:80])
             model.train()
     folder = Path(out) / name
-    pipeline().to(torch.float16).save_pretrained(folder)
+    pipe.to(torch.float16).save_pretrained(folder)
     record(done=str(folder))
     return folder
 
@@ -468,14 +474,8 @@ def train_world_sd(out: Path, *, steps: int = 3500, batch: int = 32, lr: float =
     betas (DDPM training, DDIM sampling)."""
     from studio.training.objectives import NoisePrediction
 
-    _seed_everything(seed)
-    vae = load_vae(_part(out, "vae"))
-    unet = build_world_unet()
-    pipe = world_sd_pipeline(unet, out, vae=vae)
-    objective = NoisePrediction(pipe)
-    return _train_backbone(out, "world-sd", unet, encode=objective.encode, loss_of=objective.loss, vae=vae,
-                           pipeline=lambda: pipe, steps=steps, batch=batch, lr=lr, seed=seed,
-                           eval_every=eval_every, log=log)
+    return _train_backbone(out, "world-sd", build_world_unet, world_sd_pipeline, NoisePrediction, steps=steps,
+                           batch=batch, lr=lr, seed=seed, eval_every=eval_every, log=log)
 
 
 def world_sd_pipeline(unet, out: Path, *, vae=None, text_encoder=None):
@@ -550,14 +550,8 @@ def train_world_dit(out: Path, *, steps: int = 4000, batch: int = 32, lr: float 
 
     from studio.training.objectives import RectifiedFlow
 
-    _seed_everything(seed)
-    vae = load_vae(_part(out, "vae"))
-    transformer = build_world_transformer()
-    pipe = world_dit_pipeline(transformer, out, vae=vae)
-    objective = RectifiedFlow(pipe)
-    return _train_backbone(out, "world-dit", transformer, encode=objective.encode, loss_of=objective.loss, vae=vae,
-                           pipeline=lambda: pipe, steps=steps, batch=batch, lr=lr, seed=seed,
-                           eval_every=eval_every, log=log)
+    return _train_backbone(out, "world-dit", build_world_transformer, world_dit_pipeline, RectifiedFlow, steps=steps,
+                           batch=batch, lr=lr, seed=seed, eval_every=eval_every, log=log)
 
 
 MODELS["world-dit"] = train_world_dit
