@@ -80,7 +80,7 @@ def plain_peft_seconds_per_step(folder: Path, backbone_name: str, *, rank: int, 
 
 
 def _linear_names(model) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    return sorted(name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
 
 
 def main() -> None:

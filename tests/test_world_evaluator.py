@@ -1,4 +1,4 @@
-"""The shapes-world evaluator reads fresh renders and VAE round trips; world-sd follows its prompts
+"""The shapes-world evaluator reads fresh renders and VAE round trips; both world backbones follow their prompts
 (a check an untrained model fails)."""
 
 from __future__ import annotations
