@@ -111,7 +111,7 @@ class PeftAdapter(WeightAdapter):
 
     def attach(self, backbone: Backbone, weight: float = 1.0, **inputs: Any) -> None:
         """Inject unfused through PEFT, at `weight`; other attached adapters stay active."""
-        from peft import inject_adapter_in_model, set_peft_model_state_dict
+        from peft import inject_adapter_in_model
 
         if inputs:
             raise InvalidArgumentError(f"a {self.kind} adapter takes no inputs, got {sorted(inputs)}.")
@@ -124,17 +124,25 @@ class PeftAdapter(WeightAdapter):
         for name in self.target_names():
             by_component.setdefault(name.split(".", 1)[0], []).append(name)
         for component, names in by_component.items():
-            model = parts[component]
             with warnings.catch_warnings():  # PEFT warns whenever a second adapter joins a model
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                inject_adapter_in_model(self.peft_config(names), model, adapter_name=self.name)
-            state = {k.split(".", 1)[1]: v for k, v in self.tensors.items() if k.split(".", 1)[0] == component}
+                inject_adapter_in_model(self.peft_config(names), parts[component], adapter_name=self.name)
+        self.load_values(backbone, self.tensors)
+        attached[self.name] = {"adapter": self, "weight": float(weight)}
+        activate(backbone)
+
+    def load_values(self, backbone: Backbone, tensors: dict[str, torch.Tensor]) -> None:
+        """Put `tensors` (this adapter's layout) into its injected PEFT layers (attach, resume)."""
+        from peft import set_peft_model_state_dict
+
+        for component, model in components(backbone).items():
+            state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == component}
+            if not state:
+                continue
             result = set_peft_model_state_dict(model, state, adapter_name=self.name)
             unexpected = [k for k in result.unexpected_keys if self.name in k]
             if unexpected:
                 raise IncompatibleAdapterError(f"adapter {self.name!r}: PEFT did not place {unexpected[:3]}.")
-        attached[self.name] = {"adapter": self, "weight": float(weight)}
-        activate(backbone)
 
     def set_weight(self, backbone: Backbone, weight: float) -> None:
         attached = attached_adapters(backbone)

@@ -339,7 +339,6 @@ class Run:
     def load_checkpoint(self) -> bool:
         """Continue from the checkpoint (or the one a kill left mid-swap); False when there is none."""
         import torch
-        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         folder = self.paths["checkpoint"]
@@ -356,13 +355,7 @@ class Run:
             raise InvalidArgumentError(f"the checkpoint in {str(folder)!r} is of a run with other options "
                                        f"({', '.join(f'{k}: {theirs.get(k)!r} -> {mine[k]!r}' for k in changed)}); "
                                        f"resume with the same options or delete the checkpoint.")
-        tensors = load_file(str(folder / "adapter.safetensors"))
-        from studio.adapters.base import components
-
-        for component, model in components(self.backbone).items():
-            part = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == component}
-            if part:
-                set_peft_model_state_dict(model, part, adapter_name=self.adapter.name)
+        self.adapter.load_values(self.backbone, load_file(str(folder / "adapter.safetensors")))
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
         self.step_done = state["step"]
         self.losses = state["losses"]
