@@ -88,6 +88,7 @@ class AdapterConfig:
     trigger_words: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)  # module names it changes
     training: dict[str, Any] = field(default_factory=dict)  # the recipe that made it
+    merge: dict[str, Any] = field(default_factory=dict)  # a merged adapter's method, parameters and sources
     created: str = ""
 
     def __post_init__(self):

@@ -25,6 +25,7 @@ from studio.adapters.base import (
 )
 
 from studio.errors import InvalidArgumentError
+from studio.merge.blocks import parse_weight
 
 if TYPE_CHECKING:
     import torch
@@ -128,7 +129,7 @@ class PeftAdapter(WeightAdapter):
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 inject_adapter_in_model(self.peft_config(names), parts[component], adapter_name=self.name)
         self.load_values(backbone, self.tensors)
-        attached[self.name] = {"adapter": self, "weight": float(weight)}
+        attached[self.name] = {"adapter": self, "weight": parse_weight(weight, what="adapter weight")}
         activate(backbone)
 
     def load_values(self, backbone: Backbone, tensors: dict[str, torch.Tensor]) -> None:
@@ -148,7 +149,7 @@ class PeftAdapter(WeightAdapter):
         attached = attached_adapters(backbone)
         if self.name not in attached:
             raise InvalidArgumentError(f"adapter {self.name!r} is not attached to {backbone.source!r}.")
-        attached[self.name]["weight"] = float(weight)
+        attached[self.name]["weight"] = parse_weight(weight, what="adapter weight")
         activate(backbone)
 
     def detach(self, backbone: Backbone) -> None:
@@ -358,9 +359,11 @@ def activate(backbone: Backbone) -> None:
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from studio.merge.blocks import weight_of
+
     attached = attached_adapters(backbone)
-    for model in components(backbone).values():
-        for module in model.modules():
+    for component, model in components(backbone).items():
+        for path, module in model.named_modules():
             if not isinstance(module, BaseTunerLayer):
                 continue
             present = [n for n in attached if n in module._get_available_adapters()]
@@ -369,6 +372,6 @@ def activate(backbone: Backbone) -> None:
             module.set_adapter(present)
             for name in present:
                 if isinstance(module, LoraLayer):  # OFT/BOFT layers have no scale (attached at 1)
-                    module.set_scale(name, attached[name]["weight"])
+                    module.set_scale(name, weight_of(attached[name]["weight"], f"{component}.{path}"))
             for parameter in module.parameters():
                 parameter.requires_grad_(False)  # PEFT's set_adapter marks active adapters trainable

@@ -17,6 +17,7 @@ layers) and depends on the LAPACK build. It is exactly orthogonal, which is all 
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -63,11 +64,16 @@ def basis_columns(name: str, size: int, columns: list[int], seed: int = PUBLIC_B
     return signs[:, None] * dct  # (size, r)
 
 
-def choose_columns(name: str, size: int, rank: int, concept_seed: int) -> list[int]:
-    """The concept's r columns of layer `name`'s basis, drawn without replacement."""
+def choose_columns(name: str, size: int, rank: int, concept_seed: int, seed: int = PUBLIC_BASIS_SEED) -> list[int]:
+    """The concept's r columns of layer `name`'s basis: block `concept_seed mod (size // r)` of a shared
+    permutation of the columns. The paper draws them at random, which lets two concepts share columns
+    (two rank-16 draws from 64 share 4 on average); blocks make concept seeds 0, 1, ..., size // r - 1
+    exactly disjoint in every layer."""
     if rank > size:
         raise InvalidArgumentError(f"rank {rank} exceeds the input size {size} of {name}; choose a rank <= {size}.")
-    return sorted(int(c) for c in _layer_rng(concept_seed, name, size, 1).choice(size, rank, replace=False))
+    order = _layer_rng(seed, name, size, 1).permutation(size)
+    block = concept_seed % (size // rank)
+    return sorted(int(c) for c in order[block * rank : (block + 1) * rank])
 
 
 @register("orthogonal")
@@ -80,20 +86,25 @@ class OrthogonalAdapter(LoraAdapter):
     def create(cls, backbone: Backbone, config: OrthogonalConfig, *, seed: int = 0) -> OrthogonalAdapter:
         import torch
 
-        if config.target == "locon":
-            raise InvalidArgumentError("orthogonal adapters act on linear layers; use target 'attention' or "
-                                       "'all-linear'.")
         modules = module_table(backbone)
         config.targets = target_modules(backbone, config.target, text_encoder=config.text_encoder)
         config.family, config.base = backbone.family.name, config.base or backbone.source
         tensors = {}
+        narrowest = min(modules[name].weight[0].numel() for name in config.targets)
+        if config.concept_seed >= narrowest // config.rank:
+            warnings.warn(f"concept seed {config.concept_seed} at rank {config.rank}: layers {narrowest} wide hold "
+                          f"only {narrowest // config.rank} disjoint concepts (seeds 0..{narrowest // config.rank - 1});"
+                          f" this adapter shares columns with seed {config.concept_seed % (narrowest // config.rank)}"
+                          f" there. Use a smaller seed or rank.", stacklevel=2)
         for name in config.targets:
-            out, size = modules[name].weight.shape
-            cols = choose_columns(name, size, config.rank, config.concept_seed)
+            weight = modules[name].weight  # (out, in) or a conv's (out, in, kh, kw): its input is in * kh * kw wide
+            size = weight[0].numel()
+            cols = choose_columns(name, size, config.rank, config.concept_seed, config.basis_seed)
             config.columns[name] = cols
-            tensors[f"{name}.lora_A.weight"] = torch.from_numpy(basis_columns(name, size, cols, config.basis_seed).T
-                                                                .copy()).float()  # (r, in)
-            tensors[f"{name}.lora_B.weight"] = torch.zeros(out, config.rank)
+            basis = torch.from_numpy(basis_columns(name, size, cols, config.basis_seed).T.copy()).float()  # (r, size)
+            tensors[f"{name}.lora_A.weight"] = basis.view(config.rank, *weight.shape[1:])
+            tensors[f"{name}.lora_B.weight"] = torch.zeros(weight.shape[0], config.rank, *([1, 1] if weight.dim() == 4
+                                                                                             else []))
         return cls(config, tensors)
 
     def trains(self, layer_name: str) -> bool:

@@ -35,52 +35,59 @@ COMMON = dict(rank=8, steps=300, batch=8, lr=2e-3, target="all-linear", trigger=
               warmup=20, flip=False, checkpoint_every=1000)
 
 
-def measure(backbone, *, n: int, seed: int, trigger: str | None, shape: str | None) -> float:
+def measure(backbone, *, n: int, seed: int, trigger: str | None, attributes: tuple[str, ...] = ("shape",),
+            **fixed: str | None) -> dict[str, float]:
+    """Evaluator accuracy of `attributes` over `n` prompted samples at the family's defaults, and
+    "all": the fraction with every one of them right."""
     fam = backbone.family
     settings = dict(steps=25, guidance=fam.guidance, scheduler=backbone.scheduler(fam.scheduler))
-    fixed = {"shape": shape} if shape else {}
-    return fidelity(backbone.pipe, n=n, seed=seed, trigger=trigger, **settings, **fixed)["accuracy"]["shape"]
+    pinned = {k: v for k, v in fixed.items() if v}
+    metrics = fidelity(backbone.pipe, n=n, seed=seed, trigger=trigger, **settings, **pinned)
+    result = {a: metrics["accuracy"][a] for a in attributes}
+    result["all"] = sum(all(p[a] == e[a] for a in attributes)
+                        for p, e in zip(metrics["predicted"], metrics["expected"], strict=True)) / n
+    return result
 
 
-def plain_peft_seconds_per_step(folder: Path, backbone_name: str, *, rank: int, batch: int, steps: int = 20) -> float:
-    """The diffusers + PEFT DreamBooth-LoRA loop: PEFT `add_adapter`, images through the VAE and
-    captions through the text encoders at every step."""
+def plain_peft_seconds_per_step(folder: Path, reg: Path | None, backbone_name: str, *, target: str, rank: int,
+                                batch: int, snr_gamma: float | None = None, steps: int = 20) -> float:
+    """The diffusers + PEFT DreamBooth-LoRA loop (train_dreambooth_lora.py): PEFT `add_adapter` on the
+    same modules, images through the VAE and captions through the text encoders at every step, class
+    images concatenated to the batch for prior preservation."""
     import numpy as np
     from peft import LoraConfig
     from PIL import Image
 
+    from studio.adapters.lora import target_modules
     from studio.training.objectives import objective_for
 
     backbone = load_backbone(backbone_name)
     denoiser = backbone.denoiser
+    component = "unet" if backbone.family.arch == "unet" else "transformer"
     denoiser.requires_grad_(False)
-    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=_linear_names(denoiser)))
+    names = [n.split(".", 1)[1] for n in target_modules(backbone, target) if n.startswith(component + ".")]
+    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=names))
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    objective = objective_for(backbone)
-    images = sorted(folder.glob("*.png"))
-    captions = [p.with_suffix(".txt").read_text().strip() for p in images]
+    objective = objective_for(backbone, snr_gamma=snr_gamma)
+    pools = [sorted(folder.glob("*.png"))] + ([sorted(reg.glob("*.png"))] if reg else [])
     vae = backbone.pipe.vae
     times = []
     for step in range(steps):
         start = time.perf_counter()
-        pick = [(step * batch + i) % len(images) for i in range(batch)]
-        x = torch.from_numpy(np.stack([np.asarray(Image.open(images[i]).convert("RGB")) for i in pick]))
+        picked = [pool[(step * batch + i) % len(pool)] for pool in pools for i in range(batch)]
+        x = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in picked]))
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad():
             shift = getattr(vae.config, "shift_factor", None) or 0.0
             latents = (vae.encode(x).latent_dist.sample() - shift) * vae.config.scaling_factor
-            conditioning = objective.encode([captions[i] for i in pick])
+            conditioning = objective.encode([p.with_suffix(".txt").read_text().strip() for p in picked])
         loss = objective.loss(denoiser, latents, **conditioning)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)
     return float(np.median(times[2:]))
-
-
-def _linear_names(model) -> list[str]:
-    return sorted(name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
 
 
 def main() -> None:
@@ -102,8 +109,8 @@ def main() -> None:
     for name in args.settings.split(","):
         setting = SETTINGS[name]
         backbone = load_backbone(setting["backbone"])
-        before = {"concept": measure(backbone, n=args.n, seed=args.seed, trigger="sks", shape=args.shape),
-                  "base": measure(backbone, n=args.n, seed=args.seed + 1, trigger=None, shape=None)}
+        before = {"concept": measure(backbone, n=args.n, seed=args.seed, trigger="sks", shape=args.shape)["shape"],
+                  "base": measure(backbone, n=args.n, seed=args.seed + 1, trigger=None)["shape"]}
         config = TrainConfig(folder=str(folder), out=str(args.out / f"{name}.safetensors"), reg_folder=str(reg),
                              **{**COMMON, **setting})
         started = time.perf_counter()
@@ -116,10 +123,11 @@ def main() -> None:
 
         pipeline = StudioPipeline(backbone)
         pipeline.attach(path)
-        after = {"concept": measure(backbone, n=args.n, seed=args.seed, trigger="sks", shape=args.shape),
-                 "base": measure(backbone, n=args.n, seed=args.seed + 1, trigger=None, shape=None)}
+        after = {"concept": measure(backbone, n=args.n, seed=args.seed, trigger="sks", shape=args.shape)["shape"],
+                 "base": measure(backbone, n=args.n, seed=args.seed + 1, trigger=None)["shape"]}
         pipeline.detach()
-        plain = plain_peft_seconds_per_step(folder, setting["backbone"], rank=config.rank, batch=config.batch)
+        plain = plain_peft_seconds_per_step(folder, reg, setting["backbone"], target=config.target, rank=config.rank,
+                                            batch=config.batch, snr_gamma=config.snr_gamma)
         rows[name] = {"before": before, "after": after, "train_seconds": seconds,
                       "studio_s_per_step": sorted(step_times)[len(step_times) // 2], "plain_s_per_step": plain}
         print(name, json.dumps(rows[name]), flush=True)

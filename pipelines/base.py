@@ -99,16 +99,16 @@ class StudioPipeline:
 
     # ------------------------------------------------------------------------------------ adapters
 
-    def attach(self, adapter: Any, weight: float = 1.0, **inputs: Any) -> Any:
-        """Attach an adapter (an `Adapter` or a file path) at `weight`; returns the adapter."""
+    def attach(self, adapter: Any, weight: float | str = 1.0, **inputs: Any) -> Any:
+        """Attach an adapter (an `Adapter` or a file path) at `weight`: a number, or per-block weights
+        such as "1,up_blocks.1=0,down_blocks=0.5" (see `studio.merge.blocks`); returns the adapter."""
         from studio.adapters.base import Adapter, load_adapter
 
         if not isinstance(adapter, Adapter):
             adapter = load_adapter(adapter, self.backbone)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
-            raise InvalidArgumentError(f"adapter weight={weight!r} must be a finite number (e.g. 0.8).")
-        adapter.attach(self.backbone, float(weight), **inputs)
-        self.adapters.append({"adapter": adapter, "weight": float(weight), "inputs": inputs})
+        weight = _check_weight(weight)
+        adapter.attach(self.backbone, weight, **inputs)
+        self.adapters.append({"adapter": adapter, "weight": weight, "inputs": inputs})
         return adapter
 
     def detach(self, adapter: Any = None) -> None:
@@ -118,11 +118,12 @@ class StudioPipeline:
                 entry["adapter"].detach(self.backbone)
                 self.adapters.remove(entry)
 
-    def set_weight(self, adapter: Any, weight: float) -> None:
+    def set_weight(self, adapter: Any, weight: float | str) -> None:
+        weight = _check_weight(weight)
         for entry in self.adapters:
             if entry["adapter"] is adapter or entry["adapter"].name == adapter:
-                entry["adapter"].set_weight(self.backbone, float(weight))
-                entry["weight"] = float(weight)
+                entry["adapter"].set_weight(self.backbone, weight)
+                entry["weight"] = weight
                 return
         raise InvalidArgumentError(f"no attached adapter {adapter!r}; attached: {[e['adapter'].name for e in self.adapters]}.")
 
@@ -133,7 +134,9 @@ class StudioPipeline:
         for entry in self.adapters:
             adapter = entry["adapter"]
             path = adapter.path
-            records.append({"name": adapter.name, "kind": adapter.kind, "weight": entry["weight"],
+            weight = entry["weight"]
+            records.append({"name": adapter.name, "kind": adapter.kind,
+                            "weight": weight if isinstance(weight, float) else str(weight),
                             "path": str(path.resolve()) if path else None,
                             "sha256": sha256_file(path) if path else None})
         return records
@@ -237,6 +240,19 @@ class StudioPipeline:
                 f"backbone {self.backbone.source!r} has hash {self.backbone.short_hash}, the recipe was made with "
                 f"{recipe.backbone_hash[:10]}: the image will differ.", stacklevel=2)
         return self.run(recipe, progress=progress)[recipe.index]
+
+
+def _check_weight(weight: Any) -> Any:
+    """A finite number, or finite per-block weights."""
+    from studio.merge.blocks import BlockWeights, parse_weight
+
+    if isinstance(weight, bool):
+        raise InvalidArgumentError(f"adapter weight={weight!r} must be a finite number (e.g. 0.8).")
+    parsed = parse_weight(weight, what="adapter weight")
+    values = [parsed.default, *(w for _, w in parsed.rules)] if isinstance(parsed, BlockWeights) else [parsed]
+    if not all(math.isfinite(v) for v in values):
+        raise InvalidArgumentError(f"adapter weight={weight!r} must be finite (e.g. 0.8).")
+    return parsed
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

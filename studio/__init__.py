@@ -26,11 +26,14 @@ _EXPORTS = {
     "TrainConfig": "studio.training.trainer",
     "load_adapter": "studio.adapters.base",
 }
+# `studio.merge` is the merge package, callable as the merge function (studio/merge/__init__.py)
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", "merge", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "merge":
+        return importlib.import_module("studio.merge")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'studio' has no attribute {name!r}")

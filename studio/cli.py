@@ -54,18 +54,15 @@ def _load_pipeline(backbone: str | None, family: Enum | None, device: str | None
 
 
 def _attach_adapters(pipeline, specs: list[str] | None, allow_partial: bool) -> None:
-    """`FILE[:WEIGHT]` specs attached in order."""
+    """`FILE[:WEIGHT]` specs attached in order; WEIGHT is a number or block weights."""
     from studio.adapters.base import load_adapter
-    from studio.errors import InvalidArgumentError
+    from studio.merge.blocks import parse_weight
 
     for spec in specs or []:
         path, weight = spec, 1.0
         head, _, tail = spec.rpartition(":")
         if head and not Path(spec).exists():
-            try:
-                path, weight = head, float(tail)
-            except ValueError as error:
-                raise InvalidArgumentError(f"--adapter {spec!r}: the weight after ':' must be a number.") from error
+            path, weight = head, parse_weight(tail, what=f"--adapter {spec!r}: the weight after ':'")
         pipeline.attach(load_adapter(path, pipeline.backbone, allow_partial=allow_partial), weight)
 
 
@@ -95,7 +92,7 @@ def generate(
     from_image: Annotated[Path | None, typer.Option(
         "--from", help="A studio PNG: make it again (other options given here change its recipe).")] = None,
     adapter: Annotated[list[str] | None, typer.Option(
-        "--adapter", "-a", help="An adapter file, optionally :WEIGHT (repeatable), e.g. sks.safetensors:0.8.")] = None,
+        "--adapter", "-a", help="An adapter file, optionally :WEIGHT (repeatable), e.g. sks.safetensors:0.8 or per block sks.safetensors:1,up_blocks.1=0.")] = None,
     allow_partial: Annotated[bool, typer.Option(
         "--allow-partial", help="Load foreign LoRA files even when some keys match no module.")] = False,
     out: Annotated[Path, typer.Option(help="A .png path, or a folder for numbered files.")] = Path("outputs"),
@@ -302,6 +299,89 @@ def convert(
     with console.status("converting..."):
         written = convert_file(path, to, target, backbone=backbone, overwrite=overwrite)
     out_console.print(str(written), highlight=False)
+
+
+@app.command()
+def merge(
+    sources: Annotated[list[str], typer.Argument(
+        help="Adapter files to merge; `studio merge plan A B ...` prints the interference plan instead.")],
+    method: Annotated[str | None, typer.Option(
+        help="linear, concat, svd, ties, dare_linear, dare_ties, magnitude_prune, orthogonal or learned "
+             "[default: the plan's recommendation].")] = None,
+    weights: Annotated[str | None, typer.Option(help="One weight per adapter, e.g. 0.7,0.5 [default: 1 each].")] = None,
+    block_weights: Annotated[list[str] | None, typer.Option(
+        "--block-weights", help="Per-block weights, once for all adapters or once per adapter in order, "
+                                "e.g. '1,up_blocks.1=0,down_blocks=0.5' or 'transformer_blocks.0-5=0.3'.")] = None,
+    rank: Annotated[int | None, typer.Option(help="Rank of the merged file [default: the sum of the inputs' ranks; "
+                                                  "svd: the largest input rank].")] = None,
+    density: Annotated[float | None, typer.Option(help="ties/dare/magnitude_prune: fraction of entries kept.")] = None,
+    seed: Annotated[int | None, typer.Option(help="dare: the random drop's seed; learned: the search's seed.")] = None,
+    reference: Annotated[Path | None, typer.Option(
+        help="learned: a folder of reference images with captions the merged adapter must reproduce.")] = None,
+    out: Annotated[Path | None, typer.Option(help="The merged adapter file [default: merged.safetensors].")] = None,
+    bake: Annotated[Path | None, typer.Option(
+        help="Also fuse the merge into the backbone and save it: a folder (diffusers) or a .safetensors file.")] = None,
+    export: Annotated[str | None, typer.Option(help="Also write the merge as kohya or diffusers LoRA.")] = None,
+    backbone: BackboneOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="plan: print JSON instead of a table.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+) -> None:
+    """Merge adapters into one file (or a baked backbone), or print how much they would interfere."""
+    from studio.errors import InvalidArgumentError
+    from studio.merge.blocks import parse_weight
+
+    bb = None
+    if backbone or bake or method == "learned":
+        from studio.backbones import load_backbone
+
+        with console.status(f"loading {backbone or DEFAULT_BACKBONE}..."):
+            bb = load_backbone(backbone)
+    if sources and sources[0] == "plan":
+        from studio.merge.interference import plan
+
+        result = plan(sources[1:], backbone=bb)
+        out_console.print(json.dumps(result.to_dict(), indent=1) if as_json else result.table(), highlight=False,
+                          soft_wrap=True, markup=False)
+        return
+    import studio.merge as engine
+
+    n = len(sources)
+    numbers = [parse_weight(w.strip(), what="--weights") for w in weights.split(",")] if weights else [1.0] * n
+    if any(not isinstance(w, float) for w in numbers):
+        raise InvalidArgumentError(f"--weights {weights!r} must be numbers separated by commas; per-block weights "
+                                   f"go in --block-weights.")
+    blocks = block_weights or []
+    if len(blocks) not in (0, 1, n) or len(numbers) != n:
+        raise InvalidArgumentError(f"{n} adapters: give {n} --weights and one --block-weights for all or one per "
+                                   f"adapter (got {len(numbers)} and {len(blocks)}).")
+    combined = [parse_weight(blocks[min(i, len(blocks) - 1)], what="--block-weights") * w if blocks else w
+                for i, w in enumerate(numbers)]
+    if method is None:
+        from studio.merge.interference import plan
+
+        recommendation = plan(sources, backbone=bb)
+        method = recommendation.method
+        console.print(f"method: {method} ({recommendation.reason})", highlight=False)
+    target = out or Path("merged.safetensors")
+    exports = [target, *([target.with_name(f"{target.stem}.{export}.safetensors")] if export else []),
+               *([bake] if bake else [])]
+    existing = [str(p) for p in exports if p.exists()]
+    if existing and not overwrite:
+        raise InvalidArgumentError(f"{', '.join(existing)} exists; choose other paths or pass --overwrite.")
+    with console.status(f"merging {n} adapters ({method})..."):
+        result = engine.merge(sources, method=method, weights=combined, rank=rank, density=density, seed=seed,
+                              backbone=bb, out=target, overwrite=overwrite, reference=reference)
+    console.print(f"largest relative truncation error: {result.max_truncation:.2e}", highlight=False)
+    out_console.print(str(result.path), highlight=False)
+    if export:
+        from studio.lora_formats import convert_file
+
+        written = convert_file(result.path, export, exports[1], backbone=bb, overwrite=overwrite)
+        out_console.print(str(written), highlight=False)
+    if bake:
+        written = engine.bake([(result.adapter, 1.0)], bb, bake, single_file=bake.suffix == ".safetensors",
+                              overwrite=overwrite)
+        out_console.print(str(written), highlight=False)
 
 
 world_app = typer.Typer(help="The shapes world: reference folders, and the recipes of its models.",

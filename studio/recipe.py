@@ -107,11 +107,20 @@ class Recipe:
             fields["Lora hashes"] = '"' + ", ".join(f"{a['name']}: {(a.get('sha256') or '')[:12]}"
                                                    for a in self.adapters) + '"'
         fields["Version"] = f"studio {self.studio_version}".strip()
-        lines = [" ".join([self.prompt, *(f"<lora:{a['name']}:{a['weight']:g}>" for a in self.adapters)])]
+        lines = [" ".join([self.prompt, *(f"<lora:{a['name']}:{_a1111_weight(a['weight'])}>" for a in self.adapters)])]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
         return "\n".join(lines)
+
+
+def _a1111_weight(weight: float | str) -> str:
+    """A number as A1111 writes it; per-block weights as the default plus the block-weight extension's
+    `lbw=` field holding studio's spec."""
+    if isinstance(weight, (int, float)):
+        return f"{weight:g}"
+    default, _, rules = str(weight).partition(",")  # BlockWeights write their default first
+    return f"{default}:lbw={rules}"
 
 
 def png_bytes(image: Image.Image, recipe: Recipe) -> bytes:

@@ -52,9 +52,21 @@ def test_generate_with_adapter_weights_and_remake_from_png(tmp_path, world_lora)
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "half.png").read_bytes()
 
 
+def test_block_weights_on_the_command_line_are_recorded_and_replayed(tmp_path, world_lora):
+    routed = run_cli("generate", "a red circle", "--seed", "3", "--steps", "2", "--adapter",
+                     f"{world_lora}:0.8,up_blocks=0", "--out", str(tmp_path / "routed.png"))
+    assert routed.returncode == 0, routed.stderr
+    recipe = read_recipe(tmp_path / "routed.png")
+    assert recipe.adapters[0]["weight"] == "0.8,up_blocks=0"
+    assert "<lora:blob:0.8:lbw=up_blocks=0>" in recipe.parameters()
+    again = run_cli("generate", "--from", str(tmp_path / "routed.png"), "--out", str(tmp_path / "again.png"))
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "routed.png").read_bytes()
+
+
 def test_bad_adapter_weight_and_missing_file_are_clear(tmp_path, world_lora):
     bad = run_cli("generate", "a star", "--steps", "1", "--adapter", f"{world_lora}:lots")
-    assert bad.returncode == 2 and "weight after ':' must be a number" in bad.stderr
+    assert bad.returncode == 2 and "the weight after ':'" in bad.stderr and "'lots' is not a number" in bad.stderr
     missing = run_cli("generate", "a star", "--steps", "1", "--adapter", str(tmp_path / "nope.safetensors"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 

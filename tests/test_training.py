@@ -153,3 +153,31 @@ def test_batch_trains_one_adapter_per_subfolder_and_a_rerun_continues(tmp_path):
     assert (tmp_path / "out" / "star.safetensors").stat().st_mtime_ns == done_at  # not trained again
     assert {a["name"] for a in library.adapters()} == {"star", "heart"}
     assert [a["name"] for a in library.adapters("heart")] == ["heart"]
+
+
+def test_min_snr_weighting_matches_its_formula():
+    from studio.backbones import load_backbone
+    from studio.training.objectives import objective_for
+
+    backbone = load_backbone("tiny-sd1")
+    unet = backbone.pipe.unet
+    x0 = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(6, 8, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    plain, weighted = objective_for(backbone), objective_for(backbone, snr_gamma=5.0)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        base = plain.loss(unet, x0, context=context)
+        torch.manual_seed(3)
+        got = weighted.loss(unet, x0, context=context)
+        torch.manual_seed(3)  # the same noise and timesteps, by hand
+        alphas = plain.noise_schedule.alphas_cumprod
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, len(alphas), (6,))
+        a = alphas[t].view(-1, 1, 1, 1)
+        out = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=context).sample
+        snr = (a / (1 - a)).flatten()
+        want = (snr.clamp(max=5.0) / snr * (out - noise).square().flatten(1).mean(1)).mean()
+    assert torch.allclose(base, (out - noise).square().mean(), atol=1e-6)
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, base)
+    with pytest.raises(ValueError, match="snr_gamma"):
+        TrainConfig(folder=".", out="x.safetensors", snr_gamma=0)

@@ -22,8 +22,9 @@ OBJECTIVES: Registry[type[Objective]] = Registry("family", UnknownFamilyError)
 class Objective:
     """`encode(captions)` -> conditioning (tensors, batch first); `loss(denoiser, x0, **conditioning)`."""
 
-    def __init__(self, pipe: Any):
+    def __init__(self, pipe: Any, *, snr_gamma: float | None = None):
         self.pipe = pipe
+        self.snr_gamma = snr_gamma
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -35,8 +36,8 @@ class Objective:
 class NoisePrediction(Objective):
     """eps (or v, from the scheduler's `prediction_type`) prediction at uniform DDPM timesteps."""
 
-    def __init__(self, pipe: Any):
-        super().__init__(pipe)
+    def __init__(self, pipe: Any, *, snr_gamma: float | None = None):
+        super().__init__(pipe, snr_gamma=snr_gamma)
         from diffusers import DDPMScheduler
 
         config = pipe.scheduler.config
@@ -60,7 +61,14 @@ class NoisePrediction(Objective):
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = noise if self.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
         out = denoiser(xt, t, encoder_hidden_states=conditioning["context"], **self.extra(conditioning)).sample
-        return torch.nn.functional.mse_loss(out.float(), target.float())
+        if not self.snr_gamma:
+            return torch.nn.functional.mse_loss(out.float(), target.float())
+        # Min-SNR-γ (Hang et al. 2023, arXiv:2303.09556): per-sample weight min(SNR, γ) / SNR for eps,
+        # min(SNR, γ) / (SNR + 1) for v, so the near-clean steps stop dominating the gradient
+        snr = (a / (1 - a)).flatten()
+        weight = snr.clamp(max=self.snr_gamma) / (snr if self.prediction == "epsilon" else snr + 1)
+        per_sample = (out.float() - target.float()).square().flatten(1).mean(dim=1)
+        return (weight * per_sample).mean()
 
 
 OBJECTIVES.register("sd1", "sd2")(NoisePrediction)
@@ -107,6 +115,6 @@ class RectifiedFlow(Objective):
         return torch.nn.functional.mse_loss(velocity.float(), (noise - x0).float())
 
 
-def objective_for(backbone: Any) -> Objective:
+def objective_for(backbone: Any, *, snr_gamma: float | None = None) -> Objective:
     """The objective of a backbone's family (a clear error for families not trainable yet)."""
-    return OBJECTIVES.get_or_raise(backbone.family.name)(backbone.pipe)
+    return OBJECTIVES.get_or_raise(backbone.family.name)(backbone.pipe, snr_gamma=snr_gamma)

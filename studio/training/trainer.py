@@ -60,6 +60,7 @@ class TrainConfig:
     buckets: bool = True
     flip: bool = False  # mirrored copies (cached too)
     caption_dropout: float = 0.0
+    snr_gamma: float | None = None  # Min-SNR-γ loss weighting for noise-prediction families (kohya/diffusers: 5)
     reg_folder: str | None = None  # prior preservation images (their captions name the class)
     prior_weight: float = 1.0
     checkpoint_every: int = 100
@@ -81,6 +82,8 @@ class TrainConfig:
             raise InvalidArgumentError(f"lr={self.lr!r} must be > 0 (e.g. 1e-4).")
         if self.lr_schedule not in LR_SCHEDULES:
             raise InvalidArgumentError(f"lr_schedule={self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise InvalidArgumentError(f"snr_gamma={self.snr_gamma!r} must be > 0 (e.g. 5), or None for plain MSE.")
         if not 0 <= self.caption_dropout < 1:
             raise InvalidArgumentError(f"caption_dropout={self.caption_dropout!r} must be in [0, 1).")
         if self.precision not in ("auto", "no", "fp16", "bf16"):
@@ -146,7 +149,7 @@ class Run:
             log(f"skipped {path}: {why}")
         self.reg = scan_folder(config.reg_folder, min_size=size, regularisation=True) if config.reg_folder else None
         choices = buckets(size, backbone.size_factor) if config.buckets else [(size, size)]
-        self.objective = objective_for(backbone)
+        self.objective = objective_for(backbone, snr_gamma=config.snr_gamma)
         self.cache = LatentCache(backbone)
         items = self.scan.items + (self.reg.items if self.reg else [])
         self.examples: list[dict[str, Any]] = []  # one per (item, flip)

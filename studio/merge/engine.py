@@ -1,0 +1,211 @@
+"""Merge adapter files into one: load and check the sources, apply a method per module, write the
+result as a standard LoRA file (its manifest records the sources, method and parameters), bake it into
+a backbone or export it for other tools."""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from studio.adapters.base import Adapter, IncompatibleAdapterError, WeightAdapter, load_adapter
+from studio.errors import InvalidArgumentError
+from studio.merge.blocks import BlockWeights, parse_weight, weight_of
+from studio.merge.deltas import Delta, Dense, LowRank
+from studio.merge.methods import METHODS, as_low_rank, rerank
+
+if TYPE_CHECKING:
+    from studio.adapters.lora import LoraAdapter
+    from studio.backbones import Backbone
+
+
+@dataclass
+class MergeResult:
+    adapter: LoraAdapter
+    # per module: the Frobenius norm the rank limit cut, relative to the merged change (0 = exact)
+    truncation: dict[str, float] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def max_truncation(self) -> float:
+        return max(self.truncation.values(), default=0.0)
+
+
+def load_sources(sources: list[str | Path | Adapter], backbone: Backbone | None = None) -> list[WeightAdapter]:
+    """Adapters from files or objects; refused unless all are weight-space kinds of one family."""
+    if len(sources) < 1:
+        raise InvalidArgumentError("nothing to merge: name at least one adapter file.")
+    adapters = [s if isinstance(s, Adapter) else load_adapter(s, backbone) for s in sources]
+    for adapter in adapters:
+        if not isinstance(adapter, WeightAdapter):
+            raise InvalidArgumentError(f"adapter {adapter.name!r} is a {adapter.kind} adapter, which acts on "
+                                       f"attention or residuals, not weights: it cannot be merged; attach it beside "
+                                       f"the merged file instead.")
+    first = adapters[0]
+    for other in adapters[1:]:
+        if other.config.family != first.config.family:
+            raise IncompatibleAdapterError(
+                f"adapter {first.name!r} is for {first.config.family} ({first.config.base or 'unknown base'}) but "
+                f"{other.name!r} is for {other.config.family} ({other.config.base or 'unknown base'}); merge "
+                f"adapters made for one backbone family.")
+    if backbone is not None:
+        for adapter in adapters:
+            adapter.check_backbone(backbone)
+    return adapters
+
+
+def source_deltas(adapters: list[WeightAdapter], backbone: Backbone | None = None) -> list[dict[str, Delta]]:
+    """Each adapter's change per module at weight 1, with shapes checked across adapters."""
+    per_adapter = [a.deltas(backbone) for a in adapters]
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for adapter, deltas in zip(adapters, per_adapter, strict=True):
+        for module, delta in deltas.items():
+            seen = shapes.setdefault(module, (tuple(delta.shape), adapter.name))
+            if seen[0] != tuple(delta.shape):
+                raise IncompatibleAdapterError(
+                    f"{module} is {seen[0]} in adapter {seen[1]!r} but {tuple(delta.shape)} in {adapter.name!r}: "
+                    f"they were made on different architectures of the {adapter.config.family} family.")
+    return per_adapter
+
+
+def method_parameters(name: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The parameters `name` takes, from `given` (None = the method's default); others are refused."""
+    fn = METHODS.get_or_raise(name)
+    accepted = {p for p in inspect.signature(fn).parameters if p not in ("deltas", "weights")}
+    used = {k: v for k, v in given.items() if v is not None}
+    extra = sorted(set(used) - accepted - {"rank"})
+    if extra:
+        raise InvalidArgumentError(f"method {name!r} takes no {', '.join(extra)}; it takes "
+                                   f"{', '.join(sorted(accepted)) or 'no parameters'} (plus rank for the saved file).")
+    return {k: v for k, v in used.items() if k in accepted}
+
+
+def merge_deltas(per_adapter: list[dict[str, Delta]], weights: list[float | BlockWeights], method: str = "linear",
+                 **params: Any) -> dict[str, Delta]:
+    """Apply `method` module by module to the adapters that change it, each at its (block) weight."""
+    fn = METHODS.get_or_raise(method)
+    kwargs = method_parameters(method, params)
+    merged: dict[str, Delta] = {}
+    modules = sorted({m for deltas in per_adapter for m in deltas})
+    for module in modules:
+        present = [(deltas[module], weight_of(w, module)) for deltas, w in zip(per_adapter, weights, strict=True)
+                   if module in deltas]
+        if all(w == 0 for _, w in present):
+            continue
+        merged[module] = fn([d for d, _ in present], [w for _, w in present], **kwargs)
+    return merged
+
+
+def to_rank(merged: dict[str, Delta], per_adapter: list[dict[str, Delta]], rank: int | None) -> tuple[
+        dict[str, LowRank], dict[str, float]]:
+    """Every merged delta as low-rank factors of at most `rank` (default: the sum of the inputs' ranks
+    at that module), with the relative error the cut made."""
+    out: dict[str, LowRank] = {}
+    errors: dict[str, float] = {}
+    for module, delta in merged.items():
+        limit = rank or sum(as_low_rank(d[module]).rank for d in per_adapter if module in d)
+        if isinstance(delta, Dense):
+            matrix = delta.dense().flatten(1)  # (out, in * kh * kw)
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+            keep = max(1, min(limit, int((s > s[0] * 1e-6).sum()) if s[0] > 0 else 1))
+            up = u[:, :keep] * s[:keep]
+            if delta.delta.dim() == 4:
+                up = up[:, :, None, None]
+            low = LowRank(up=up, down=vh[:keep].view(keep, *delta.shape[1:]), alpha=float(keep))
+            cut = float(s[keep:].square().sum().sqrt())
+            total = float(s.square().sum().sqrt())
+        else:
+            total = float(delta.dense().norm()) if delta.rank > limit else 0.0
+            low, cut = rerank(delta, limit) if delta.rank > limit else (delta, 0.0)
+        out[module] = low
+        errors[module] = cut / total if total else 0.0
+    return out, errors
+
+
+def merge(sources: list[str | Path | Adapter], *, method: str = "linear",
+          weights: list[float | str | BlockWeights] | None = None, rank: int | None = None,
+          density: float | None = None, seed: int | None = None, max_overlap: float | None = None,
+          backbone: Backbone | None = None, name: str = "", out: str | Path | None = None,
+          overwrite: bool = False, reference: str | Path | None = None, evaluations: int = 40) -> MergeResult:
+    """Merge adapters into one LoRA; with `out`, write it (atomically, refusing an existing path
+    unless `overwrite`). `weights`: one per source, a number or a block spec ("1,up_blocks.1=0").
+    `method="learned"` searches the weights on the `reference` folder instead (needs the backbone)."""
+    from studio.adapters.lora import LoraAdapter, LoraConfig
+    from studio.hashing import sha256_file
+
+    if out is not None and Path(out).exists() and not overwrite:
+        raise InvalidArgumentError(f"{str(out)!r} exists; choose another --out or pass --overwrite.")
+    if method == "learned":
+        from studio.merge.learned import learned_merge
+
+        return learned_merge(sources, backbone, reference, evaluations=evaluations, seed=seed or 0, rank=rank,
+                             out=out, overwrite=overwrite)
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise InvalidArgumentError(f"rank={rank!r} must be an integer >= 1.")
+    adapters = load_sources(sources, backbone)
+    weights = [1.0] * len(adapters) if weights is None else [parse_weight(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise InvalidArgumentError(f"{len(adapters)} adapters but {len(weights)} weights; give one weight each.")
+    params = {"density": density, "seed": seed, "max_overlap": max_overlap}
+    if method == "svd":
+        params["rank"] = rank
+    per_adapter = source_deltas(adapters, backbone)
+    merged = merge_deltas(per_adapter, weights, method, **params)
+    for module, delta in merged.items():
+        if not torch.isfinite(delta.dense() if isinstance(delta, Dense) else torch.cat(
+                [delta.up.flatten(), delta.down.flatten()])).all():
+            raise InvalidArgumentError(f"the merge made {module} NaN or Inf (an input holds NaN/Inf, or the weights "
+                                       f"are extreme); nothing was written.")
+    factors, errors = to_rank(merged, per_adapter, rank)
+    first = adapters[0]
+    triggers = list(dict.fromkeys(w for a in adapters for w in a.config.trigger_words))
+    record = {"method": method, "parameters": {k: v for k, v in params.items() if v is not None},
+              "sources": [{"name": a.name, "kind": a.kind, "weight": str(w),
+                           "path": str(a.path) if a.path else None,
+                           "sha256": sha256_file(a.path) if a.path else None}
+                          for a, w in zip(adapters, weights, strict=True)]}
+    config = LoraConfig(family=first.config.family, base=first.config.base, base_hash=first.config.base_hash,
+                        name=name or (Path(out).stem if out else "merged"), trigger_words=triggers,
+                        rank=max((f.rank for f in factors.values()), default=1),
+                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), merge=record)
+    adapter = LoraAdapter.from_deltas(factors, config)
+    result = MergeResult(adapter=adapter, truncation=errors)
+    if out is not None:
+        result.path = adapter.save(out, overwrite=overwrite)
+    return result
+
+
+def bake(adapters: list[tuple[WeightAdapter, float]], backbone: Backbone, out: str | Path, *,
+         single_file: bool = False, overwrite: bool = False) -> Path:
+    """Fuse adapters into `backbone`'s weights and save it as a diffusers folder (or one original-layout
+    .safetensors file); the in-memory backbone is restored afterwards."""
+    from studio.formats import save_single_file
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InvalidArgumentError(f"{str(out)!r} exists; choose another --bake path or pass --overwrite.")
+    if single_file and out.suffix != ".safetensors":
+        raise InvalidArgumentError(f"a single-file backbone {str(out)!r} must end in .safetensors.")
+    fused = []
+    try:
+        for adapter, weight in adapters:
+            adapter.fuse(backbone, weight)
+            fused.append(adapter)
+        if single_file:
+            save_single_file(backbone, out)
+        else:
+            tmp = out.with_name(f".{out.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            backbone.pipe.save_pretrained(tmp, safe_serialization=True)
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.replace(out)
+    finally:
+        for adapter in reversed(fused):
+            adapter.unfuse(backbone)
+    return out
