@@ -28,11 +28,15 @@ from studio.world.folder import write_reference_folder
 
 SETTINGS = {
     "lora-sd": dict(backbone="world-sd", kind="lora"),
-    "orthogonal-sd": dict(backbone="world-sd", kind="orthogonal", concept_seed=1),
+    # rank 12: conv_in's 36-wide input holds 3 disjoint concepts (seeds 0-2, see bench/merge.py)
+    "orthogonal-sd": dict(backbone="world-sd", kind="orthogonal", concept_seed=1, rank=12, alpha=12),
     "lora-dit": dict(backbone="world-dit", kind="lora"),
 }
-COMMON = dict(rank=8, steps=300, batch=8, lr=2e-3, target="all-linear", trigger="sks", lr_schedule="cosine",
-              warmup=20, flip=False, checkpoint_every=1000)
+# LoCon (linear + conv layers) at rank 16 with 48 prior-preservation renders: the best of a sweep of
+# rank (8/16/32), targets (all-linear/locon), lr (2e-3..1e-2), text-encoder training, Min-SNR-γ,
+# batch and prior weight (README, Benchmarks)
+COMMON = dict(rank=16, alpha=16, steps=300, batch=8, lr=5e-3, target="locon", trigger="sks", lr_schedule="cosine",
+              warmup=20, flip=False, checkpoint_every=1000)  # flip off: captions name left and right
 
 
 def measure(backbone, *, n: int, seed: int, trigger: str | None, attributes: tuple[str, ...] = ("shape",),
@@ -57,8 +61,8 @@ def plain_peft_seconds_per_step(folder: Path, reg: Path | None, backbone_name: s
     import numpy as np
     from peft import LoraConfig
     from PIL import Image
-
     from studio.adapters.lora import target_modules
+
     from studio.training.objectives import objective_for
 
     backbone = load_backbone(backbone_name)

@@ -21,14 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from customize import COMMON, measure
-
-from studio.backbones import load_backbone
+from customize import COMMON, SETTINGS, measure
 from studio.pipelines import StudioPipeline
-from studio.training.trainer import TrainConfig, train
-from studio.world.folder import write_reference_folder
 
 import studio
+from studio.backbones import load_backbone
+from studio.training.trainer import TrainConfig, train
+from studio.world.folder import write_reference_folder
 
 SHAPES = ("star", "heart")
 STYLE = "checker"
@@ -38,8 +37,9 @@ METHODS = ("linear", "svd", "ties", "dare_ties", "orthogonal")
 def train_adapter(folder: Path, reg: Path, out: Path, kind: str, concept_seed: int, trigger: str) -> Path:
     if out.exists():
         return out
+    ranks = {k: SETTINGS["orthogonal-sd"][k] for k in ("rank", "alpha")} if kind == "orthogonal" else {}
     config = TrainConfig(folder=str(folder), out=str(out), reg_folder=str(reg), backbone="world-sd", kind=kind,
-                         concept_seed=concept_seed, **{**COMMON, "trigger": trigger})
+                         concept_seed=concept_seed, **{**COMMON, **ranks, "trigger": trigger})
     return train(config, log=lambda line: None)
 
 

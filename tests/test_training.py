@@ -181,3 +181,27 @@ def test_min_snr_weighting_matches_its_formula():
     assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, base)
     with pytest.raises(ValueError, match="snr_gamma"):
         TrainConfig(folder=".", out="x.safetensors", snr_gamma=0)
+
+
+def test_prior_preservation_joins_both_batches_with_their_weights(refs, tmp_path):
+    from studio.training.trainer import Run
+
+    reg = tmp_path / "reg"
+    write_reference_folder(reg, n=3, seed=5)
+    config = TrainConfig(folder=str(refs), out=str(tmp_path / "p.safetensors"), reg_folder=str(reg), prior_weight=0.5,
+                         steps=1, batch=2, rank=2, lr=1e-3, trigger="sks")
+    run = Run(config, log=lambda line: None)
+    seen = []
+    original = run.objective.loss
+
+    def spy(denoiser, x0, *, sample_weights=None, **conditioning):
+        seen.append((len(x0), sample_weights, conditioning["context"]))
+        return original(denoiser, x0, sample_weights=sample_weights, **conditioning)
+
+    run.objective.loss = spy
+    loss = run.step()
+    assert len(seen) == 1 and seen[0][0] == 4  # one forward pass: 2 instance + 2 prior examples
+    assert torch.allclose(seen[0][1], torch.tensor([0.5, 0.5, 0.25, 0.25]))  # mean + 0.5 x mean
+    instance_captions, prior_captions = run.batch(0)[1]["context"], run.batch(0, regularisation=True)[1]["context"]
+    assert torch.equal(seen[0][2], torch.cat([instance_captions, prior_captions]))
+    assert loss > 0

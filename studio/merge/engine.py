@@ -85,46 +85,58 @@ def method_parameters(name: str, given: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in used.items() if k in accepted}
 
 
-def merge_deltas(per_adapter: list[dict[str, Delta]], weights: list[float | BlockWeights], method: str = "linear",
-                 **params: Any) -> dict[str, Delta]:
-    """Apply `method` module by module to the adapters that change it, each at its (block) weight."""
+def merge_deltas(per_adapter: list[dict[str, Delta]], weights: list[float | BlockWeights], method: str = "linear", *,
+                 rank: int | None = None, **params: Any) -> tuple[dict[str, LowRank], dict[str, float]]:
+    """Apply `method` module by module to the adapters that change it, each at its (block) weight, and
+    store each result at once as factors of at most `rank` (default: the sum of the inputs' ranks at
+    that module), so a dense method holds one module's dense changes at a time. Returns the factors
+    and, per module, the relative error the rank limit cut."""
     fn = METHODS.get_or_raise(method)
-    kwargs = method_parameters(method, params)
-    merged: dict[str, Delta] = {}
+    kwargs = method_parameters(method, {**params, **({"rank": rank} if method == "svd" else {})})
+    factors: dict[str, LowRank] = {}
+    errors: dict[str, float] = {}
     modules = sorted({m for deltas in per_adapter for m in deltas})
     for module in modules:
         present = [(deltas[module], weight_of(w, module)) for deltas, w in zip(per_adapter, weights, strict=True)
                    if module in deltas]
         if all(w == 0 for _, w in present):
             continue
-        merged[module] = fn([d for d, _ in present], [w for _, w in present], **kwargs)
-    return merged
+        merged = fn([d for d, _ in present], [w for _, w in present], **kwargs)
+        parts = [merged.delta] if isinstance(merged, Dense) else [merged.up, merged.down]
+        if not all(torch.isfinite(p).all() for p in parts):
+            raise InvalidArgumentError(f"the merge made {module} NaN or Inf (an input holds NaN/Inf, or the weights "
+                                       f"are extreme); nothing was written.")
+        limit = rank or sum(as_low_rank(d).rank for d, _ in present)
+        factors[module], errors[module] = store(merged, limit)
+    return factors, errors
 
 
-def to_rank(merged: dict[str, Delta], per_adapter: list[dict[str, Delta]], rank: int | None) -> tuple[
-        dict[str, LowRank], dict[str, float]]:
-    """Every merged delta as low-rank factors of at most `rank` (default: the sum of the inputs' ranks
-    at that module), with the relative error the cut made."""
-    out: dict[str, LowRank] = {}
-    errors: dict[str, float] = {}
-    for module, delta in merged.items():
-        limit = rank or sum(as_low_rank(d[module]).rank for d in per_adapter if module in d)
-        if isinstance(delta, Dense):
-            matrix = delta.dense().flatten(1)  # (out, in * kh * kw)
-            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-            keep = max(1, min(limit, int((s > s[0] * 1e-6).sum()) if s[0] > 0 else 1))
-            up = u[:, :keep] * s[:keep]
-            if delta.delta.dim() == 4:
-                up = up[:, :, None, None]
-            low = LowRank(up=up, down=vh[:keep].view(keep, *delta.shape[1:]), alpha=float(keep))
-            cut = float(s[keep:].square().sum().sqrt())
-            total = float(s.square().sum().sqrt())
-        else:
-            total = float(delta.dense().norm()) if delta.rank > limit else 0.0
-            low, cut = rerank(delta, limit) if delta.rank > limit else (delta, 0.0)
-        out[module] = low
-        errors[module] = cut / total if total else 0.0
-    return out, errors
+def store(delta: Delta, limit: int) -> tuple[LowRank, float]:
+    """`delta` as factors of rank <= `limit`, and the relative Frobenius error of the cut."""
+    if isinstance(delta, LowRank):
+        if delta.rank <= limit:
+            return delta, 0.0
+        low, cut = rerank(delta, limit)
+        return low, cut / max(float(delta.dense().norm()), 1e-30)
+    matrix = delta.dense().flatten(1)  # (out, in * kh * kw)
+    total = float(matrix.norm())
+    if total == 0:
+        conv = [1, 1] if delta.delta.dim() == 4 else []
+        return LowRank(up=torch.zeros(matrix.shape[0], 1, *conv), down=torch.zeros(1, *delta.shape[1:]), alpha=1.0), 0.0
+    if 2 * limit < min(matrix.shape):
+        # randomised SVD (Halko et al. 2011) when the rank is small against the matrix: the top singular
+        # triplets at a fraction of a full SVD's cost; the error reported is measured, not assumed
+        u, s, v = torch.svd_lowrank(matrix, q=min(limit + 16, min(matrix.shape)), niter=4)
+        vh = v.T
+    else:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    keep = max(1, min(limit, int((s > s[0] * 1e-6).sum())))
+    up = u[:, :keep] * s[:keep]
+    if delta.delta.dim() == 4:
+        up = up[:, :, None, None]
+    low = LowRank(up=up, down=vh[:keep].reshape(keep, *delta.shape[1:]), alpha=float(keep))
+    cut = max(total**2 - float(s[:keep].square().sum()), 0.0) ** 0.5
+    return low, cut / total
 
 
 def merge(sources: list[str | Path | Adapter], *, method: str = "linear",
@@ -152,16 +164,10 @@ def merge(sources: list[str | Path | Adapter], *, method: str = "linear",
     if len(weights) != len(adapters):
         raise InvalidArgumentError(f"{len(adapters)} adapters but {len(weights)} weights; give one weight each.")
     params = {"density": density, "seed": seed, "max_overlap": max_overlap}
+    per_adapter = source_deltas(adapters, backbone)
+    factors, errors = merge_deltas(per_adapter, weights, method, rank=rank, **params)
     if method == "svd":
         params["rank"] = rank
-    per_adapter = source_deltas(adapters, backbone)
-    merged = merge_deltas(per_adapter, weights, method, **params)
-    for module, delta in merged.items():
-        if not torch.isfinite(delta.dense() if isinstance(delta, Dense) else torch.cat(
-                [delta.up.flatten(), delta.down.flatten()])).all():
-            raise InvalidArgumentError(f"the merge made {module} NaN or Inf (an input holds NaN/Inf, or the weights "
-                                       f"are extreme); nothing was written.")
-    factors, errors = to_rank(merged, per_adapter, rank)
     first = adapters[0]
     triggers = list(dict.fromkeys(w for a in adapters for w in a.config.trigger_words))
     record = {"method": method, "parameters": {k: v for k, v in params.items() if v is not None},

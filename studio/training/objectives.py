@@ -29,8 +29,15 @@ class Objective:
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def loss(self, denoiser: Any, x0: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor:
+    def loss(self, denoiser: Any, x0: torch.Tensor, *, sample_weights: torch.Tensor | None = None,
+             **conditioning: torch.Tensor) -> torch.Tensor:
+        """The mean loss, or Σ wᵢ lossᵢ with `sample_weights` (one per example, e.g. a prior-preservation
+        batch joined to the instance batch)."""
         raise NotImplementedError
+
+
+def reduce(per_sample: torch.Tensor, sample_weights: torch.Tensor | None) -> torch.Tensor:
+    return per_sample.mean() if sample_weights is None else (sample_weights.to(per_sample) * per_sample).sum()
 
 
 class NoisePrediction(Objective):
@@ -51,7 +58,8 @@ class NoisePrediction(Objective):
     def extra(self, conditioning: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {}
 
-    def loss(self, denoiser: Any, x0: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor:
+    def loss(self, denoiser: Any, x0: torch.Tensor, *, sample_weights: torch.Tensor | None = None,
+             **conditioning: torch.Tensor) -> torch.Tensor:
         import torch
 
         alphas = self.noise_schedule.alphas_cumprod.to(x0.device)
@@ -61,14 +69,13 @@ class NoisePrediction(Objective):
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = noise if self.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
         out = denoiser(xt, t, encoder_hidden_states=conditioning["context"], **self.extra(conditioning)).sample
-        if not self.snr_gamma:
-            return torch.nn.functional.mse_loss(out.float(), target.float())
-        # Min-SNR-γ (Hang et al. 2023, arXiv:2303.09556): per-sample weight min(SNR, γ) / SNR for eps,
-        # min(SNR, γ) / (SNR + 1) for v, so the near-clean steps stop dominating the gradient
-        snr = (a / (1 - a)).flatten()
-        weight = snr.clamp(max=self.snr_gamma) / (snr if self.prediction == "epsilon" else snr + 1)
         per_sample = (out.float() - target.float()).square().flatten(1).mean(dim=1)
-        return (weight * per_sample).mean()
+        if self.snr_gamma:
+            # Min-SNR-γ (Hang et al. 2023, arXiv:2303.09556): per-sample weight min(SNR, γ) / SNR for eps,
+            # min(SNR, γ) / (SNR + 1) for v, so the near-clean steps stop dominating the gradient
+            snr = (a / (1 - a)).flatten()
+            per_sample = per_sample * snr.clamp(max=self.snr_gamma) / (snr if self.prediction == "epsilon" else snr + 1)
+        return reduce(per_sample, sample_weights)
 
 
 OBJECTIVES.register("sd1", "sd2")(NoisePrediction)
@@ -103,7 +110,8 @@ class RectifiedFlow(Objective):
                                                        **t5_free_options(self.pipe))
         return {"context": embeds, "pooled": pooled}
 
-    def loss(self, denoiser: Any, x0: torch.Tensor, **conditioning: torch.Tensor) -> torch.Tensor:
+    def loss(self, denoiser: Any, x0: torch.Tensor, *, sample_weights: torch.Tensor | None = None,
+             **conditioning: torch.Tensor) -> torch.Tensor:
         import torch
 
         noise = torch.randn_like(x0)
@@ -112,7 +120,7 @@ class RectifiedFlow(Objective):
         velocity = denoiser(hidden_states=xt, timestep=sigma.flatten() * 1000,
                             encoder_hidden_states=conditioning["context"],
                             pooled_projections=conditioning["pooled"]).sample
-        return torch.nn.functional.mse_loss(velocity.float(), (noise - x0).float())
+        return reduce((velocity.float() - (noise - x0).float()).square().flatten(1).mean(dim=1), sample_weights)
 
 
 def objective_for(backbone: Any, *, snr_gamma: float | None = None) -> Objective:

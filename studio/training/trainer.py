@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -148,6 +149,10 @@ class Run:
         for path, why in self.scan.skipped:
             log(f"skipped {path}: {why}")
         self.reg = scan_folder(config.reg_folder, min_size=size, regularisation=True) if config.reg_folder else None
+        sided = [i.caption for i in self.scan.items if re.search(r"\b(left|right)\b", i.caption)]
+        if config.flip and sided:
+            log(f"flip is on but {len(sided)} captions name a side (e.g. {sided[0]!r}): mirrored copies contradict "
+                f"them; set flip=False unless the side does not matter")
         choices = buckets(size, backbone.size_factor) if config.buckets else [(size, size)]
         self.objective = objective_for(backbone, snr_gamma=config.snr_gamma)
         self.cache = LatentCache(backbone)
@@ -294,12 +299,13 @@ class Run:
         for micro in range(self.config.grad_accumulation):
             torch.manual_seed((self.config.seed * 1_000_003 + step * 101 + micro) % 2**31)  # this exact step's noise
             x0, conditioning = self.batch(step * self.config.grad_accumulation + micro)
+            prior = self.batch(step * self.config.grad_accumulation + micro, regularisation=True)
             with self.accelerator.autocast():
-                loss = self.objective.loss(denoiser, x0.to(self.backbone.device), **_to(conditioning, self.backbone))
-                prior = self.batch(step * self.config.grad_accumulation + micro, regularisation=True)
-                if prior is not None:  # DreamBooth prior preservation (Ruiz et al. 2023)
-                    loss = loss + self.config.prior_weight * self.objective.loss(
-                        denoiser, prior[0].to(self.backbone.device), **_to(prior[1], self.backbone))
+                if prior is None:
+                    loss = self.objective.loss(denoiser, x0.to(self.backbone.device),
+                                               **_to(conditioning, self.backbone))
+                else:  # DreamBooth prior preservation (Ruiz et al. 2023): mean instance + weight x mean prior loss
+                    loss = self._with_prior(denoiser, (x0, conditioning), prior)
             if not torch.isfinite(loss):
                 raise TrainingError(f"the loss became {float(loss)} at step {step}; lower the learning rate "
                                     f"(lr={self.config.lr}) or use precision='no'.")
@@ -313,6 +319,24 @@ class Run:
         self.step_done += 1
         self.losses.append(total)
         return total
+
+    def _with_prior(self, denoiser: Any, instance: tuple[Any, dict[str, Any]], prior: tuple[Any, dict[str, Any]]):
+        """Both batches in one forward pass when their shapes allow (as diffusers' DreamBooth scripts
+        do: one larger batch is faster than two), else one pass each."""
+        import torch
+
+        device, weight = self.backbone.device, self.config.prior_weight
+        (x0, cond), (px0, pcond) = instance, prior
+        joinable = x0.shape[1:] == px0.shape[1:] and all(
+            cond[k].shape[1:] == pcond[k].shape[1:] for k in cond)
+        if not joinable:
+            return (self.objective.loss(denoiser, x0.to(device), **_to(cond, self.backbone))
+                    + weight * self.objective.loss(denoiser, px0.to(device), **_to(pcond, self.backbone)))
+        n, m = len(x0), len(px0)
+        weights = torch.cat([torch.full((n,), 1.0 / n), torch.full((m,), weight / m)]).to(device)
+        joined = {k: torch.cat([cond[k], pcond[k]]) for k in cond}
+        return self.objective.loss(denoiser, torch.cat([x0, px0]).to(device), sample_weights=weights,
+                                   **_to(joined, self.backbone))
 
     # ----------------------------------------------------------------------------- checkpoints
 
