@@ -107,12 +107,13 @@ def merge_deltas(per_adapter: list[dict[str, Delta]], weights: list[float | Bloc
             raise InvalidArgumentError(f"the merge made {module} NaN or Inf (an input holds NaN/Inf, or the weights "
                                        f"are extreme); nothing was written.")
         limit = rank or sum(as_low_rank(d).rank for d, _ in present)
-        factors[module], errors[module] = store(merged, limit)
+        factors[module], errors[module] = store(merged, limit, fast=rank is not None)
     return factors, errors
 
 
-def store(delta: Delta, limit: int) -> tuple[LowRank, float]:
-    """`delta` as factors of rank <= `limit`, and the relative Frobenius error of the cut."""
+def store(delta: Delta, limit: int, *, fast: bool = False) -> tuple[LowRank, float]:
+    """`delta` as factors of rank <= `limit`, and the relative Frobenius error of the cut; `fast` allows a
+    randomised SVD when `limit` is small against the matrix (a rank the user chose, so a cut is expected)."""
     if isinstance(delta, LowRank):
         if delta.rank <= limit:
             return delta, 0.0
@@ -123,10 +124,12 @@ def store(delta: Delta, limit: int) -> tuple[LowRank, float]:
     if total == 0:
         conv = [1, 1] if delta.delta.dim() == 4 else []
         return LowRank(up=torch.zeros(matrix.shape[0], 1, *conv), down=torch.zeros(1, *delta.shape[1:]), alpha=1.0), 0.0
-    if 2 * limit < min(matrix.shape):
+    if fast and 2 * limit < min(matrix.shape):
         # randomised SVD (Halko et al. 2011) when the rank is small against the matrix: the top singular
         # triplets at a fraction of a full SVD's cost; the error reported is measured, not assumed
-        u, s, v = torch.svd_lowrank(matrix, q=min(limit + 16, min(matrix.shape)), niter=4)
+        with torch.random.fork_rng(devices=[]):  # the same file from the same inputs, every time
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(matrix, q=min(limit + 16, min(matrix.shape)), niter=4)
         vh = v.T
     else:
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
@@ -135,7 +138,10 @@ def store(delta: Delta, limit: int) -> tuple[LowRank, float]:
     if delta.delta.dim() == 4:
         up = up[:, :, None, None]
     low = LowRank(up=up, down=vh[:keep].reshape(keep, *delta.shape[1:]), alpha=float(keep))
-    cut = max(total**2 - float(s[:keep].square().sum()), 0.0) ** 0.5
+    if len(s) == min(matrix.shape):  # a full SVD: the cut is what the dropped singular values hold
+        cut = float(s[keep:].double().square().sum().sqrt())
+    else:  # randomised: ‖M‖² − what was kept (float64; cancellation only matters when the cut is tiny)
+        cut = max(float(matrix.double().square().sum()) - float(s[:keep].double().square().sum()), 0.0) ** 0.5
     return low, cut / total
 
 
