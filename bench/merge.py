@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=4321)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", type=Path, default=Path("out/bench-merge"))
+    parser.add_argument("--skip-style", action="store_true", help="only the two shapes (no content + style part)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = Path(tempfile.mkdtemp())
@@ -75,7 +76,7 @@ def main() -> None:
                                                         concept_seed=i, trigger="sks")
     style = data / STYLE
     write_reference_folder(style, n=12, seed=9, background=STYLE)
-    for kind in ("lora", "orthogonal"):
+    for kind in () if args.skip_style else ("lora", "orthogonal"):
         adapters[f"{kind}-{STYLE}"] = train_adapter(style, reg, args.out / f"{kind}-{STYLE}.safetensors", kind,
                                                     concept_seed=2, trigger="")
     print(f"adapters trained in {time.perf_counter() - started:.0f} s", flush=True)
@@ -107,7 +108,7 @@ def main() -> None:
     both = dict(attributes=("shape", "background"), shape="star", background=STYLE)
     reference = data / "combination"
     write_reference_folder(reference, n=5, seed=11, shape="star", background=STYLE, trigger="sks")
-    for kind in ("lora", "orthogonal"):
+    for kind in () if args.skip_style else ("lora", "orthogonal"):
         content, look = adapters[f"{kind}-star"], adapters[f"{kind}-{STYLE}"]
         cells = {"content only": [(content, 1.0)], "style only": [(look, 1.0)]}
         for method in ("linear", "ties", "orthogonal"):
