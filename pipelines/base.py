@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from studio.backbones import Backbone, load_backbone
 from studio.errors import InvalidArgumentError, InvalidSizeError, RecipeError, UnknownFamilyError
+from studio.merge.blocks import parse_weight
 from studio.recipe import Recipe, save_png
 from studio.registry import Registry
 from studio.schedulers import get_scheduler_spec, scheduler_kind
@@ -106,7 +107,7 @@ class StudioPipeline:
 
         if not isinstance(adapter, Adapter):
             adapter = load_adapter(adapter, self.backbone)
-        weight = _check_weight(weight)
+        weight = parse_weight(weight, what="adapter weight")
         adapter.attach(self.backbone, weight, **inputs)
         self.adapters.append({"adapter": adapter, "weight": weight, "inputs": inputs})
         return adapter
@@ -119,7 +120,7 @@ class StudioPipeline:
                 self.adapters.remove(entry)
 
     def set_weight(self, adapter: Any, weight: float | str) -> None:
-        weight = _check_weight(weight)
+        weight = parse_weight(weight, what="adapter weight")
         for entry in self.adapters:
             if entry["adapter"] is adapter or entry["adapter"].name == adapter:
                 entry["adapter"].set_weight(self.backbone, weight)
@@ -240,19 +241,6 @@ class StudioPipeline:
                 f"backbone {self.backbone.source!r} has hash {self.backbone.short_hash}, the recipe was made with "
                 f"{recipe.backbone_hash[:10]}: the image will differ.", stacklevel=2)
         return self.run(recipe, progress=progress)[recipe.index]
-
-
-def _check_weight(weight: Any) -> Any:
-    """A finite number, or finite per-block weights."""
-    from studio.merge.blocks import BlockWeights, parse_weight
-
-    if isinstance(weight, bool):
-        raise InvalidArgumentError(f"adapter weight={weight!r} must be a finite number (e.g. 0.8).")
-    parsed = parse_weight(weight, what="adapter weight")
-    values = [parsed.default, *(w for _, w in parsed.rules)] if isinstance(parsed, BlockWeights) else [parsed]
-    if not all(math.isfinite(v) for v in values):
-        raise InvalidArgumentError(f"adapter weight={weight!r} must be finite (e.g. 0.8).")
-    return parsed
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

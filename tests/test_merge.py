@@ -118,6 +118,9 @@ def test_block_weight_specs_match_the_most_specific_rule():
     for bad in ("up_blocks.1=x", "fast", "up blocks=1"):
         with pytest.raises(InvalidArgumentError, match="weight"):
             parse_weight(bad)
+    for bad in ("inf", float("nan"), "1,up_blocks=inf", True):
+        with pytest.raises(InvalidArgumentError, match="finite|must be a number"):
+            parse_weight(bad)
 
 
 @pytest.mark.parametrize("family,block", [("sd1", "up_blocks"), ("sd3", "transformer_blocks.0")])
@@ -261,6 +264,7 @@ def test_learned_merge_lowers_the_reference_loss_and_records_it(tmp_path):
     record = load_adapter(result.path).config.merge
     start, end = record["parameters"]["objective"]
     assert record["method"] == "learned" and end <= start and len(record["parameters"]["weights"]) == 2
+    assert [a.name, b.name] == ["a", "b"]  # the names given while searching are put back
 
 
 # ----------------------------------------------------------------------------------- bad input

@@ -7,6 +7,7 @@ encoders (`text_encoder=0`), at attach time and in merges.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -69,9 +70,19 @@ def _part_matches(part: str, pattern: str) -> bool:
 
 
 def parse_weight(spec: str | float | BlockWeights, *, what: str = "weight") -> float | BlockWeights:
-    """A plain number, or a block-weight spec: items separated by commas, `pattern=weight` rules and
+    """A finite number, or a block-weight spec: items separated by commas, `pattern=weight` rules and
     at most one bare number (the default for unmatched modules, 1 when absent)."""
-    if isinstance(spec, (int, float, BlockWeights)) and not isinstance(spec, bool):
+    if isinstance(spec, bool):
+        raise InvalidArgumentError(f"{what} {spec!r} must be a number (e.g. 0.8) or block weights.")
+    parsed = _parse(spec, what)
+    values = [parsed.default, *(w for _, w in parsed.rules)] if isinstance(parsed, BlockWeights) else [parsed]
+    if not all(math.isfinite(v) for v in values):
+        raise InvalidArgumentError(f"{what} {spec!r} must be finite (e.g. 0.8).")
+    return parsed
+
+
+def _parse(spec: str | float | BlockWeights, what: str) -> float | BlockWeights:
+    if isinstance(spec, (int, float, BlockWeights)):
         return float(spec) if not isinstance(spec, BlockWeights) else spec
     text = str(spec).strip()
     try:

@@ -68,7 +68,7 @@ def plan(sources: list[str | Path | Adapter], backbone: Backbone | None = None) 
     from studio.merge.engine import load_sources, source_deltas
 
     adapters = load_sources(sources, backbone)
-    names = _unique([a.name for a in adapters])
+    names = unique_names([a.name for a in adapters])
     per_adapter = [{m: as_low_rank(d) for m, d in deltas.items()} for deltas in source_deltas(adapters, backbone)]
     result = MergePlan(adapters=names)
     sums: dict[tuple[str, str], list[float]] = {}  # (block, pair) -> weighted sums
@@ -115,7 +115,8 @@ def recommend(result: MergePlan, kinds: list[str]) -> tuple[str, str]:
     return "ties", f"crosstalk {result.score:.2f} > {LOW_CROSSTALK}: TIES keeps each adapter's largest changes{hint}"
 
 
-def _unique(names: list[str]) -> list[str]:
+def unique_names(names: list[str]) -> list[str]:
+    """`names` with repeats told apart: a, a -> a, a#2."""
     seen: dict[str, int] = {}
     out = []
     for name in names:

@@ -23,18 +23,19 @@ if TYPE_CHECKING:
     from studio.adapters.base import Adapter
     from studio.backbones import Backbone
     from studio.merge.engine import MergeResult
+    from studio.training.objectives import Objective
 
 BOUND = 1.5  # LoraHub's weight range
 L1 = 0.05  # LoraHub's penalty on mean |w|
 
 
-def reference_batch(backbone: Backbone, folder: str | Path, *, repeats: int = 4) -> tuple[torch.Tensor, dict]:
+def reference_batch(backbone: Backbone, objective: Objective, folder: str | Path, *,
+                    repeats: int = 4) -> tuple[torch.Tensor, dict]:
     """Latents and conditioning of a reference folder (kohya layout, captions beside images), each
     image `repeats` times so several noise levels are scored."""
     from PIL import Image
 
     from studio.training.data import bucket_of, check_size, encode_images, fit, scan_folder
-    from studio.training.objectives import objective_for
 
     size = check_size(backbone.default_size, backbone.size_factor)
     scan = scan_folder(folder, min_size=size)
@@ -44,7 +45,7 @@ def reference_batch(backbone: Backbone, folder: str | Path, *, repeats: int = 4)
             images.append(fit(image, bucket_of(item.size, [(size, size)])))
     with torch.no_grad():
         latents = encode_images(backbone, images).repeat(repeats, 1, 1, 1)
-        conditioning = objective_for(backbone).encode([i.caption for i in scan.items] * repeats)
+        conditioning = objective.encode([i.caption for i in scan.items] * repeats)
     return latents, conditioning
 
 
@@ -77,6 +78,7 @@ def learned_merge(sources: list[str | Path | Adapter], backbone: Backbone, refer
                   overwrite: bool = False, log: Callable[[str], None] = print) -> MergeResult:
     """Weights learned on `reference`, then the exact weighted sum (concat) at those weights."""
     from studio.merge.engine import load_sources, merge
+    from studio.merge.interference import unique_names
     from studio.training.objectives import objective_for
 
     if reference is None:
@@ -85,13 +87,12 @@ def learned_merge(sources: list[str | Path | Adapter], backbone: Backbone, refer
     if backbone is None:
         raise InvalidArgumentError("the learned merge needs the backbone (--backbone) to score candidates.")
     adapters = load_sources(sources, backbone)
-    latents, conditioning = reference_batch(backbone, reference)
     objective = objective_for(backbone)
-    names = []
-    for i, adapter in enumerate(adapters):
-        adapter.config.name = f"{adapter.name}#{i}"  # unique names while attached together
+    latents, conditioning = reference_batch(backbone, objective, reference)
+    originals = [a.config.name for a in adapters]
+    for adapter, name in zip(adapters, unique_names([a.name for a in adapters]), strict=True):
+        adapter.config.name = name  # attached together, they need distinct names
         adapter.attach(backbone, 1.0)
-        names.append(adapter.name)
 
     def loss_of(w: np.ndarray) -> float:
         for adapter, value in zip(adapters, w, strict=True):
@@ -105,9 +106,9 @@ def learned_merge(sources: list[str | Path | Adapter], backbone: Backbone, refer
         backbone.denoiser.eval()
         best, value, history = search_weights(loss_of, np.ones(len(adapters)), evaluations=evaluations, seed=seed)
     finally:
-        for adapter in adapters:
+        for adapter, name in zip(adapters, originals, strict=True):
             adapter.detach(backbone)
-            adapter.config.name = adapter.config.name.rsplit("#", 1)[0]
+            adapter.config.name = name
     log(f"learned weights {', '.join(f'{w:.3f}' for w in best)} (objective {history[0]:.5f} at 1 each -> {value:.5f})")
     result = merge(adapters, method="concat", weights=[float(w) for w in best], rank=rank, backbone=backbone,
                    out=None)

@@ -149,8 +149,8 @@ class Run:
         for path, why in self.scan.skipped:
             log(f"skipped {path}: {why}")
         self.reg = scan_folder(config.reg_folder, min_size=size, regularisation=True) if config.reg_folder else None
-        sided = [i.caption for i in self.scan.items if re.search(r"\b(left|right)\b", i.caption)]
-        if config.flip and sided:
+        sided = [i.caption for i in self.scan.items if re.search(r"\b(left|right)\b", i.caption)] if config.flip else []
+        if sided:
             log(f"flip is on but {len(sided)} captions name a side (e.g. {sided[0]!r}): mirrored copies contradict "
                 f"them; set flip=False unless the side does not matter")
         choices = buckets(size, backbone.size_factor) if config.buckets else [(size, size)]
