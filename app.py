@@ -1,78 +1,777 @@
 """studio's web UI for artists (Gradio Blocks), built only on the Python API.
 
-    .venv/bin/python app.py            # http://127.0.0.1:7860
+    studio serve                       # http://127.0.0.1:7860  (or: .venv/bin/python app.py)
+    studio serve --host 0.0.0.0 --port 8000
 
-This first version has the Generate tab; Train, Merge, Erase and Library join it as they land.
-Every image is saved as a PNG with its recipe, so a download can be replayed with `studio generate --from`.
+Tabs: Generate (adapter stack, gallery with each image's recipe, reuse, download), Train (upload or a
+server folder, caption table, live progress, loss plot and samples, cancel, resume), Merge (the
+interference plan, method and weights, a preview grid before saving) and Library (adapters with
+thumbnails, search, import by upload; the history of generations).
+
+Every handler is a plain function of this module (tested directly in tests/test_app.py); the page only
+wires them to components. Files live under `$STUDIO_HOME`: outputs/ (images, each PNG carrying its
+recipe), adapters/ (trained, merged, imported), thumbnails/, uploads/ and training/ (staged images with
+their captions). Training runs in a thread of the server, so it goes on when the browser closes; its
+state is in the library database, so a reloaded page shows it again.
 """
 
-from __future__ import annotations
-
-from functools import lru_cache
+# No `from __future__ import annotations`: Gradio reads the `gr.SelectData` annotation of the select
+# handlers at run time to pass them the event.
+import json
+import logging
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
 
 from studio.backbones import DEFAULT_BACKBONE, EMBEDDED, _ensure_embedded_registered
 from studio.home import studio_home
 from studio.schedulers import SCHEDULERS
 
+log = logging.getLogger("studio.app")
 
-@lru_cache(maxsize=2)
-def pipeline_for(backbone: str):
+SLOTS = 4  # adapters in the Generate tab's stack
+KINDS = ("lora", "dora", "orthogonal", "oft")
+MAX_UPLOAD = "50mb"  # per file (Gradio refuses larger uploads before they reach a handler)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CSS = """
+.pixelated img, .pixelated canvas { image-rendering: pixelated; image-rendering: crisp-edges; }
+.progress-wrap progress { width: 100%; height: 1.2em; }
+"""
+
+
+def folder(name: str) -> Path:
+    """A folder of the UI's files under `$STUDIO_HOME`, created on first use."""
+    path = studio_home() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def safe_name(name: str, *, fallback: str = "file") -> str:
+    """A file name that cannot leave its folder: the last path part, only [A-Za-z0-9._-], no leading dot."""
+    base = re.split(r"[\\/]", str(name))[-1]
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip("._")[:100]
+    return cleaned or fallback
+
+
+def free_path(path: Path) -> Path:
+    """`path`, or `name-1.ext`, `name-2.ext`... when it exists (an upload never replaces a file)."""
+    candidate, i = path, 0
+    while candidate.exists():
+        i += 1
+        candidate = path.with_name(f"{path.stem}-{i}{path.suffix}")
+    return candidate
+
+
+def ui_errors(fn: Callable) -> Callable:
+    """Bad input (a StudioError or ValueError) becomes a message in the page; anything else is logged
+    with its traceback on the server and shown as one line, never as a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import gradio as gr
+
+        from studio.errors import StudioError
+
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (StudioError, ValueError, FileNotFoundError) as error:
+            raise gr.Error(str(error)) from None
+        except Exception as error:  # noqa: BLE001 - the page must get a message, the log the traceback
+            log.exception("%s failed", fn.__name__)
+            raise gr.Error(f"internal error in {fn.__name__}: {type(error).__name__}: {error}") from None
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------- pipelines
+
+_pipelines: dict[str, tuple[Any, threading.Lock]] = {}
+_pipelines_lock = threading.Lock()
+_save_lock = threading.Lock()
+
+
+def pipeline_for(backbone: str) -> tuple[Any, threading.Lock]:
+    """One pipeline per backbone, shared by all users, with the lock that serialises its use (its
+    attached adapters are set per request)."""
     from studio.pipelines import StudioPipeline
 
-    return StudioPipeline(backbone)
+    backbone = backbone or DEFAULT_BACKBONE
+    with _pipelines_lock:
+        if backbone not in _pipelines:
+            if len(_pipelines) >= 2:  # keep at most two backbones in memory
+                _pipelines.pop(next(iter(_pipelines)))
+            _pipelines[backbone] = (StudioPipeline(backbone), threading.Lock())
+        return _pipelines[backbone]
 
 
-def generate_images(prompt: str, negative_prompt: str, backbone: str, n: int, seed: int, steps: int,
-                    guidance: float, width: int, height: int, scheduler: str) -> tuple[list[str], str]:
-    """The Generate button: returns the saved PNG paths and the first image's A1111 parameters."""
+def use_adapters(pipeline: Any, stack: list[tuple[str, float]]) -> None:
+    """Make `stack` (path, weight) the pipeline's attached adapters, in order."""
+    current = [(str(e["adapter"].path), e["weight"]) for e in pipeline.adapters]
+    if current == [(str(Path(p)), w) for p, w in stack]:
+        return
+    pipeline.detach()
+    for path, weight in stack:
+        pipeline.attach(path, weight)
+
+
+# -------------------------------------------------------------------------------------- library
+
+def library():
+    from studio.library import Library
+
+    return Library()
+
+
+def adapter_choices(query: str = "") -> list[tuple[str, str]]:
+    """(label, path) of the library's adapters whose files still exist."""
+    rows = [r for r in library().adapters(query) if Path(r["path"]).is_file()]
+    return [(f"{r['name']} ({r['kind']}, {r['family'] or '?'})", r["path"]) for r in rows]
+
+
+def make_thumbnail(adapter_path: Path, backbone: str | None = None) -> str | None:
+    """A 1-image preview of an adapter: its trigger words on the adapter's backbone."""
+    from studio.adapters.base import MANIFEST_KEY, read_safetensors
+
+    _, metadata = read_safetensors(adapter_path)
+    manifest = json.loads(metadata.get(MANIFEST_KEY, "{}"))
+    backbone = backbone or manifest.get("base") or DEFAULT_BACKBONE
+    prompt = " ".join(manifest.get("trigger_words") or [manifest.get("name") or adapter_path.stem])
+    pipeline, lock = pipeline_for(backbone)
+    with lock:
+        use_adapters(pipeline, [(str(adapter_path), 1.0)])
+        try:
+            image = pipeline.generate(prompt, seed=0).images[0]
+        finally:
+            pipeline.detach()
+    path = folder("thumbnails") / f"{adapter_path.stem}-{secrets.token_hex(4)}.png"
+    image.save(path)
+    return str(path)
+
+
+def library_view(query: str = "") -> tuple[list[tuple[str, str]], list[list[Any]]]:
+    """The Library tab: thumbnails with captions, and one table row per adapter."""
+    rows = library().adapters(query or "")
+    gallery = [(r["thumbnail"], r["name"]) for r in rows if r["thumbnail"] and Path(r["thumbnail"]).is_file()]
+    table = [[r["name"], r["kind"], r["family"], ", ".join(json.loads(r["trigger_words"] or "[]")),
+              ", ".join(json.loads(r["tags"] or "[]")), Path(r["path"]).name] for r in rows]
+    return gallery, table
+
+
+@ui_errors
+def import_adapter(upload: str | None, tags: str = "") -> str:
+    """Library upload: a .safetensors adapter file, checked, copied under adapters/ and indexed."""
     import gradio as gr
+    from studio.adapters.base import read_safetensors
 
-    from studio.errors import StudioError
+    if not upload:
+        raise gr.Error("Choose a .safetensors adapter file to import.")
+    source = Path(upload)
+    if source.suffix.lower() != ".safetensors":
+        raise gr.Error(f"{safe_name(source.name)} is not a .safetensors file: only safetensors adapters are "
+                       f"imported (convert .ckpt/.pt/.bin files first; they can run code when loaded).")
+    read_safetensors(source)  # a readable safetensors header, or a clear error
+    target = free_path(folder("adapters") / safe_name(source.name, fallback="adapter.safetensors"))
+    shutil.copyfile(source, target)
+    row = library().add_adapter(target, tags=[t.strip() for t in tags.split(",") if t.strip()])
+    return f"Imported {row['name']} ({row['kind']}, {row['family'] or 'unknown family'}) as {target.name}."
 
-    try:
-        pipeline = pipeline_for(backbone or DEFAULT_BACKBONE)
+
+def history_view(limit: int = 60) -> tuple[list[tuple[str, str]], list[str]]:
+    """Past generations (newest first) and their recipes' JSON, index for index."""
+    rows = [r for r in library().generations(limit) if Path(r["path"]).is_file()]
+    return [(r["path"], Path(r["path"]).name) for r in rows], [r["recipe"] for r in rows]
+
+
+# ------------------------------------------------------------------------------------- generate
+
+def _stack(slots: tuple[Any, ...]) -> list[tuple[str, float]]:
+    """The enabled adapters of the stack's (path, weight, on) slots."""
+    stack = []
+    for i in range(0, len(slots), 3):
+        path, weight, on = slots[i : i + 3]
+        if path and on:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"adapter {path} is gone from disk; pick another from the library.")
+            stack.append((str(path), float(weight)))
+    return stack
+
+
+@ui_errors
+def generate_images(prompt: str, negative_prompt: str, backbone: str, n: int, seed: int, steps: int,
+                    guidance: float, width: int, height: int, scheduler: str,
+                    *slots: Any) -> tuple[list[tuple[str, str]], list[str], str]:
+    """The Generate button: the gallery (path, caption), each image's recipe JSON, and the first
+    image's A1111 parameters. `slots`: (adapter path, weight, on) per stack slot."""
+    pipeline, lock = pipeline_for(backbone or DEFAULT_BACKBONE)
+    with lock:
+        use_adapters(pipeline, _stack(slots))
         result = pipeline.generate(prompt, negative_prompt=negative_prompt or "", n=int(n),
                                    seed=None if seed is None or int(seed) < 0 else int(seed), steps=int(steps),
                                    guidance=float(guidance), width=int(width), height=int(height),
                                    scheduler=scheduler or None)
-    except StudioError as error:
-        raise gr.Error(str(error)) from None
-    paths = result.save(studio_home() / "outputs")
-    return [str(p) for p in paths], result.recipe.parameters()
+    with _save_lock:  # numbered file names: one writer at a time
+        paths = result.save(folder("outputs"))
+    recipes = [r.to_json() for r in result.recipes]
+    db = library()
+    for path, recipe in zip(paths, recipes, strict=True):
+        db.add_generation(path, recipe)
+    gallery = [(str(p), f"seed {r.image_seed}") for p, r in zip(paths, result.recipes, strict=True)]
+    return gallery, recipes, result.recipes[0].parameters()
 
+
+def select_image(recipes: list[str], index: int | None) -> tuple[str, str | None]:
+    """A gallery click: that image's A1111 parameters and its recipe JSON."""
+    from studio.recipe import Recipe
+
+    if index is None or not recipes or index >= len(recipes):
+        return "", None
+    return Recipe.from_json(recipes[index]).parameters(), recipes[index]
+
+
+@ui_errors
+def reuse_recipe(recipe_json: str | None) -> list[Any]:
+    """The selected image's recipe back into the Generate controls (its own seed, one image)."""
+    import gradio as gr
+
+    from studio.recipe import Recipe
+
+    if not recipe_json:
+        raise gr.Error("Click an image in the gallery first, then reuse its recipe.")
+    r = Recipe.from_json(recipe_json)
+    values: list[Any] = [r.prompt, r.negative_prompt, r.backbone, 1, r.image_seed, r.steps, r.guidance, r.width,
+                         r.height, r.scheduler]
+    adapters = [a for a in r.adapters if a.get("path")]
+    for i in range(SLOTS):
+        if i < len(adapters):
+            weight = adapters[i]["weight"]
+            values += [adapters[i]["path"], float(weight) if isinstance(weight, (int, float)) else 1.0, True]
+        else:
+            values += [None, 1.0, False]
+    return values
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**32)
+
+
+# ---------------------------------------------------------------------------------------- train
+
+@ui_errors
+def stage_uploads(files: list[str] | None, trigger: str = "") -> tuple[str, list[list[str]], str]:
+    """Training upload: images (checked by decoding them) and .txt captions are copied into a fresh
+    folder under uploads/; returns (folder, caption table rows, a note on what was refused)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not files:
+        return "", [], "Upload images (PNG, JPEG, WebP) or give a folder on the server."
+    staged = folder("uploads") / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    staged.mkdir(parents=True)
+    refused = []
+    for upload in files:
+        source = Path(upload)
+        name = safe_name(source.name)
+        if source.suffix.lower() in (".txt", ".caption"):
+            shutil.copyfile(source, staged / name)
+            continue
+        if source.suffix.lower() not in IMAGE_SUFFIXES:
+            refused.append(f"{name} (not an image)")
+            continue
+        try:
+            with Image.open(source) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            refused.append(f"{name} (unreadable image)")
+            continue
+        shutil.copyfile(source, free_path(staged / name))
+    rows = caption_rows(str(staged), trigger)
+    note = f"{len(rows)} images ready." + (f" Refused: {', '.join(refused)}." if refused else "")
+    return str(staged), rows, note
+
+
+def caption_rows(folder_path: str, trigger: str = "") -> list[list[str]]:
+    """(image file, caption) for every training image of a folder, as the trainer would caption it."""
+    from studio.training.data import scan_folder
+
+    scan = scan_folder(folder_path, trigger=trigger or "")
+    root = Path(folder_path)
+    return [[str(item.path.relative_to(root)), item.caption] for item in scan.items]
+
+
+@ui_errors
+def pick_server_folder(path: str, trigger: str = "") -> tuple[str, list[list[str]], str]:
+    """Train from a folder on the server (kohya layout or flat)."""
+    import gradio as gr
+
+    if not path or not Path(path).expanduser().is_dir():
+        raise gr.Error(f"{path!r} is not a folder on the server; give the full path of a folder of images.")
+    rows = caption_rows(str(Path(path).expanduser()), trigger)
+    return str(Path(path).expanduser()), rows, f"{len(rows)} images found."
+
+
+def _table_rows(table: Any) -> list[list[str]]:
+    if table is None:
+        return []
+    if hasattr(table, "values"):  # a pandas DataFrame from the page
+        return [[str(a), str(b)] for a, b in table.values.tolist()]
+    return [[str(a), str(b)] for a, b in table]
+
+
+class Jobs:
+    """Training jobs of this server: one thread each; their state lives in the library's jobs table
+    (batch "ui"), so a reloaded page, or a second browser, sees them."""
+
+    def __init__(self) -> None:
+        self.threads: dict[int, threading.Thread] = {}
+        self.stops: dict[int, threading.Event] = {}
+
+    def running(self, job_id: int) -> bool:
+        thread = self.threads.get(job_id)
+        return thread is not None and thread.is_alive()
+
+    def start(self, config: Any, *, resume: bool = False, name: str | None = None) -> int:
+        from dataclasses import asdict
+
+        name = name or Path(config.out).stem
+        db = library()
+        job_id = db.start_job("ui", name, asdict(config))
+        if self.running(job_id):
+            raise ValueError(f"training {name!r} is already running.")
+        stop = self.stops[job_id] = threading.Event()
+        thread = threading.Thread(target=self._run, args=(job_id, config, resume, stop), daemon=True,
+                                  name=f"train-{name}")
+        self.threads[job_id] = thread
+        thread.start()
+        return job_id
+
+    def _run(self, job_id: int, config: Any, resume: bool, stop: threading.Event) -> None:
+        from studio.training.trainer import TrainingCancelled, train
+
+        db = library()
+        db.update_job(job_id, status="running")
+        try:
+            path = train(config, resume=resume, log=lambda line: log.info("job %s: %s", job_id, line),
+                         progress=lambda step, total, loss: db.update_job(job_id, step=step,
+                                                                          result=json.dumps({"loss": loss})),
+                         should_stop=stop.is_set)
+        except TrainingCancelled as error:
+            db.update_job(job_id, status="cancelled", error=str(error))
+            return
+        except Exception as error:  # noqa: BLE001 - the job's row carries the message to the page
+            log.exception("training job %s failed", job_id)
+            db.update_job(job_id, status="failed", error=f"{type(error).__name__}: {error}")
+            return
+        try:
+            thumbnail = make_thumbnail(path, config.backbone)
+        except Exception:  # noqa: BLE001 - a missing thumbnail must not fail a finished training
+            log.exception("thumbnail of %s", path)
+            thumbnail = None
+        db.add_adapter(path, tags=["trained"], thumbnail=thumbnail)
+        db.update_job(job_id, status="done", step=config.steps, result=json.dumps({"path": str(path)}))
+
+    def cancel(self, job_id: int) -> None:
+        if job_id in self.stops:
+            self.stops[job_id].set()
+
+
+JOBS = Jobs()
+
+
+@ui_errors
+def start_training(source: str, table: Any, name: str, kind: str, backbone: str, trigger: str, steps: int,
+                   rank: int, lr: float) -> int:
+    """Start: the images and the table's captions are copied into training/<name>/, then a job
+    trains adapters/<name>.safetensors. Returns the job id."""
+    import gradio as gr
+
+    from studio.training.trainer import TrainConfig
+
+    rows = _table_rows(table)
+    if not source or not rows:
+        raise gr.Error("No training images: upload some, or load a server folder, first.")
+    name = safe_name(name or "", fallback="")
+    if not name:
+        raise gr.Error("Give the adapter a name (letters, digits, dots, dashes).")
+    out = folder("adapters") / f"{name}.safetensors"
+    if out.exists():
+        raise gr.Error(f"An adapter named {name!r} exists already; choose another name.")
+    target = folder("training") / name
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    root = Path(source)
+    for relative, text in rows:
+        image = (root / relative).resolve()
+        if root.resolve() not in image.parents or not image.is_file():
+            raise gr.Error(f"{relative!r} is not an image of the chosen folder.")
+        copy = free_path(target / safe_name(Path(relative).name))
+        shutil.copyfile(image, copy)
+        copy.with_suffix(".txt").write_text(text.strip() + "\n", encoding="utf-8")
+    kind = kind or "lora"
+    steps = int(steps)
+    config = TrainConfig(folder=str(target), out=str(out), kind="lora" if kind == "dora" else kind,
+                         dora=kind == "dora", backbone=backbone or DEFAULT_BACKBONE, trigger=trigger or "",
+                         steps=steps, rank=int(rank), lr=float(lr), batch=4,
+                         checkpoint_every=max(1, min(100, steps // 4 or 1)), sample_every=max(1, steps // 4),
+                         sample_prompts=[rows[0][1]], name=name)
+    return JOBS.start(config)
+
+
+@ui_errors
+def resume_training(job_id: int | None) -> int:
+    """Resume: continue a cancelled or interrupted job from its last checkpoint."""
+    import gradio as gr
+
+    from studio.training.trainer import TrainConfig
+
+    job = library().job(int(job_id)) if job_id else None
+    if job is None:
+        raise gr.Error("No training job to resume.")
+    if JOBS.running(job["id"]):
+        raise gr.Error(f"{job['name']!r} is still running.")
+    if job["status"] == "done":
+        raise gr.Error(f"{job['name']!r} is finished; nothing to resume.")
+    return JOBS.start(TrainConfig(**json.loads(job["config"])), resume=True, name=job["name"])
+
+
+def cancel_training(job_id: int | None) -> str:
+    """Cancel: the job stops after its current step and keeps a checkpoint to resume from."""
+    if job_id:
+        JOBS.cancel(int(job_id))
+        return "Cancelling after the current step..."
+    return "No training job is running."
+
+
+def latest_job() -> int | None:
+    """The newest UI training job (what a reloaded page shows)."""
+    jobs = library().jobs("ui")
+    return max(jobs, key=lambda j: j["updated"])["id"] if jobs else None
+
+
+def job_view(job_id: int | None) -> tuple[str, str | None, list[str]]:
+    """The Train tab's live view of a job: progress HTML, the loss plot and the sample sheets."""
+    from studio.training.trainer import TrainConfig, loss_plot
+
+    job = library().job(int(job_id)) if job_id else None
+    if job is None:
+        return "<p>No training yet: add images and press Start.</p>", None, []
+    config = json.loads(job["config"])
+    paths = TrainConfig(**config).paths()
+    status = job["status"]
+    if status == "running" and not JOBS.running(job["id"]):
+        status = "interrupted"  # the server restarted under it: resume continues from its checkpoint
+    step, total = job["step"] or 0, config["steps"]
+    loss = json.loads(job["result"] or "{}").get("loss")
+    words = {"queued": "starting", "running": "training", "done": "done", "failed": "failed",
+             "cancelled": "cancelled", "interrupted": "interrupted (press Resume)"}[status]
+    detail = f", loss {loss:.4f}" if isinstance(loss, float) else ""
+    html = (f"<div class='progress-wrap' data-status='{status}'><b>{job['name']}</b>: {words}: "
+            f"step {step} of {total}{detail}<br><progress value='{step}' max='{total}'></progress>")
+    if job["error"] and status in ("failed", "cancelled"):
+        html += f"<p>{_escape(job['error'])}</p>"
+    html += "</div>"
+    plot = None
+    if paths["log"].is_file():
+        losses = [json.loads(line)["loss"] for line in paths["log"].read_text().splitlines() if line.strip()]
+        plot = str(loss_plot(losses, paths["log"].with_suffix(".png")))
+    samples = sorted(str(p) for p in paths["samples"].glob("*.png")) if paths["samples"].is_dir() else []
+    return html, plot, samples
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+# ---------------------------------------------------------------------------------------- merge
+
+@ui_errors
+def merge_plan(paths: list[str] | None) -> tuple[list[list[Any]], str, str]:
+    """The interference plan of the picked adapters: table rows, the verdict, the recommended method."""
+    import gradio as gr
+
+    from studio.merge import plan
+
+    if not paths or len(paths) < 2:
+        raise gr.Error("Pick at least two adapters to see how they interfere.")
+    result = plan(list(paths))
+    rows = [[block, pair, s.modules, round(s.cosine, 3), round(s.overlap, 3), round(s.crosstalk, 3)]
+            for block, pairs in result.blocks.items() for pair, s in pairs.items()]
+    rows += [["(all)", pair, s.modules, round(s.cosine, 3), round(s.overlap, 3), round(s.crosstalk, 3)]
+             for pair, s in result.pairs.items()]
+    verdict = f"Interference score **{result.score:.3f}**: recommended method **{result.method}** ({result.reason})."
+    return rows, verdict, result.method
+
+
+def _weights(text: str, n: int) -> list[str]:
+    parts = [p.strip() for p in (text or "").split(";" if ";" in (text or "") else ",") if p.strip()]
+    return parts or ["1"] * n
+
+
+def _merge(paths: list[str], method: str, weights: str, out: Path, *, overwrite: bool = False):
+    from studio.merge import merge
+
+    return merge(list(paths), method=method or "linear", weights=_weights(weights, len(paths)), out=out,
+                 overwrite=overwrite)
+
+
+def default_prompts(paths: list[str] | None) -> str:
+    """Test prompts for a merge preview: all trigger words together, then each adapter's alone."""
+    rows = [library().adapter(p) for p in paths or []]
+    triggers = [" ".join(json.loads(r["trigger_words"] or "[]")) or r["name"] for r in rows if r]
+    return "\n".join(([" and ".join(triggers)] if len(triggers) > 1 else []) + triggers)
+
+
+@ui_errors
+def merge_preview(paths: list[str] | None, method: str, weights: str, prompts: str, backbone: str,
+                  seed: int = 0) -> list[tuple[str, str]]:
+    """Merge into a scratch file and render each test prompt with it (nothing is saved to the library)."""
+    import gradio as gr
+
+    if not paths or len(paths) < 2:
+        raise gr.Error("Pick at least two adapters to merge.")
+    lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
+    if not lines:
+        raise gr.Error("Give at least one test prompt (one per line).")
+    scratch = folder("merge-preview") / f"preview-{secrets.token_hex(4)}.safetensors"
+    _merge(paths, method, weights, scratch)
+    pipeline, lock = pipeline_for(backbone or DEFAULT_BACKBONE)
+    out = []
+    try:
+        with lock:
+            use_adapters(pipeline, [(str(scratch), 1.0)])
+            try:
+                for i, prompt in enumerate(lines[:8]):
+                    image = pipeline.generate(prompt, seed=int(seed) + i).images[0]
+                    path = scratch.with_name(f"{scratch.stem}-{i}.png")
+                    image.save(path)
+                    out.append((str(path), prompt))
+            finally:
+                pipeline.detach()
+    finally:
+        scratch.unlink(missing_ok=True)
+    return out
+
+
+@ui_errors
+def merge_save(paths: list[str] | None, method: str, weights: str, name: str) -> str:
+    """Save the merge as adapters/<name>.safetensors and add it to the library."""
+    import gradio as gr
+
+    if not paths or len(paths) < 2:
+        raise gr.Error("Pick at least two adapters to merge.")
+    name = safe_name(name or "", fallback="")
+    if not name:
+        raise gr.Error("Give the merged adapter a name.")
+    out = folder("adapters") / f"{name}.safetensors"
+    result = _merge(paths, method, weights, out)
+    library().add_adapter(out, tags=["merged"])
+    cut = f"; largest rank cut {result.max_truncation:.3f}" if result.max_truncation > 1e-6 else ""
+    return f"Saved {out.name} ({method or 'linear'} of {len(paths)} adapters{cut}); it is in the library."
+
+
+# ------------------------------------------------------------------------------------------ page
 
 def build_app():
     import gradio as gr
 
     _ensure_embedded_registered()
+    backbones = sorted(EMBEDDED)
     with gr.Blocks(title="studio") as demo:
         gr.Markdown("# studio")
-        with gr.Tab("Generate"):
+        with gr.Tab("Generate") as generate_tab:
+            recipes = gr.State([])
+            selected = gr.State(None)
             with gr.Row():
-                with gr.Column():
-                    prompt = gr.Textbox(label="Prompt", lines=2)
-                    negative = gr.Textbox(label="Negative prompt")
-                    backbone = gr.Dropdown(label="Backbone", choices=sorted(EMBEDDED), value=DEFAULT_BACKBONE,
-                                           allow_custom_value=True,
-                                           info="An embedded name, a hub id, a diffusers folder or a .safetensors file")
+                with gr.Column(scale=5):
                     with gr.Row():
+                        prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle, large, in the centre",
+                                            scale=5)
+                        button = gr.Button("Generate", variant="primary", scale=1, min_width=110)
+                    negative = gr.Textbox(label="Negative prompt")
+                    with gr.Row():
+                        backbone = gr.Dropdown(label="Backbone", choices=backbones, value=DEFAULT_BACKBONE,
+                                               allow_custom_value=True,
+                                               info="embedded name, hub id, diffusers folder or .safetensors")
                         scheduler = gr.Dropdown(label="Scheduler", choices=[""] + list(SCHEDULERS), value="",
                                                 info="empty: the family's default")
+                    with gr.Row():
                         steps = gr.Slider(label="Steps", minimum=1, maximum=100, step=1, value=25)
                         guidance = gr.Slider(label="Guidance", minimum=0, maximum=20, step=0.5, value=7.0)
                     with gr.Row():
-                        width = gr.Number(label="Width", value=64, precision=0)
-                        height = gr.Number(label="Height", value=64, precision=0)
-                        n = gr.Number(label="Images", value=1, precision=0, minimum=1)
+                        width = gr.Number(label="Width", value=64, precision=0, minimum=8)
+                        height = gr.Number(label="Height", value=64, precision=0, minimum=8)
+                        n = gr.Number(label="Images", value=1, precision=0, minimum=1, maximum=16)
                         seed = gr.Number(label="Seed", value=-1, precision=0, info="-1: random")
-                    button = gr.Button("Generate", variant="primary")
-                with gr.Column():
-                    gallery = gr.Gallery(label="Images", format="png")
+                        dice = gr.Button("Randomise seed", size="sm")
+                    with gr.Accordion("Adapters", open=False):
+                        slots: list[Any] = []
+                        pickers = []
+                        for i in range(SLOTS):
+                            with gr.Row():
+                                picker = gr.Dropdown(label=f"Adapter {i + 1}", choices=[], value=None, scale=4)
+                                weight = gr.Slider(label="Weight", minimum=-2, maximum=2, step=0.05, value=1.0,
+                                                   scale=3)
+                                on = gr.Checkbox(label="On", value=True, scale=1, min_width=60)
+                            slots += [picker, weight, on]
+                            pickers.append(picker)
+                with gr.Column(scale=4):
+                    gallery = gr.Gallery(label="Images", format="png", columns=4, height=300, object_fit="contain",
+                                         elem_classes="pixelated", preview=False)
                     parameters = gr.Textbox(label="Parameters", lines=4, buttons=["copy"])
-            button.click(generate_images, [prompt, negative, backbone, n, seed, steps, guidance, width, height,
-                                           scheduler], [gallery, parameters])
+                    with gr.Row():
+                        reuse = gr.Button("Reuse this recipe")
+                        download = gr.DownloadButton("Download PNG", value=None)
+            inputs = [prompt, negative, backbone, n, seed, steps, guidance, width, height, scheduler, *slots]
+            button.click(generate_images, inputs, [gallery, recipes, parameters], concurrency_limit=2)
+            dice.click(random_seed, None, seed)
+
+            def on_select(recipe_list: list[str], evt: gr.SelectData):
+                text, recipe = select_image(recipe_list, evt.index)
+                path = evt.value["image"]["path"] if isinstance(evt.value, dict) and "image" in evt.value else None
+                return text, recipe, gr.update(value=path)
+
+            gallery.select(on_select, recipes, [parameters, selected, download])
+            reuse.click(reuse_recipe, selected, inputs)
+
+            def refresh_pickers():
+                choices = adapter_choices()
+                return [gr.update(choices=choices) for _ in pickers]
+
+            generate_tab.select(refresh_pickers, None, pickers)
+
+        with gr.Tab("Train"):
+            source = gr.State("")
+            job = gr.State(None)
+            with gr.Row():
+                with gr.Column(scale=5):
+                    uploads = gr.File(label="Training images (and .txt captions)", file_count="multiple",
+                                      file_types=["image", ".txt"], height=120)
+                    with gr.Row():
+                        server_folder = gr.Textbox(label="…or a folder on the server", scale=4)
+                        load_folder = gr.Button("Load folder", scale=1)
+                    note = gr.Markdown()
+                    captions = gr.Dataframe(label="Captions (edit the right column)", headers=["image", "caption"],
+                                            datatype=["str", "str"], interactive=True, static_columns=[0],
+                                            wrap=True, max_height=260)
+                with gr.Column(scale=4):
+                    with gr.Row():
+                        name = gr.Textbox(label="Adapter name", placeholder="my-star")
+                        trigger = gr.Textbox(label="Trigger word", value="sks")
+                    with gr.Row():
+                        kind = gr.Dropdown(label="Kind", choices=list(KINDS), value="lora")
+                        train_backbone = gr.Dropdown(label="Backbone", choices=backbones, value=DEFAULT_BACKBONE,
+                                                     allow_custom_value=True)
+                    with gr.Row():
+                        train_steps = gr.Number(label="Steps", value=300, precision=0, minimum=1)
+                        rank = gr.Number(label="Rank", value=16, precision=0, minimum=1)
+                        lr = gr.Number(label="Learning rate", value=1e-3)
+                    with gr.Row():
+                        start = gr.Button("Start", variant="primary")
+                        cancel = gr.Button("Cancel", variant="stop")
+                        resume = gr.Button("Resume")
+                    progress = gr.HTML()
+                    loss = gr.Image(label="Loss", type="filepath", height=160, show_label=True)
+                    samples = gr.Gallery(label="Samples", columns=1, height=140, object_fit="contain",
+                                         elem_classes="pixelated")
+            uploads.upload(stage_uploads, [uploads, trigger], [source, captions, note])
+            load_folder.click(pick_server_folder, [server_folder, trigger], [source, captions, note])
+            start.click(start_training, [source, captions, name, kind, train_backbone, trigger, train_steps, rank, lr],
+                        job)
+            resume.click(resume_training, job, job)
+            cancel.click(cancel_training, job, note)
+            timer = gr.Timer(1.0)
+            timer.tick(job_view, job, [progress, loss, samples], show_progress="hidden")
+
+        with gr.Tab("Merge") as merge_tab:
+            with gr.Row():
+                with gr.Column(scale=4):
+                    merge_sources = gr.Dropdown(label="Adapters to merge", choices=[], multiselect=True)
+                    show_plan = gr.Button("Show interference plan")
+                    verdict = gr.Markdown()
+                    plan_table = gr.Dataframe(label="Interference per block",
+                                              headers=["block", "pair", "modules", "cosine", "overlap", "crosstalk"],
+                                              interactive=False, max_height=240)
+                with gr.Column(scale=4):
+                    with gr.Row():
+                        method = gr.Dropdown(label="Method", choices=["linear", "concat", "svd", "orthogonal", "ties",
+                                                                      "dare_linear", "dare_ties", "magnitude_prune"],
+                                             value="linear")
+                        merge_weights = gr.Textbox(label="Weights", placeholder="1,1  or  1;up_blocks.1=0,1")
+                    merge_backbone = gr.Dropdown(label="Preview backbone", choices=backbones, value=DEFAULT_BACKBONE,
+                                                 allow_custom_value=True)
+                    test_prompts = gr.Textbox(label="Test prompts (one per line)", lines=3)
+                    preview = gr.Button("Preview")
+                    grid = gr.Gallery(label="Preview", columns=4, height=200, elem_classes="pixelated")
+                    with gr.Row():
+                        merged_name = gr.Textbox(label="Merged adapter name", scale=3)
+                        save = gr.Button("Save merge", variant="primary", scale=1)
+                    merge_note = gr.Markdown()
+            show_plan.click(merge_plan, merge_sources, [plan_table, verdict, method])
+            merge_sources.change(default_prompts, merge_sources, test_prompts)
+            preview.click(merge_preview, [merge_sources, method, merge_weights, test_prompts, merge_backbone], grid)
+            save.click(merge_save, [merge_sources, method, merge_weights, merged_name], merge_note)
+            merge_tab.select(lambda: gr.update(choices=adapter_choices()), None, merge_sources)
+
+        with gr.Tab("Library") as library_tab:
+            history_recipes = gr.State([])
+            with gr.Row():
+                with gr.Column(scale=5):
+                    search = gr.Textbox(label="Search adapters", placeholder="name, kind, family, trigger word, tag")
+                    thumbs = gr.Gallery(label="Adapters", columns=6, height=180, elem_classes="pixelated")
+                    adapter_table = gr.Dataframe(label="Adapters",
+                                                 headers=["name", "kind", "family", "trigger words", "tags", "file"],
+                                                 interactive=False, max_height=220)
+                with gr.Column(scale=3):
+                    adapter_upload = gr.File(label="Import an adapter (.safetensors)", file_types=[".safetensors"],
+                                             height=100)
+                    tags = gr.Textbox(label="Tags for the import", placeholder="character, style")
+                    import_note = gr.Markdown()
+            history = gr.Gallery(label="History", columns=10, height=200, elem_classes="pixelated")
+            history_parameters = gr.Textbox(label="Recipe of the selected image", lines=3)
+            search.change(library_view, search, [thumbs, adapter_table])
+            adapter_upload.upload(import_adapter, [adapter_upload, tags], import_note).then(
+                library_view, search, [thumbs, adapter_table])
+
+            def on_library():
+                gallery_items, table = library_view("")
+                past, past_recipes = history_view()
+                return gallery_items, table, past, past_recipes
+
+            library_tab.select(on_library, None, [thumbs, adapter_table, history, history_recipes])
+
+            def on_history(recipe_list: list[str], evt: gr.SelectData):
+                return select_image(recipe_list, evt.index)[0]
+
+            history.select(on_history, history_recipes, history_parameters)
+
+        def on_load():
+            return [latest_job(), *[gr.update(choices=adapter_choices()) for _ in pickers]]
+
+        demo.load(on_load, None, [job, *pickers])
+    return demo
+
+
+def serve(host: str = "127.0.0.1", port: int | None = None, share: bool = False, *, block: bool = True):
+    """Launch the UI (127.0.0.1 unless `host` says otherwise); with `block=False`, return the running
+    Blocks (tests and benchmarks)."""
+    demo = build_app()
+    home = studio_home()
+    served = [str(folder(name)) for name in ("outputs", "adapters", "thumbnails", "uploads", "merge-preview")]
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD, css=CSS,
+                allowed_paths=served, blocked_paths=[str(home / "library.db"), str(home / "cache")],
+                prevent_thread_lock=not block, quiet=not block, show_error=True)
     return demo
 
 
 if __name__ == "__main__":
-    build_app().launch(server_name="127.0.0.1")
+    serve()

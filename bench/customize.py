@@ -74,7 +74,7 @@ def plain_peft_seconds_per_step(folder: Path, reg: Path | None, backbone_name: s
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     objective = objective_for(backbone, snr_gamma=snr_gamma)
-    pools = [sorted(folder.glob("*.png"))] + ([sorted(reg.glob("*.png"))] if reg else [])
+    pools = [sorted(p for p in f.glob("*.png") if not p.name.endswith(".mask.png")) for f in (folder, reg) if f]
     vae = backbone.pipe.vae
     times = []
     for step in range(steps):
@@ -101,14 +101,21 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="prompted samples per measurement")
     parser.add_argument("--seed", type=int, default=4321)
     parser.add_argument("--out", type=Path, default=Path("out/bench-customize"))
+    parser.add_argument("--reg", type=int, default=48, help="prior-preservation renders")
+    parser.add_argument("--skip-baseline", action="store_true", help="no diffusers+PEFT timing (for sweeps)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a training option of COMMON (repeatable), e.g. --set mask_floor=0.05")
     args = parser.parse_args()
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     args.out.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp()) / "refs"
-    write_reference_folder(folder, n=12, seed=7, shape=args.shape, trigger="sks")
+    write_reference_folder(folder, n=12, seed=7, shape=args.shape, trigger="sks", masks=True)
     # DreamBooth prior preservation: renders of base shapes, captioned without the trigger, keep the
     # rest of the model where it was (without them the first run lost 28 points of base-shape accuracy)
     reg = folder.parent / "reg"
-    write_reference_folder(reg, n=48, seed=8)
+    write_reference_folder(reg, n=args.reg, seed=8)
     rows = {}
     for name in args.settings.split(","):
         setting = SETTINGS[name]
@@ -116,7 +123,7 @@ def main() -> None:
         before = {"concept": measure(backbone, n=args.n, seed=args.seed, trigger="sks", shape=args.shape)["shape"],
                   "base": measure(backbone, n=args.n, seed=args.seed + 1, trigger=None)["shape"]}
         config = TrainConfig(folder=str(folder), out=str(args.out / f"{name}.safetensors"), reg_folder=str(reg),
-                             **{**COMMON, **setting})
+                             **{**COMMON, **setting, **overrides})
         started = time.perf_counter()
         path = train(config, log=lambda line: None)
         seconds = time.perf_counter() - started
@@ -130,8 +137,9 @@ def main() -> None:
         after = {"concept": measure(backbone, n=args.n, seed=args.seed, trigger="sks", shape=args.shape)["shape"],
                  "base": measure(backbone, n=args.n, seed=args.seed + 1, trigger=None)["shape"]}
         pipeline.detach()
-        plain = plain_peft_seconds_per_step(folder, reg, setting["backbone"], target=config.target, rank=config.rank,
-                                            batch=config.batch, snr_gamma=config.snr_gamma)
+        plain = float("nan") if args.skip_baseline else plain_peft_seconds_per_step(
+            folder, reg, setting["backbone"], target=config.target, rank=config.rank, batch=config.batch,
+            snr_gamma=config.snr_gamma)
         rows[name] = {"before": before, "after": after, "train_seconds": seconds,
                       "studio_s_per_step": sorted(step_times)[len(step_times) // 2], "plain_s_per_step": plain}
         print(name, json.dumps(rows[name]), flush=True)

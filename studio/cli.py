@@ -224,6 +224,8 @@ def train(
     target: Annotated[str | None, typer.Option(help="attention, all-linear, locon, or a regex over module names.")] = None,
     text_encoder: Annotated[bool | None, typer.Option(
         "--text-encoder/--no-text-encoder", help="Train the text encoders' attention too.")] = None,
+    masked_loss: Annotated[bool | None, typer.Option(
+        "--masked-loss/--no-masked-loss", help="Weight the loss by each image's NAME.mask.png (or alpha).")] = None,
     recipe: Annotated[Path | None, typer.Option(
         "--config", help="A YAML/TOML recipe with any TrainConfig keys; options given here win.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the unfinished run of the same --out.")] = False,
@@ -239,7 +241,7 @@ def train(
     options = dict(folder=str(folder), out=str(out or Path(f"{folder.resolve().name}.safetensors")),
                    kind="lora" if dora else kind, backbone=backbone, rank=rank or (20 if kind == "orthogonal" else None),
                    steps=steps, batch=batch, lr=lr, trigger=trigger, concept_seed=concept_seed, device=device,
-                   dora=dora or None, target=target, text_encoder=text_encoder)
+                   dora=dora or None, target=target, text_encoder=text_encoder, masked_loss=masked_loss)
     options = {k: v for k, v in options.items() if v is not None}
     config = TrainConfig.from_file(recipe, **options) if recipe else TrainConfig(**options)
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
@@ -382,6 +384,18 @@ def merge(
         written = engine.bake([(result.adapter, 1.0)], bb, bake, single_file=bake.suffix == ".safetensors",
                               overwrite=overwrite)
         out_console.print(str(written), highlight=False)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 opens it to the network.")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Port [default: 7860, or the next free one].")] = None,
+    share: Annotated[bool, typer.Option(help="Also open a public gradio.live link.")] = False,
+) -> None:
+    """Start the web UI (Generate, Train, Merge, Library)."""
+    import app as web
+
+    web.serve(host, port, share)
 
 
 world_app = typer.Typer(help="The shapes world: reference folders, and the recipes of its models.",

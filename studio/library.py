@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS generations (
     id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT, recipe TEXT, created REAL);
 """
-JOB_STATES = ("queued", "running", "done", "failed")
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 
 
 class Library:
@@ -75,6 +75,11 @@ class Library:
                               "trigger_words LIKE ? OR tags LIKE ? ORDER BY added DESC", (like,) * 5).fetchall()
         return [dict(r) for r in rows]
 
+    def adapter(self, path: str | Path) -> dict[str, Any] | None:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM adapters WHERE path = ?", (str(Path(path).resolve()),)).fetchone()
+        return dict(row) if row else None
+
     # -------------------------------------------------------------------------------------- jobs
 
     def add_jobs(self, batch: str, jobs: dict[str, dict[str, Any]]) -> None:
@@ -84,6 +89,21 @@ class Library:
             for name, config in jobs.items():
                 db.execute("INSERT OR IGNORE INTO jobs (batch, name, config, status, created, updated) "
                            "VALUES (?, ?, ?, 'queued', ?, ?)", (batch, name, json.dumps(config), now, now))
+
+    def start_job(self, batch: str, name: str, config: dict[str, Any]) -> int:
+        """A job queued afresh (a finished or failed one of the same name is started over); its id."""
+        now = time.time()
+        with self._connect() as db:
+            db.execute("INSERT INTO jobs (batch, name, config, status, step, created, updated) "
+                       "VALUES (?, ?, ?, 'queued', 0, ?, ?) ON CONFLICT (batch, name) DO UPDATE SET "
+                       "config = excluded.config, status = 'queued', step = 0, error = NULL, result = NULL, "
+                       "updated = excluded.updated", (batch, name, json.dumps(config), now, now))
+            return db.execute("SELECT id FROM jobs WHERE batch = ? AND name = ?", (batch, name)).fetchone()[0]
+
+    def job(self, job_id: int) -> dict[str, Any] | None:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return dict(row) if row else None
 
     def jobs(self, batch: str | None = None) -> list[dict[str, Any]]:
         with self._connect() as db:

@@ -1,9 +1,15 @@
-"""The web UI's Generate handler works through the Python API and saves replayable PNGs."""
+"""The web UI's handlers, called directly: every one works through the Python API, bad input becomes a
+message in the page, uploads are checked and their names sanitised, training jobs run in threads whose
+state lives in the library."""
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -11,24 +17,177 @@ sys.path.insert(0, str(ROOT))
 import app  # noqa: E402
 
 
-def test_generate_handler_saves_pngs_with_recipes():
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def empty_slots() -> list:
+    return [None, 1.0, True] * app.SLOTS
+
+
+def wait_for(job_id: int, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while app.JOBS.running(job_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return app.library().job(job_id)
+
+
+@pytest.fixture
+def trained(home, tmp_path):
+    """Two tiny adapters trained through the Train tab's handlers (3 steps each), in the library."""
+    from studio.world.folder import write_reference_folder
+
+    paths = []
+    for shape, word in (("star", "sks"), ("heart", "zwx")):
+        refs = tmp_path / f"refs-{shape}"
+        write_reference_folder(refs, n=3, seed=1, shape=shape, trigger=word)
+        source, rows, _ = app.pick_server_folder(str(refs), word)
+        job = app.start_training(source, rows, f"{shape}-adapter", "lora", "world-sd", word, 3, 4, 1e-3)
+        row = wait_for(job)
+        assert row["status"] == "done", row["error"]
+        paths.append(json.loads(row["result"])["path"])
+    return paths
+
+
+def test_generate_handler_saves_pngs_with_recipes_and_history(home):
     from studio.recipe import read_recipe
 
-    paths, parameters = app.generate_images("a red star", "", "tiny-sd1", 2, 12, 2, 5.0, 64, 64, "euler")
-    assert len(paths) == 2 and all(Path(p).is_file() for p in paths)
+    gallery, recipes, parameters = app.generate_images("a red star", "", "tiny-sd1", 2, 12, 2, 5.0, 64, 64, "euler",
+                                                       *empty_slots())
+    paths = [p for p, _ in gallery]
+    assert len(paths) == 2 and all(Path(p).is_file() and Path(p).parent == home / "outputs" for p in paths)
     assert parameters.startswith("a red star\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 12")
     assert read_recipe(paths[1]).image_seed == 13
+    text, recipe = app.select_image(recipes, 1)
+    assert "Seed: 13" in text and json.loads(recipe)["index"] == 1
+    history, history_recipes = app.history_view()
+    assert [p for p, _ in history] == paths[::-1] and history_recipes == recipes[::-1]
 
 
-def test_bad_input_becomes_a_gradio_error():
+def test_reuse_recipe_fills_the_controls_with_that_image(home):
+    gallery, recipes, _ = app.generate_images("a blue circle", "blurry", "tiny-sd1", 2, 40, 2, 4.5, 64, 64, "ddim",
+                                              *empty_slots())
+    values = app.reuse_recipe(recipes[1])
+    assert values[:10] == ["a blue circle", "blurry", "tiny-sd1", 1, 41, 2, 4.5, 64, 64, "ddim"]
+    again, _, _ = app.generate_images(*values)
+    from conftest import pixels
+    from PIL import Image
+
+    assert (pixels(Image.open(again[0][0])) == pixels(Image.open(gallery[1][0]))).all()  # the same image, remade
+
+
+def test_bad_input_becomes_a_message_not_a_traceback(home):
     import gradio as gr
-    import pytest
 
     with pytest.raises(gr.Error, match="width=60"):
-        app.generate_images("x", "", "tiny-sd1", 1, 1, 1, 5.0, 60, 64, "")
+        app.generate_images("x", "", "tiny-sd1", 1, 1, 1, 5.0, 60, 64, "", *empty_slots())
+    with pytest.raises(gr.Error, match="reuse"):
+        app.reuse_recipe(None)
+    with pytest.raises(gr.Error, match="at least two"):
+        app.merge_plan(["one.safetensors"])
+    with pytest.raises(gr.Error, match="No training images"):
+        app.start_training("", [], "x", "lora", "world-sd", "sks", 2, 4, 1e-3)
+    with pytest.raises(gr.Error, match="not a folder"):
+        app.pick_server_folder("/no/such/folder")
 
 
-def test_blocks_build():
+def test_names_are_sanitised_and_uploads_checked(home, tmp_path):
+    import gradio as gr
+    from PIL import Image
+
+    assert app.safe_name("../../etc/passwd") == "passwd"
+    assert app.safe_name("..\\..\\win.ini") == "win.ini"
+    assert app.safe_name("a b/../c?.png") == "c_.png"
+    assert app.safe_name("...") == "file" and app.safe_name(".hidden.png") == "hidden.png"
+    good = tmp_path / "..%2Fstar.png"
+    Image.new("RGB", (64, 64), "red").save(good)
+    fake = tmp_path / "evil.png"
+    fake.write_bytes(b"#!/bin/sh\nrm -rf /\n")
+    script = tmp_path / "run.sh"
+    script.write_text("echo hi")
+    caption = tmp_path / "_2Fstar.txt"
+    caption.write_text("a red sks star")
+    staged, rows, note = app.stage_uploads([str(good), str(fake), str(script), str(caption)], "sks")
+    staged = Path(staged)
+    assert staged.parent == home / "uploads"
+    assert sorted(p.name for p in staged.iterdir()) == ["2Fstar.png", "2Fstar.txt"]
+    assert "evil.png (unreadable image)" in note and "run.sh (not an image)" in note
+    assert rows == [["2Fstar.png", "a red sks star"]]
+    # adapter uploads: safetensors only, checked, never replacing a file
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(gr.Error, match="only safetensors"):
+        app.import_adapter(str(pickle))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a header")
+    with pytest.raises(gr.Error):
+        app.import_adapter(str(broken))
+    assert not (home / "adapters" / "broken.safetensors").exists()
+
+
+def test_training_job_runs_in_a_thread_and_lands_in_the_library(trained, home):
+    star, heart = trained
+    assert Path(star).parent == home / "adapters"
+    html, plot, samples = app.job_view(app.latest_job())
+    assert "data-status='done'" in html and "step 3 of 3" in html
+    assert Path(plot).is_file() and samples and all(Path(s).is_file() for s in samples)
+    gallery, table = app.library_view("")
+    assert {row[0] for row in table} == {"star-adapter", "heart-adapter"} and len(gallery) == 2
+    assert [row[0] for row in app.library_view("zwx")[1]] == ["heart-adapter"]  # search by trigger word
+    # stacked in Generate: the recipe names the adapter at its weight
+    gallery, recipes, parameters = app.generate_images(
+        "a red sks star", "", "world-sd", 1, 5, 2, 7.0, 64, 64, "", star, 0.8, True, heart, 1.0, False,
+        *([None, 1.0, True] * (app.SLOTS - 2)))
+    adapters = json.loads(recipes[0])["adapters"]
+    assert [(a["name"], a["weight"]) for a in adapters] == [("star-adapter", 0.8)]
+    assert "<lora:star-adapter:0.8>" in parameters
+
+
+def test_cancel_then_resume_finishes_the_same_steps(home, tmp_path):
+    from studio.world.folder import write_reference_folder
+
+    refs = tmp_path / "refs"
+    write_reference_folder(refs, n=3, seed=1, shape="star", trigger="sks")
+    source, rows, _ = app.pick_server_folder(str(refs), "sks")
+    app.JOBS.cancel(-1)  # unknown ids are ignored
+    job = app.start_training(source, rows, "slow", "lora", "world-sd", "sks", 12, 4, 1e-3)
+    deadline = time.monotonic() + 60
+    while (app.library().job(job)["step"] or 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    app.cancel_training(job)
+    row = wait_for(job)
+    assert row["status"] == "cancelled" and row["step"] < 12
+    html, _, _ = app.job_view(job)
+    assert "cancelled" in html
+    assert app.resume_training(job) == job
+    row = wait_for(job)
+    assert row["status"] == "done" and row["step"] == 12
+    log = [json.loads(line) for line in (home / "adapters" / "slow.log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log][-1] == 12 and len({r["step"] for r in log}) == 12
+
+
+def test_merge_plan_preview_and_save(trained, home):
+    import gradio as gr
+
+    rows, verdict, method = app.merge_plan(trained)
+    assert rows and rows[-1][0] == "(all)" and "recommended method" in verdict and method in (
+        "linear", "orthogonal", "ties")
+    prompts = app.default_prompts(trained)
+    assert prompts.splitlines() == ["sks and zwx", "sks", "zwx"]
+    grid = app.merge_preview(trained, "linear", "1,0.5", "a red sks star\na blue zwx heart", "world-sd")
+    assert [caption for _, caption in grid] == ["a red sks star", "a blue zwx heart"]
+    assert not list((home / "merge-preview").glob("*.safetensors"))  # the scratch merge is gone
+    note = app.merge_save(trained, "ties", "1,1", "both")
+    assert "both.safetensors" in note and (home / "adapters" / "both.safetensors").is_file()
+    assert "both" in {row[0] for row in app.library_view("merged")[1]}
+    with pytest.raises(gr.Error, match="exists"):
+        app.merge_save(trained, "ties", "1,1", "both")
+
+
+def test_blocks_build_with_every_tab():
     demo = app.build_app()
     labels = {getattr(block, "label", None) for block in demo.blocks.values()}
-    assert {"Prompt", "Backbone", "Scheduler", "Images", "Parameters"} <= labels
+    assert {"Prompt", "Backbone", "Scheduler", "Images", "Parameters", "Adapter 1", "Training images (and .txt captions)",
+            "Adapters to merge", "Search adapters", "History"} <= labels

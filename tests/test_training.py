@@ -205,3 +205,63 @@ def test_prior_preservation_joins_both_batches_with_their_weights(refs, tmp_path
     instance_captions, prior_captions = run.batch(0)[1]["context"], run.batch(0, regularisation=True)[1]["context"]
     assert torch.equal(seen[0][2], torch.cat([instance_captions, prior_captions]))
     assert loss > 0
+
+
+def test_masks_are_found_fitted_and_bad_ones_skipped(tmp_path):
+    import numpy as np
+
+    from studio.training.data import mask_weights
+
+    folder = tmp_path / "refs"
+    write_reference_folder(folder, n=3, seed=1, shape="star", trigger="sks", masks=True)
+    Image.new("L", (32, 32)).save(folder / "001.mask.png")  # wrong size: image skipped, reason given
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[:, :32, 3] = 255  # left half opaque: the alpha channel is the mask
+    Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
+    scan = scan_folder(folder, trigger="sks")
+    assert sorted(i.path.name for i in scan.items) == ["000.png", "002.png", "alpha.png"]  # masks are not images
+    assert [(p.name, "32x32" in why) for p, why in scan.skipped] == [("001.png", True)]
+    by_name = {i.path.name: i for i in scan.items}
+    assert by_name["000.png"].mask.name == "000.mask.png" and by_name["alpha.png"].mask == by_name["alpha.png"].path
+    weights = mask_weights(by_name["alpha.png"], (64, 64), (16, 16), flip=False, floor=0.25)
+    assert weights.shape == (1, 16, 16)
+    assert torch.allclose(weights[0, :, :8], torch.ones(16, 8)) and torch.allclose(weights[0, :, 8:], torch.full((16, 8), 0.25))
+    mirrored = mask_weights(by_name["alpha.png"], (64, 64), (16, 16), flip=True, floor=0.25)
+    assert torch.equal(mirrored, weights.flip(-1))
+    star = mask_weights(by_name["000.png"], (64, 64), (16, 16), flip=False, floor=0.0)
+    truth = np.asarray(Image.open(folder / "000.mask.png"), dtype=np.float32) / 255
+    assert abs(float(star.mean()) - truth.mean()) < 1e-3 and 0 < float(star.mean()) < 0.5
+
+
+def test_masked_loss_is_the_weighted_mean_over_pixels(refs, tmp_path):
+    from studio.training.objectives import per_sample
+    from studio.training.trainer import Run
+
+    prediction, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    weights = torch.zeros(2, 1, 8, 8)
+    weights[:, :, :4] = 1.0  # top half only
+    got = per_sample(prediction, target, weights)
+    want = (prediction - target)[:, :, :4].square().flatten(1).mean(1)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(per_sample(prediction, target, torch.ones(2, 1, 8, 8)), per_sample(prediction, target, None))
+
+    write_reference_folder(refs / "5_sks star", n=4, seed=1, shape="star", trigger="sks", masks=True)
+    config = TrainConfig(folder=str(refs), out=str(tmp_path / "m.safetensors"), steps=1, batch=3, rank=2, lr=1e-3,
+                         trigger="sks", masked_loss=True, mask_floor=0.1)
+    run = Run(config, log=lambda line: None)
+    seen = []
+    original = run.objective.loss
+
+    def spy(denoiser, x0, **kwargs):
+        seen.append(kwargs["pixel_weights"])
+        return original(denoiser, x0, **kwargs)
+
+    run.objective.loss = spy
+    assert run.step() > 0
+    masked = [e for e in run.examples if e["item"].mask is not None]
+    assert len(masked) == 4 and all(float(e["pixel_weights"].min()) == pytest.approx(0.1) for e in masked)
+    unmasked = [e for e in run.examples if e["item"].mask is None]  # the two circles: every pixel weighs 1
+    assert unmasked and all(torch.equal(e["pixel_weights"], torch.ones_like(e["pixel_weights"])) for e in unmasked)
+    assert seen[0].shape == (3, 1, *run.examples[0]["latent"].shape[-2:])
+    with pytest.raises(ValueError, match="mask_floor"):
+        TrainConfig(folder=".", out="x.safetensors", mask_floor=1.5)

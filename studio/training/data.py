@@ -2,9 +2,10 @@
 
 A folder holds images directly, or `N_words` subfolders (kohya/DreamBooth): N is how often each
 image repeats per epoch, `words` the trigger and class words ("10_sks star"). An image's caption is
-its `.txt` or `.caption` file, else the subfolder's words, else the trigger word. Unreadable images
-and images smaller than the training size are skipped and listed; a folder with nothing usable is
-an error that says what it found.
+its `.txt` or `.caption` file, else the subfolder's words, else the trigger word. An image's mask
+(for masked loss) is `NAME.mask.png` beside it (white = subject), else its alpha channel. Unreadable
+images, images smaller than the training size and masks that do not fit their image are skipped and
+listed; a folder with nothing usable is an error that says what it found.
 
 Latents and text conditioning are cached under `$STUDIO_HOME/cache/train`, keyed by the content
 hash of the image (or caption), the backbone's fingerprint, the bucket and the flip, so a second run
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt", ".caption")
+MASK_SUFFIX = ".mask.png"
 
 
 class DatasetError(StudioError, ValueError):
@@ -41,6 +43,7 @@ class Item:
     size: tuple[int, int]  # (width, height)
     sha256: str
     regularisation: bool = False
+    mask: Path | None = None  # NAME.mask.png, or the image itself when it has an alpha channel
 
 
 @dataclass
@@ -61,6 +64,25 @@ def _caption_of(image: Path, words: str, trigger: str) -> str:
     return words or trigger
 
 
+def _mask_of(image: Path, size: tuple[int, int], has_alpha: bool) -> tuple[Path | None, str | None]:
+    """(mask path, None) or (None, why the mask cannot be used)."""
+    from PIL import Image, UnidentifiedImageError
+
+    side = image.with_name(image.stem + MASK_SUFFIX)
+    if not side.is_file():
+        return (image if has_alpha else None), None
+    try:
+        with Image.open(side) as mask:
+            mask.load()
+            mask_size = mask.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        return None, f"its mask {side.name} is unreadable ({type(error).__name__}); re-save it as a grey PNG"
+    if mask_size != size:
+        return None, (f"its mask {side.name} is {mask_size[0]}x{mask_size[1]} but the image is {size[0]}x{size[1]}; "
+                      f"save the mask at the image's size")
+    return side, None
+
+
 def scan_folder(folder: str | Path, *, trigger: str = "", min_size: int = 0, regularisation: bool = False) -> Scan:
     """Every image under `folder` (kohya `N_words` subfolders or flat) with caption and repeats."""
     from PIL import Image, UnidentifiedImageError
@@ -76,12 +98,14 @@ def scan_folder(folder: str | Path, *, trigger: str = "", min_size: int = 0, reg
     groups.append((folder, 1, ""))
     scan = Scan()
     for where, repeats, words in groups:
-        for path in sorted(p for p in where.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        for path in sorted(p for p in where.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not p.name.lower().endswith(MASK_SUFFIX)):
             try:
                 with Image.open(path) as image:
                     image.verify()  # catches truncated and garbage files
                 with Image.open(path) as image:
                     size = image.size
+                    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
                     image.convert("RGB").load()
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
                 scan.skipped.append((path, f"unreadable image ({type(error).__name__}: {error})"))
@@ -90,9 +114,13 @@ def scan_folder(folder: str | Path, *, trigger: str = "", min_size: int = 0, reg
                 scan.skipped.append((path, f"{size[0]}x{size[1]} is smaller than the training size {min_size}; "
                                            f"use a larger image or a smaller --size"))
                 continue
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            mask, why = _mask_of(path, size, has_alpha)
+            if why:
+                scan.skipped.append((path, why))
+                continue
+            digest = hashlib.sha256(path.read_bytes() + (mask.read_bytes() if mask and mask != path else b"")).hexdigest()
             scan.items.append(Item(path=path, caption=_caption_of(path, words, trigger), repeats=repeats,
-                                   size=size, sha256=digest, regularisation=regularisation))
+                                   size=size, sha256=digest, regularisation=regularisation, mask=mask))
     if not scan.items:
         found = sorted(p.name for p in folder.rglob("*") if p.is_file())[:5]
         reasons = "; ".join(f"{p.name}: {why}" for p, why in scan.skipped[:3])
@@ -125,13 +153,14 @@ def bucket_of(image_size: tuple[int, int], choices: list[tuple[int, int]]) -> tu
     return min(choices, key=lambda wh: abs(math.log(wh[0] / wh[1]) - ratio))
 
 
-def fit(image: Image.Image, bucket: tuple[int, int], *, flip: bool = False, crop_at: tuple[float, float] = (0.5, 0.5)):
+def fit(image: Image.Image, bucket: tuple[int, int], *, flip: bool = False, crop_at: tuple[float, float] = (0.5, 0.5),
+        mode: str = "RGB"):
     """Resize to cover the bucket, crop to it (centre unless `crop_at` says where), optionally mirror."""
     from PIL import Image as PILImage
 
     width, height = bucket
     scale = max(width / image.width, height / image.height)
-    resized = image.convert("RGB").resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+    resized = image.convert(mode).resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
                                           PILImage.LANCZOS)
     left = round((resized.width - width) * crop_at[0])
     top = round((resized.height - height) * crop_at[1])
@@ -150,6 +179,22 @@ def encode_images(backbone: Any, images: list[Image.Image]) -> torch.Tensor:
         latents = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean.float()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
+
+
+def mask_weights(item: Item, bucket: tuple[int, int], latent_size: tuple[int, int], *, flip: bool,
+                 floor: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights (1, h, w): `floor` outside the subject, 1 on it, the mask fitted
+    like its image and averaged over each latent pixel's area."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(item.mask) as source:
+        grey = source.convert("RGBA").getchannel("A") if item.mask == item.path else source.convert("L")
+        fitted = fit(grey, bucket, flip=flip, mode="L")
+    mask = torch.from_numpy(np.asarray(fitted, dtype=np.float32) / 255)[None, None]
+    mask = torch.nn.functional.adaptive_avg_pool2d(mask, latent_size)[0]
+    return floor + (1 - floor) * mask
 
 
 class LatentCache:

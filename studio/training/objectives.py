@@ -20,7 +20,10 @@ OBJECTIVES: Registry[type[Objective]] = Registry("family", UnknownFamilyError)
 
 
 class Objective:
-    """`encode(captions)` -> conditioning (tensors, batch first); `loss(denoiser, x0, **conditioning)`."""
+    """`encode(captions)` -> conditioning (tensors, batch first); `loss(denoiser, x0, **conditioning)`.
+
+    Every loss takes `sample_weights` (one per example) and `pixel_weights` ((B, 1, h, w) at the latent
+    size, for masked loss: each example's error is then its weighted mean over pixels)."""
 
     def __init__(self, pipe: Any, *, snr_gamma: float | None = None):
         self.pipe = pipe
@@ -30,10 +33,19 @@ class Objective:
         raise NotImplementedError
 
     def loss(self, denoiser: Any, x0: torch.Tensor, *, sample_weights: torch.Tensor | None = None,
-             **conditioning: torch.Tensor) -> torch.Tensor:
+             pixel_weights: torch.Tensor | None = None, **conditioning: torch.Tensor) -> torch.Tensor:
         """The mean loss, or Σ wᵢ lossᵢ with `sample_weights` (one per example, e.g. a prior-preservation
         batch joined to the instance batch)."""
         raise NotImplementedError
+
+
+def per_sample(prediction: torch.Tensor, target: torch.Tensor, pixel_weights: torch.Tensor | None) -> torch.Tensor:
+    """Each example's mean squared error, weighted over pixels by `pixel_weights` when given."""
+    error = (prediction.float() - target.float()).square()
+    if pixel_weights is None:
+        return error.flatten(1).mean(dim=1)
+    weights = pixel_weights.to(error).expand_as(error).flatten(1)
+    return (weights * error.flatten(1)).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-8)
 
 
 def reduce(per_sample: torch.Tensor, sample_weights: torch.Tensor | None) -> torch.Tensor:
@@ -59,7 +71,7 @@ class NoisePrediction(Objective):
         return {}
 
     def loss(self, denoiser: Any, x0: torch.Tensor, *, sample_weights: torch.Tensor | None = None,
-             **conditioning: torch.Tensor) -> torch.Tensor:
+             pixel_weights: torch.Tensor | None = None, **conditioning: torch.Tensor) -> torch.Tensor:
         import torch
 
         alphas = self.noise_schedule.alphas_cumprod.to(x0.device)
@@ -69,13 +81,13 @@ class NoisePrediction(Objective):
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = noise if self.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
         out = denoiser(xt, t, encoder_hidden_states=conditioning["context"], **self.extra(conditioning)).sample
-        per_sample = (out.float() - target.float()).square().flatten(1).mean(dim=1)
+        errors = per_sample(out, target, pixel_weights)
         if self.snr_gamma:
             # Min-SNR-γ (Hang et al. 2023, arXiv:2303.09556): per-sample weight min(SNR, γ) / SNR for eps,
             # min(SNR, γ) / (SNR + 1) for v, so the near-clean steps stop dominating the gradient
             snr = (a / (1 - a)).flatten()
-            per_sample = per_sample * snr.clamp(max=self.snr_gamma) / (snr if self.prediction == "epsilon" else snr + 1)
-        return reduce(per_sample, sample_weights)
+            errors = errors * snr.clamp(max=self.snr_gamma) / (snr if self.prediction == "epsilon" else snr + 1)
+        return reduce(errors, sample_weights)
 
 
 OBJECTIVES.register("sd1", "sd2")(NoisePrediction)
@@ -111,7 +123,7 @@ class RectifiedFlow(Objective):
         return {"context": embeds, "pooled": pooled}
 
     def loss(self, denoiser: Any, x0: torch.Tensor, *, sample_weights: torch.Tensor | None = None,
-             **conditioning: torch.Tensor) -> torch.Tensor:
+             pixel_weights: torch.Tensor | None = None, **conditioning: torch.Tensor) -> torch.Tensor:
         import torch
 
         noise = torch.randn_like(x0)
@@ -120,7 +132,7 @@ class RectifiedFlow(Objective):
         velocity = denoiser(hidden_states=xt, timestep=sigma.flatten() * 1000,
                             encoder_hidden_states=conditioning["context"],
                             pooled_projections=conditioning["pooled"]).sample
-        return reduce((velocity.float() - (noise - x0).float()).square().flatten(1).mean(dim=1), sample_weights)
+        return reduce(per_sample(velocity, noise - x0, pixel_weights), sample_weights)
 
 
 def objective_for(backbone: Any, *, snr_gamma: float | None = None) -> Objective:

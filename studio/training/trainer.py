@@ -30,6 +30,10 @@ class TrainingError(StudioError, RuntimeError):
     """A training run that cannot go on (e.g. the loss became NaN)."""
 
 
+class TrainingCancelled(TrainingError):
+    """The run was asked to stop; its checkpoint is saved and `resume=True` continues it."""
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """Everything a run needs; YAML/TOML recipes load into it and unknown keys raise."""
@@ -62,6 +66,11 @@ class TrainConfig:
     flip: bool = False  # mirrored copies (cached too)
     caption_dropout: float = 0.0
     snr_gamma: float | None = None  # Min-SNR-γ loss weighting for noise-prediction families (kohya/diffusers: 5)
+    # masked loss (kohya's masked_loss, ai-toolkit's masks): the loss is a weighted mean over latent pixels,
+    # 1 on each image's mask (NAME.mask.png or its alpha), mask_floor elsewhere, so a small subject is not
+    # drowned by its background; images without a mask weigh every pixel the same
+    masked_loss: bool = False
+    mask_floor: float = 0.1
     reg_folder: str | None = None  # prior preservation images (their captions name the class)
     prior_weight: float = 1.0
     checkpoint_every: int = 100
@@ -85,6 +94,8 @@ class TrainConfig:
             raise InvalidArgumentError(f"lr_schedule={self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise InvalidArgumentError(f"snr_gamma={self.snr_gamma!r} must be > 0 (e.g. 5), or None for plain MSE.")
+        if not 0 <= self.mask_floor <= 1:
+            raise InvalidArgumentError(f"mask_floor={self.mask_floor!r} must be in [0, 1] (the background's loss weight).")
         if not 0 <= self.caption_dropout < 1:
             raise InvalidArgumentError(f"caption_dropout={self.caption_dropout!r} must be in [0, 1).")
         if self.precision not in ("auto", "no", "fp16", "bf16"):
@@ -163,6 +174,8 @@ class Run:
             for flip in (False, True) if config.flip else (False,):
                 self.examples.append({"item": item, "bucket": bucket, "flip": flip})
         self._encode_latents()
+        if config.masked_loss:
+            self._mask_weights()
         captions = sorted({e["item"].caption for e in self.examples} | {""})
         self.conditioning = {c: self._conditioning(c) for c in captions} if not config.text_encoder else {}
         self.adapter = adapter_kinds().get_or_raise(config.kind).create(backbone, kind_config(config, backbone),
@@ -212,6 +225,25 @@ class Run:
                     self.cache.put("latent", example["key"], {"latent": latent})
         self.log(f"{len(self.examples)} training examples ({len(self.examples) - len(missing)} latents from the cache)")
 
+    def _mask_weights(self) -> None:
+        from studio.training.data import mask_weights
+
+        masked = 0
+        for example in self.examples:
+            item = example["item"]
+            latent_size = tuple(example["latent"].shape[-2:])
+            if item.mask is None:
+                example["pixel_weights"] = example["latent"].new_ones((1, *latent_size))
+            else:
+                example["pixel_weights"] = mask_weights(item, example["bucket"], latent_size, flip=example["flip"],
+                                                        floor=self.config.mask_floor)
+                masked += 1
+        self.log(f"masked loss: {masked} of {len(self.examples)} examples have a mask (background weight "
+                 f"{self.config.mask_floor})")
+        if not any(e["item"].mask is not None and not e["item"].regularisation for e in self.examples):
+            self.log("masked loss is on but no training image has a mask (NAME.mask.png or an alpha channel): "
+                     "every pixel weighs the same")
+
     def _conditioning(self, caption: str) -> dict[str, Any]:
         import torch
 
@@ -244,6 +276,8 @@ class Run:
         else:
             conditioning = {k: torch.stack([self.conditioning[c][k] for c in captions])
                             for k in self.conditioning[captions[0]]}
+        if self.config.masked_loss:  # not conditioning: the objective's loss takes it as its own argument
+            conditioning["pixel_weights"] = torch.stack([e["pixel_weights"] for e in picked])
         return x0, conditioning
 
     # ------------------------------------------------------------------------------- optimisation
@@ -456,10 +490,12 @@ def loss_plot(losses: list[float], path: Path, *, width: int = 640, height: int 
 
 
 def train(config: TrainConfig | None = None, *, resume: bool = False, progress: Progress | None = None,
-          log: Callable[[str], None] = print, **options: Any) -> Path:
+          log: Callable[[str], None] = print, should_stop: Callable[[], bool] | None = None, **options: Any) -> Path:
     """Train an adapter on a reference folder and write it; `studio.train(folder=..., out=..., kind=...)`.
 
-    With `resume`, a run continues from its last checkpoint and finishes the same number of steps."""
+    With `resume`, a run continues from its last checkpoint and finishes the same number of steps.
+    `should_stop` is asked after every step: when it says yes, the run saves a checkpoint and raises
+    `TrainingCancelled` (resume it later with `resume=True`)."""
     config = config or TrainConfig(**options)
     paths = config.paths()
     if not resume and (paths["checkpoint"] / "state.json").is_file():
@@ -484,6 +520,10 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, progress: 
                 run.samples()
             if step % config.checkpoint_every == 0 and step < config.steps:
                 run.save_checkpoint()
+            if should_stop is not None and step < config.steps and should_stop():
+                run.save_checkpoint()
+                raise TrainingCancelled(f"training of {str(paths['out'])!r} cancelled at step {step} of {config.steps}; "
+                                        f"continue it with resume=True (--resume)")
     path = run.finish()
     import shutil
 

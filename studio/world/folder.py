@@ -1,4 +1,5 @@
-"""Reference folders of renders in the kohya layout: NNN.png beside NNN.txt holding its caption."""
+"""Reference folders of renders in the kohya layout: NNN.png beside NNN.txt holding its caption (and,
+with `masks`, NNN.mask.png: the shape's exact mask, for masked loss)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from studio.world.render import render, sample_labels
 
 
 def write_reference_folder(out: str | Path, *, n: int = 12, seed: int = 0, trigger: str | None = None,
-                           **fixed: str | None) -> list[Path]:
+                           masks: bool = False, **fixed: str | None) -> list[Path]:
     """Render `n` images with the `fixed` attributes (others random base values) and caption each."""
     from studio.errors import InvalidArgumentError
 
@@ -24,9 +25,13 @@ def write_reference_folder(out: str | Path, *, n: int = 12, seed: int = 0, trigg
     paths = []
     for i in range(n):
         labels = sample_labels(rng, **pinned)
-        image, _ = render(labels, seed=int(rng.integers(2**31)))
+        image, mask = render(labels, seed=int(rng.integers(2**31)))
         path = out / f"{i:03d}.png"
         image.save(path)
+        if masks:
+            from PIL import Image
+
+            Image.fromarray(mask.astype(np.uint8) * 255, "L").save(out / f"{i:03d}.mask.png")
         path.with_suffix(".txt").write_text(random_caption(labels, rng, trigger=trigger) + "\n", encoding="utf-8")
         paths.append(path)
     return paths
