@@ -393,8 +393,17 @@ def serve(
     share: Annotated[bool, typer.Option(help="Also open a public gradio.live link.")] = False,
 ) -> None:
     """Start the web UI (Generate, Train, Merge, Library)."""
-    import app as web
+    import importlib.util
 
+    # app.py sits at the checkout's top (the design card's layout), beside the studio package, and is
+    # not an installed module (the wheel holds only `studio`)
+    path = Path(__file__).resolve().parents[1] / "app.py"
+    if not path.is_file():
+        raise StudioError(f"the web UI needs {path}: run studio from its source checkout (pip install -e .).")
+    spec = importlib.util.spec_from_file_location("app", path)
+    web = importlib.util.module_from_spec(spec)
+    sys.modules["app"] = web
+    spec.loader.exec_module(web)
     web.serve(host, port, share)
 
 

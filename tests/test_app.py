@@ -191,3 +191,31 @@ def test_blocks_build_with_every_tab():
     labels = {getattr(block, "label", None) for block in demo.blocks.values()}
     assert {"Prompt", "Backbone", "Scheduler", "Images", "Parameters", "Adapter 1", "Training images (and .txt captions)",
             "Adapters to merge", "Search adapters", "History"} <= labels
+
+
+def test_studio_serve_starts_the_ui_on_localhost(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, STUDIO_HOME=str(tmp_path / "home"), GRADIO_TEMP_DIR=str(tmp_path / "gradio"),
+               HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    server = subprocess.Popen([sys.executable, "-m", "studio.cli", "serve", "--port", str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        deadline, page = time.monotonic() + 90, None
+        while page is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                    page = response.read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert page is not None, server.stdout.read() if server.poll() is not None else "no answer in 90 s"
+        assert "<title>studio</title>" in page or '"title":"studio"' in page.replace(" ", "")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +45,7 @@ def server(tmp_path_factory):
     os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio-tmp"))
     port = free_port()
     demo = app.serve(port=port, block=False)
+    assert demo.server_name == "127.0.0.1" and demo.max_file_size == 50 * 1024**2  # local only; uploads capped
     yield f"http://127.0.0.1:{port}"
     demo.close()
     for key, value in saved.items():
@@ -117,6 +117,11 @@ def test_generate_an_image(page):
     page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('Steps: 25'))")
     assert parameters.input_value().startswith("a red circle") and "Seed: " in parameters.input_value()
     assert shot(page, "generate").is_file()
+    page.get_by_label("Width", exact=True).fill("60")  # bad input: a message in the page, not a traceback
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.get_by_text("must be a positive multiple of").first.wait_for()
+    assert "Traceback" not in page.content()
+    shot(page, "generate-error")
 
 
 def test_two_users_generating_at_once_both_get_their_images(browser, server):
@@ -147,11 +152,14 @@ def test_train_on_uploaded_images_and_find_it_in_the_library(page, tmp_path):
     page.get_by_text("3 images ready").wait_for()
     page.get_by_label("Adapter name").fill("browser-star")
     steps = page.get_by_label("Steps", exact=True).locator("visible=true").first
-    steps.fill("3")
+    steps.fill("20")
     steps.press("Tab")
     page.get_by_role("button", name="Start", exact=True).click()
+    page.locator("[data-status='running']").wait_for()
+    page.reload()  # the job goes on in the server; the reloaded page finds it in the library
+    page.get_by_role("tab", name="Train").click()
     page.locator("[data-status='done']").wait_for()
-    assert "step 3 of 3" in page.locator(".progress-wrap").inner_text()
+    assert "browser-star: done: step 20 of 20" in page.locator(".progress-wrap").inner_text()
     shot(page, "train")
     page.get_by_role("tab", name="Library").click()
     page.get_by_text("browser-star").locator("visible=true").first.wait_for()
