@@ -160,7 +160,7 @@ def library_view(query: str = "") -> tuple[list[tuple[str, str]], list[list[Any]
     """The Library tab: thumbnails with captions, and one table row per adapter."""
     rows = library().adapters(query or "")
     gallery = [(r["thumbnail"], r["name"]) for r in rows if r["thumbnail"] and Path(r["thumbnail"]).is_file()]
-    table = [[r["name"], r["kind"], r["family"], ", ".join(json.loads(r["trigger_words"] or "[]")),
+    table = [[r["name"], r["kind"], r["family"], r["base"], ", ".join(json.loads(r["trigger_words"] or "[]")),
               ", ".join(json.loads(r["tags"] or "[]")), Path(r["path"]).name] for r in rows]
     return gallery, table
 
@@ -648,7 +648,7 @@ def build_app():
 
             generate_tab.select(refresh_pickers, None, pickers)
 
-        with gr.Tab("Train"):
+        with gr.Tab("Train") as train_tab:
             source = gr.State("")
             job = gr.State(None)
             with gr.Row():
@@ -688,8 +688,10 @@ def build_app():
                         job)
             resume.click(resume_training, job, job)
             cancel.click(cancel_training, job, note)
-            timer = gr.Timer(1.0)
+            # the live view polls once a second, only while the Train tab is open
+            timer = gr.Timer(1.0, active=False)
             timer.tick(job_view, job, [progress, loss, samples], show_progress="hidden")
+            train_tab.select(lambda: gr.Timer(active=True), None, timer)
 
         with gr.Tab("Merge") as merge_tab:
             with gr.Row():
@@ -710,7 +712,8 @@ def build_app():
                                                  allow_custom_value=True)
                     test_prompts = gr.Textbox(label="Test prompts (one per line)", lines=3)
                     preview = gr.Button("Preview")
-                    grid = gr.Gallery(label="Preview", columns=4, height=200, elem_classes="pixelated")
+                    grid = gr.Gallery(label="Preview", columns=4, height=200, object_fit="contain", fit_columns=False,
+                                      elem_classes="pixelated")
                     with gr.Row():
                         merged_name = gr.Textbox(label="Merged adapter name", scale=3)
                         save = gr.Button("Save merge", variant="primary", scale=1)
@@ -726,16 +729,18 @@ def build_app():
             with gr.Row():
                 with gr.Column(scale=5):
                     search = gr.Textbox(label="Search adapters", placeholder="name, kind, family, trigger word, tag")
-                    thumbs = gr.Gallery(label="Adapters", columns=6, height=180, elem_classes="pixelated")
+                    thumbs = gr.Gallery(label="Adapters", columns=6, height=180, object_fit="contain", fit_columns=False,
+                                        elem_classes="pixelated")
                     adapter_table = gr.Dataframe(label="Adapters",
-                                                 headers=["name", "kind", "family", "trigger words", "tags", "file"],
+                                                 headers=["name", "kind", "family", "backbone", "trigger words", "tags", "file"],
                                                  interactive=False, max_height=220)
                 with gr.Column(scale=3):
                     adapter_upload = gr.File(label="Import an adapter (.safetensors)", file_types=[".safetensors"],
                                              height=100)
                     tags = gr.Textbox(label="Tags for the import", placeholder="character, style")
                     import_note = gr.Markdown()
-            history = gr.Gallery(label="History", columns=10, height=200, elem_classes="pixelated")
+            history = gr.Gallery(label="History", columns=10, height=200, object_fit="contain", fit_columns=False,
+                                 elem_classes="pixelated")
             history_parameters = gr.Textbox(label="Recipe of the selected image", lines=3)
             search.change(library_view, search, [thumbs, adapter_table])
             adapter_upload.upload(import_adapter, [adapter_upload, tags], import_note).then(
@@ -752,6 +757,9 @@ def build_app():
                 return select_image(recipe_list, evt.index)[0]
 
             history.select(on_history, history_recipes, history_parameters)
+
+        for tab in (generate_tab, merge_tab, library_tab):
+            tab.select(lambda: gr.Timer(active=False), None, timer)
 
         def on_load():
             return [latest_job(), *[gr.update(choices=adapter_choices()) for _ in pickers]]

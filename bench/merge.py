@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from customize import COMMON, SETTINGS, measure
+from customize import COMMON, REG_IMAGES, SETTINGS, measure
 from studio.pipelines import StudioPipeline
 
 import studio
@@ -30,6 +30,7 @@ from studio.training.trainer import TrainConfig, train
 from studio.world.folder import write_reference_folder
 
 SHAPES = ("star", "heart")
+TRIGGERS = {"star": "sks", "heart": "zwx"}  # one trigger word per concept, as users name their adapters
 STYLE = "checker"
 METHODS = ("linear", "svd", "ties", "dare_ties", "orthogonal")
 
@@ -44,11 +45,11 @@ def train_adapter(folder: Path, reg: Path, out: Path, kind: str, concept_seed: i
 
 
 def accuracy(pipeline: StudioPipeline, adapters: list[tuple[Path | object, float]], *, n: int, seed: int,
-             attributes: tuple[str, ...], **fixed: str) -> dict[str, float]:
+             attributes: tuple[str, ...], trigger: str = "sks", **fixed: str) -> dict[str, float]:
     for adapter, weight in adapters:
         pipeline.attach(adapter, weight)
     try:
-        metrics = measure(pipeline.backbone, n=n, seed=seed, trigger="sks", attributes=attributes, **fixed)
+        metrics = measure(pipeline.backbone, n=n, seed=seed, trigger=trigger, attributes=attributes, **fixed)
     finally:
         pipeline.detach()
     return metrics
@@ -65,15 +66,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     data = Path(tempfile.mkdtemp())
     reg = data / "reg"
-    write_reference_folder(reg, n=48, seed=8)
+    write_reference_folder(reg, n=REG_IMAGES, seed=8)
     adapters: dict[str, Path] = {}
     started = time.perf_counter()
     for i, shape in enumerate(SHAPES):
         folder = data / shape
-        write_reference_folder(folder, n=12, seed=7 + i, shape=shape, trigger="sks")
+        write_reference_folder(folder, n=12, seed=7 + i, shape=shape, trigger=TRIGGERS[shape], masks=True)
         for kind in ("lora", "orthogonal"):
             adapters[f"{kind}-{shape}"] = train_adapter(folder, reg, args.out / f"{kind}-{shape}.safetensors", kind,
-                                                        concept_seed=i, trigger="sks")
+                                                        concept_seed=i, trigger=TRIGGERS[shape])
     style = data / STYLE
     write_reference_folder(style, n=12, seed=9, background=STYLE)
     for kind in () if args.skip_style else ("lora", "orthogonal"):
@@ -88,8 +89,8 @@ def main() -> None:
     for kind in ("lora", "orthogonal"):
         pair = [adapters[f"{kind}-{s}"] for s in SHAPES]
         score = studio.merge.plan(pair).score
-        single = {s: accuracy(pipeline, [(p, 1.0)], n=args.n, seed=args.seed, attributes=("shape",), shape=s)["shape"]
-                  for s, p in zip(SHAPES, pair, strict=True)}
+        single = {s: accuracy(pipeline, [(p, 1.0)], n=args.n, seed=args.seed, attributes=("shape",), shape=s,
+                              trigger=TRIGGERS[s])["shape"] for s, p in zip(SHAPES, pair, strict=True)}
         rows.append({"pair": kind, "method": "single", "score": score, **single})
         print(json.dumps(rows[-1]), flush=True)
         for method in methods:
@@ -99,7 +100,7 @@ def main() -> None:
                 rows.append({"pair": kind, "method": method, "score": score, "refused": str(error)[:60]})
                 continue
             cell = {s: accuracy(pipeline, [(merged, 1.0)], n=args.n, seed=args.seed, attributes=("shape",),
-                                shape=s)["shape"] for s in SHAPES}
+                                shape=s, trigger=TRIGGERS[s])["shape"] for s in SHAPES}
             rows.append({"pair": kind, "method": method, "score": score, **cell,
                          **{f"kept_{s}": cell[s] / max(single[s], 1e-9) for s in SHAPES}})
             print(json.dumps(rows[-1]), flush=True)

@@ -127,7 +127,7 @@ def test_names_are_sanitised_and_uploads_checked(home, tmp_path):
     assert not (home / "adapters" / "broken.safetensors").exists()
 
 
-def test_training_job_runs_in_a_thread_and_lands_in_the_library(trained, home):
+def test_training_job_runs_in_a_thread_and_lands_in_the_library(trained, home, tmp_path):
     star, heart = trained
     assert Path(star).parent == home / "adapters"
     html, plot, samples = app.job_view(app.latest_job())
@@ -143,6 +143,15 @@ def test_training_job_runs_in_a_thread_and_lands_in_the_library(trained, home):
     adapters = json.loads(recipes[0])["adapters"]
     assert [(a["name"], a["weight"]) for a in adapters] == [("star-adapter", 0.8)]
     assert "<lora:star-adapter:0.8>" in parameters
+    # import by upload: copied under adapters/ with its tags, a second upload of the same name kept apart
+    upload = tmp_path / "upload" / "shared star.safetensors"
+    upload.parent.mkdir()
+    upload.write_bytes(Path(star).read_bytes())
+    assert "Imported star-adapter (lora, sd1)" in app.import_adapter(str(upload), "mine, shapes")
+    app.import_adapter(str(upload), "mine")
+    imported = [row for row in app.library_view("mine")[1]]
+    assert sorted(row[6] for row in imported) == ["shared_star-1.safetensors", "shared_star.safetensors"]
+    assert {row[5] for row in imported} == {"mine, shapes", "mine"} and {row[3] for row in imported} == {"world-sd"}
 
 
 def test_cancel_then_resume_finishes_the_same_steps(home, tmp_path):
