@@ -336,14 +336,16 @@ class Jobs:
         thread = self.threads.get(job_id)
         return thread is not None and thread.is_alive()
 
+    def running_named(self, name: str) -> bool:
+        return any(j["name"] == name and self.running(j["id"]) for j in library().jobs("ui"))
+
     def start(self, config: Any, *, resume: bool = False, name: str | None = None) -> int:
         from dataclasses import asdict
 
         name = name or Path(config.out).stem
-        db = library()
-        job_id = db.start_job("ui", name, asdict(config))
-        if self.running(job_id):
+        if self.running_named(name):
             raise ValueError(f"training {name!r} is already running.")
+        job_id = library().start_job("ui", name, asdict(config))
         stop = self.stops[job_id] = threading.Event()
         thread = threading.Thread(target=self._run, args=(job_id, config, resume, stop), daemon=True,
                                   name=f"train-{name}")
@@ -400,8 +402,8 @@ def start_training(source: str, table: Any, name: str, kind: str, backbone: str,
     if not name:
         raise gr.Error("Give the adapter a name (letters, digits, dots, dashes).")
     out = folder("adapters") / f"{name}.safetensors"
-    if out.exists():
-        raise gr.Error(f"An adapter named {name!r} exists already; choose another name.")
+    if out.exists() or JOBS.running_named(name):
+        raise gr.Error(f"An adapter named {name!r} exists already or is training; choose another name.")
     target = folder("training") / name
     if target.exists():
         shutil.rmtree(target)

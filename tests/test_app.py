@@ -162,6 +162,10 @@ def test_cancel_then_resume_finishes_the_same_steps(home, tmp_path):
     source, rows, _ = app.pick_server_folder(str(refs), "sks")
     app.JOBS.cancel(-1)  # unknown ids are ignored
     job = app.start_training(source, rows, "slow", "lora", "world-sd", "sks", 12, 4, 1e-3)
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="is training"):  # a second user cannot start the same name meanwhile
+        app.start_training(source, rows, "slow", "lora", "world-sd", "sks", 12, 4, 1e-3)
     deadline = time.monotonic() + 60
     while (app.library().job(job)["step"] or 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
