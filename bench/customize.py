@@ -103,7 +103,6 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="prompted samples per measurement")
     parser.add_argument("--seed", type=int, default=4321)
     parser.add_argument("--out", type=Path, default=Path("out/bench-customize"))
-    parser.add_argument("--stratify", action="store_true", help="the 12 renders half small, half large")
     parser.add_argument("--reg", type=int, default=REG_IMAGES, help="prior-preservation renders")
     parser.add_argument("--skip-baseline", action="store_true", help="no diffusers+PEFT timing (for sweeps)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -114,8 +113,7 @@ def main() -> None:
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     args.out.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp()) / "refs"
-    write_reference_folder(folder, n=12, seed=7, shape=args.shape, trigger="sks", masks=True,
-                           stratify=("size",) if args.stratify else ())
+    write_reference_folder(folder, n=12, seed=7, shape=args.shape, trigger="sks", masks=True)
     # DreamBooth prior preservation: renders of base shapes, captioned without the trigger, keep the
     # rest of the model where it was (without them the first run lost 28 points of base-shape accuracy)
     reg = folder.parent / "reg"

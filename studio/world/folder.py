@@ -12,10 +12,8 @@ from studio.world.render import render, sample_labels
 
 
 def write_reference_folder(out: str | Path, *, n: int = 12, seed: int = 0, trigger: str | None = None,
-                           masks: bool = False, stratify: tuple[str, ...] = (), **fixed: str | None) -> list[Path]:
-    """Render `n` images with the `fixed` attributes (others random base values) and caption each.
-    `stratify` names attributes whose base values take turns (image i gets value i mod count), so a
-    small set covers them evenly, e.g. ("size",): half small, half large."""
+                           masks: bool = False, **fixed: str | None) -> list[Path]:
+    """Render `n` images with the `fixed` attributes (others random base values) and caption each."""
     from studio.errors import InvalidArgumentError
 
     if n < 1:
@@ -23,13 +21,10 @@ def write_reference_folder(out: str | Path, *, n: int = 12, seed: int = 0, trigg
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    from studio.world.vocab import base_values
-
     pinned = {k: v for k, v in fixed.items() if v}
     paths = []
     for i in range(n):
-        turns = {a: base_values(a)[i % len(base_values(a))] for a in stratify if a not in pinned}
-        labels = sample_labels(rng, **pinned, **turns)
+        labels = sample_labels(rng, **pinned)
         image, mask = render(labels, seed=int(rng.integers(2**31)))
         path = out / f"{i:03d}.png"
         image.save(path)
