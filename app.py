@@ -17,6 +17,7 @@ state is in the library database, so a reloaded page shows it again.
 
 # No `from __future__ import annotations`: Gradio reads the `gr.SelectData` annotation of the select
 # handlers at run time to pass them the event.
+import html
 import json
 import logging
 import re
@@ -24,7 +25,8 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,18 @@ def use_adapters(pipeline: Any, stack: list[tuple[str, float]]) -> None:
         pipeline.attach(path, weight)
 
 
+@contextmanager
+def only_adapter(backbone: str, adapter_path: Path) -> Iterator[Any]:
+    """The backbone's shared pipeline, locked, with just this adapter attached; detached afterwards."""
+    pipeline, lock = pipeline_for(backbone or DEFAULT_BACKBONE)
+    with lock:
+        use_adapters(pipeline, [(str(adapter_path), 1.0)])
+        try:
+            yield pipeline
+        finally:
+            pipeline.detach()
+
+
 # -------------------------------------------------------------------------------------- library
 
 def library():
@@ -144,13 +158,8 @@ def make_thumbnail(adapter_path: Path, backbone: str | None = None) -> str | Non
     manifest = json.loads(metadata.get(MANIFEST_KEY, "{}"))
     backbone = backbone or manifest.get("base") or DEFAULT_BACKBONE
     prompt = " ".join(manifest.get("trigger_words") or [manifest.get("name") or adapter_path.stem])
-    pipeline, lock = pipeline_for(backbone)
-    with lock:
-        use_adapters(pipeline, [(str(adapter_path), 1.0)])
-        try:
-            image = pipeline.generate(prompt, seed=0).images[0]
-        finally:
-            pipeline.detach()
+    with only_adapter(backbone, adapter_path) as pipeline:
+        image = pipeline.generate(prompt, seed=0).images[0]
     path = folder("thumbnails") / f"{adapter_path.stem}-{secrets.token_hex(4)}.png"
     image.save(path)
     return str(path)
@@ -474,23 +483,17 @@ def job_view(job_id: int | None) -> tuple[str, str | None, list[str]]:
     words = {"queued": "starting", "running": "training", "done": "done", "failed": "failed",
              "cancelled": "cancelled", "interrupted": "interrupted (press Resume)"}[status]
     detail = f", loss {loss:.4f}" if isinstance(loss, float) else ""
-    html = (f"<div class='progress-wrap' data-status='{status}'><b>{job['name']}</b>: {words}: "
+    page = (f"<div class='progress-wrap' data-status='{status}'><b>{job['name']}</b>: {words}: "
             f"step {step} of {total}{detail}<br><progress value='{step}' max='{total}'></progress>")
     if job["error"] and status in ("failed", "cancelled"):
-        html += f"<p>{_escape(job['error'])}</p>"
-    html += "</div>"
+        page += f"<p>{html.escape(job['error'])}</p>"
+    page += "</div>"
     plot = None
     if paths["log"].is_file():
         losses = [json.loads(line)["loss"] for line in paths["log"].read_text().splitlines() if line.strip()]
         plot = str(loss_plot(losses, paths["log"].with_suffix(".png")))
     samples = sorted(str(p) for p in paths["samples"].glob("*.png")) if paths["samples"].is_dir() else []
-    return html, plot, samples
-
-
-def _escape(text: str) -> str:
-    import html
-
-    return html.escape(text)
+    return page, plot, samples
 
 
 # ---------------------------------------------------------------------------------------- merge
@@ -545,19 +548,14 @@ def merge_preview(paths: list[str] | None, method: str, weights: str, prompts: s
         raise gr.Error("Give at least one test prompt (one per line).")
     scratch = folder("merge-preview") / f"preview-{secrets.token_hex(4)}.safetensors"
     _merge(paths, method, weights, scratch)
-    pipeline, lock = pipeline_for(backbone or DEFAULT_BACKBONE)
     out = []
     try:
-        with lock:
-            use_adapters(pipeline, [(str(scratch), 1.0)])
-            try:
-                for i, prompt in enumerate(lines[:8]):
-                    image = pipeline.generate(prompt, seed=int(seed) + i).images[0]
-                    path = scratch.with_name(f"{scratch.stem}-{i}.png")
-                    image.save(path)
-                    out.append((str(path), prompt))
-            finally:
-                pipeline.detach()
+        with only_adapter(backbone, scratch) as pipeline:
+            for i, prompt in enumerate(lines[:8]):
+                image = pipeline.generate(prompt, seed=int(seed) + i).images[0]
+                path = scratch.with_name(f"{scratch.stem}-{i}.png")
+                image.save(path)
+                out.append((str(path), prompt))
     finally:
         scratch.unlink(missing_ok=True)
     return out
