@@ -5,8 +5,9 @@
 
 Tabs: Generate (adapter stack, gallery with each image's recipe, reuse, download), Train (upload or a
 server folder, caption table, live progress, loss plot and samples, cancel, resume), Merge (the
-interference plan, method and weights, a preview grid before saving) and Library (adapters with
-thumbnails, search, import by upload; the history of generations).
+interference plan, method and weights, a preview grid before saving), Erase (a concept eraser by ESD,
+SPM or UCE, with before/after previews; erasers then stack in Generate like any adapter) and Library
+(adapters with thumbnails, search, import by upload; the history of generations).
 
 Every handler is a plain function of this module (tested directly in tests/test_app.py); the page only
 wires them to components. Files live under `$STUDIO_HOME`: outputs/ (images, each PNG carrying its
@@ -578,6 +579,69 @@ def merge_save(paths: list[str] | None, method: str, weights: str, name: str) ->
     return f"Saved {out.name} ({method or 'linear'} of {len(paths)} adapters{cut}); it is in the library."
 
 
+# ----------------------------------------------------------------------------------------- erase
+
+def erase_prompts(concepts: str) -> str:
+    """Default test prompts of the Erase tab: one naming each concept."""
+    return "\n".join(f"a {c.strip()}" for c in (concepts or "").split(",") if c.strip())
+
+
+@ui_errors
+def erase_concept(concepts: str, method: str, preserve: str, backbone: str, steps: int | None,
+                  name: str) -> tuple[str, str]:
+    """Make an eraser (comma-separated concepts: UCE erases them together), save it under adapters/
+    and in the library; returns the note and the file's path. The backbone's shared pipeline is held
+    while it is made (UCE takes seconds, ESD/SPM train for minutes)."""
+    import gradio as gr
+    from studio.adapters.erase import erase
+
+    words = [c.strip() for c in (concepts or "").split(",") if c.strip()]
+    if not words:
+        raise gr.Error("Name the concept to erase (several, comma-separated, with UCE).")
+    method = method or "uce"
+    name = safe_name(name or "", fallback="") or safe_name(f"erase-{'-'.join(words)}")
+    out = free_path(folder("adapters") / f"{name}.safetensors")
+    notes: list[str] = []
+    pipeline, lock = pipeline_for(backbone or DEFAULT_BACKBONE)
+    with lock:
+        pipeline.detach()  # an eraser is made against the plain backbone
+        adapter = erase(words if len(words) > 1 else words[0], method=method, backbone=pipeline.backbone,
+                        preserve=preserve or [], steps=int(steps) if steps else None, name=out.stem, out=str(out),
+                        warn=notes.append)
+    for note in notes:
+        gr.Warning(note)
+    library().add_adapter(out, tags=["eraser", method])
+    return (f"Saved {out.name}: {method} eraser of {', '.join(adapter.config.concepts)} ({len(adapter.config.targets)} "
+            f"modules, rank {adapter.config.rank}); it is in the library and the Generate tab's adapters."), str(out)
+
+
+@ui_errors
+def erase_preview(path: str | None, prompts: str, backbone: str, seed: int = 0) -> list[tuple[str, str]]:
+    """Each test prompt before and after the eraser, with the same seed (up to 4 prompts)."""
+    import gradio as gr
+
+    if not path or not Path(path).is_file():
+        raise gr.Error("Make an eraser first (the Erase button).")
+    lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
+    if not lines:
+        raise gr.Error("Give at least one test prompt (one per line).")
+    pipeline, lock = pipeline_for(backbone or DEFAULT_BACKBONE)
+    out = []
+    stem = f"erase-{secrets.token_hex(4)}"
+    with lock:
+        try:
+            for i, prompt in enumerate(lines[:4]):
+                for label, stack in (("before", []), ("after", [(str(path), 1.0)])):
+                    use_adapters(pipeline, stack)
+                    image = pipeline.generate(prompt, seed=int(seed) + i).images[0]
+                    target = folder("erase-preview") / f"{stem}-{i}-{label}.png"
+                    image.save(target)
+                    out.append((str(target), f"{label}: {prompt}"))
+        finally:
+            pipeline.detach()
+    return out
+
+
 # ------------------------------------------------------------------------------------------ page
 
 def build_app():
@@ -724,6 +788,32 @@ def build_app():
             save.click(merge_save, [merge_sources, method, merge_weights, merged_name], merge_note)
             merge_tab.select(lambda: gr.update(choices=adapter_choices()), None, merge_sources)
 
+        with gr.Tab("Erase") as erase_tab:
+            eraser = gr.State(None)
+            with gr.Row():
+                with gr.Column(scale=4):
+                    concept = gr.Textbox(label="Concept to erase", placeholder="circle   (UCE: circle, ring, square)")
+                    with gr.Row():
+                        erase_method = gr.Dropdown(label="Method", choices=["uce", "esd", "spm"], value="uce",
+                                                   info="uce: closed form, seconds; esd/spm: trained")
+                        erase_backbone = gr.Dropdown(label="Backbone", choices=backbones, value=DEFAULT_BACKBONE,
+                                                     allow_custom_value=True)
+                    preserve = gr.Textbox(label="Keep these (comma-separated)", placeholder="square, triangle")
+                    with gr.Row():
+                        erase_steps = gr.Number(label="Training steps (esd/spm)", value=None, precision=0, minimum=1)
+                        eraser_name = gr.Textbox(label="Eraser name", placeholder="erase-circle")
+                    erase_button = gr.Button("Erase", variant="primary")
+                    erase_note = gr.Markdown()
+                with gr.Column(scale=4):
+                    erase_tests = gr.Textbox(label="Test prompts (one per line)", lines=3)
+                    erase_show = gr.Button("Preview before / after")
+                    erase_grid = gr.Gallery(label="Before / after", columns=2, height=260, object_fit="contain",
+                                            fit_columns=False, elem_classes="pixelated")
+            concept.change(erase_prompts, concept, erase_tests)
+            erase_button.click(erase_concept, [concept, erase_method, preserve, erase_backbone, erase_steps,
+                                               eraser_name], [erase_note, eraser], concurrency_limit=1)
+            erase_show.click(erase_preview, [eraser, erase_tests, erase_backbone], erase_grid)
+
         with gr.Tab("Library") as library_tab:
             history_recipes = gr.State([])
             with gr.Row():
@@ -758,7 +848,7 @@ def build_app():
 
             history.select(on_history, history_recipes, history_parameters)
 
-        for tab in (generate_tab, merge_tab, library_tab):
+        for tab in (generate_tab, merge_tab, erase_tab, library_tab):
             tab.select(lambda: gr.Timer(active=False), None, timer)
 
         def on_load():
@@ -773,7 +863,8 @@ def serve(host: str = "127.0.0.1", port: int | None = None, share: bool = False,
     Blocks (tests and benchmarks)."""
     demo = build_app()
     home = studio_home()
-    served = [str(folder(name)) for name in ("outputs", "adapters", "thumbnails", "uploads", "merge-preview")]
+    served = [str(folder(name)) for name in ("outputs", "adapters", "thumbnails", "uploads", "merge-preview",
+                                             "erase-preview")]
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD, css=CSS,
                 allowed_paths=served, blocked_paths=[str(home / "library.db"), str(home / "cache")],

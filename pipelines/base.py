@@ -226,10 +226,18 @@ class StudioPipeline:
         pipe.scheduler = self.backbone.scheduler(recipe.scheduler)
         # One CPU generator per image: image i is reproducible from seed + i on any device.
         generators = [torch.Generator("cpu").manual_seed(recipe.seed + i) for i in range(recipe.n)]
-        output = pipe(prompt=recipe.prompt, num_images_per_prompt=recipe.n, generator=generators,
-                      num_inference_steps=recipe.steps, guidance_scale=recipe.guidance, width=recipe.width,
-                      height=recipe.height, output_type="pil",
-                      **CALLS.get_or_raise(self.backbone.family.name)(pipe, recipe, progress))
+        # adapters that depend on the prompt (SPM's facilitated transport) set themselves for this call
+        prepared = [e["adapter"] for e in self.adapters if hasattr(e["adapter"], "prepare")]
+        for adapter in prepared:
+            adapter.prepare(self.backbone, [recipe.prompt], recipe.n)
+        try:
+            output = pipe(prompt=recipe.prompt, num_images_per_prompt=recipe.n, generator=generators,
+                          num_inference_steps=recipe.steps, guidance_scale=recipe.guidance, width=recipe.width,
+                          height=recipe.height, output_type="pil",
+                          **CALLS.get_or_raise(self.backbone.family.name)(pipe, recipe, progress))
+        finally:
+            for adapter in prepared:
+                adapter.release()
         return list(output.images)
 
     def replay(self, recipe: Recipe, *, progress: Progress | None = None) -> Image.Image:

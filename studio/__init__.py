@@ -25,6 +25,7 @@ _EXPORTS = {
     "train": "studio.training.trainer",
     "TrainConfig": "studio.training.trainer",
     "load_adapter": "studio.adapters.base",
+    "erase": "studio.adapters.erase",
 }
 # `studio.merge` is the merge package, callable as the merge function (studio/merge/__init__.py)
 

@@ -226,6 +226,8 @@ def train(
         "--text-encoder/--no-text-encoder", help="Train the text encoders' attention too.")] = None,
     masked_loss: Annotated[bool | None, typer.Option(
         "--masked-loss/--no-masked-loss", help="Weight the loss by each image's NAME.mask.png (or alpha).")] = None,
+    timestep_bias: Annotated[str | None, typer.Option(
+        help="none, content (favour noisy steps: shapes, layout) or style (nearly clean steps: texture).")] = None,
     recipe: Annotated[Path | None, typer.Option(
         "--config", help="A YAML/TOML recipe with any TrainConfig keys; options given here win.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the unfinished run of the same --out.")] = False,
@@ -241,7 +243,8 @@ def train(
     options = dict(folder=str(folder), out=str(out or Path(f"{folder.resolve().name}.safetensors")),
                    kind="lora" if dora else kind, backbone=backbone, rank=rank or (20 if kind == "orthogonal" else None),
                    steps=steps, batch=batch, lr=lr, trigger=trigger, concept_seed=concept_seed, device=device,
-                   dora=dora or None, target=target, text_encoder=text_encoder, masked_loss=masked_loss)
+                   dora=dora or None, target=target, text_encoder=text_encoder, masked_loss=masked_loss,
+                   timestep_bias=timestep_bias)
     options = {k: v for k, v in options.items() if v is not None}
     config = TrainConfig.from_file(recipe, **options) if recipe else TrainConfig(**options)
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
@@ -384,6 +387,52 @@ def merge(
         written = engine.bake([(result.adapter, 1.0)], bb, bake, single_file=bake.suffix == ".safetensors",
                               overwrite=overwrite)
         out_console.print(str(written), highlight=False)
+
+
+@app.command()
+def erase(
+    concepts: Annotated[list[str], typer.Argument(help="What to erase (one for esd/spm; several for uce).")],
+    method: Annotated[str, typer.Option(help="esd (trained), spm (trained, rank 1, scales itself per prompt) or "
+                                             "uce (closed form, seconds).")] = "esd",
+    preserve: Annotated[str | None, typer.Option(help="Concepts that must stay, comma-separated.")] = None,
+    template: Annotated[list[str] | None, typer.Option(
+        "--template", help="A prompt with {} where the concept goes (repeatable) [default: generic ones].")] = None,
+    backbone: BackboneOpt = None,
+    steps: Annotated[int | None, typer.Option(help="esd/spm: training steps [default: 200 / 300].")] = None,
+    lr: Annotated[float | None, typer.Option(help="esd/spm: learning rate [default: 1e-3].")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank [default: esd 4, spm 1, uce exact].")] = None,
+    variant: Annotated[str | None, typer.Option(help="esd: x (cross-attention) or u (the other layers).")] = None,
+    eta: Annotated[float | None, typer.Option(help="esd/spm: negative guidance strength [default: 1].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the bank images and the training.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="The eraser file [default: erase-<concept>.safetensors].")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+) -> None:
+    """Make a concept eraser: an adapter that stacks with the others (`generate --adapter FILE`)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from studio.adapters.erase import erase as make
+    from studio.backbones import load_backbone
+
+    target = out or Path(f"erase-{'-'.join(c.replace(' ', '_') for c in concepts)}.safetensors")
+    options = {k: v for k, v in dict(variant=variant, eta=eta).items() if v is not None}
+    with console.status(f"loading {backbone or DEFAULT_BACKBONE}..."):
+        bb = load_backbone(backbone)
+    columns = (TextColumn(f"[bold]{method}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(method, total=steps or None, loss="-")
+
+        def progress(step: int, total: int, loss: float) -> None:
+            bar.update(task, completed=step, total=total, loss=f"{loss:.4f}")
+
+        adapter = make(concepts if len(concepts) > 1 else concepts[0], method=method, backbone=bb,
+                       preserve=preserve or [], templates=template, steps=steps, lr=lr, rank=rank, seed=seed,
+                       out=str(target), overwrite=overwrite, progress=progress,
+                       warn=lambda message: console.print(f"[yellow]warning:[/] {message}", highlight=False),
+                       **options)
+    console.print(f"{method} eraser of {', '.join(adapter.config.concepts)}: {len(adapter.config.targets)} modules, "
+                  f"rank {adapter.config.rank}", highlight=False)
+    out_console.print(str(adapter.path), highlight=False)
 
 
 @app.command()

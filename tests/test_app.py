@@ -199,11 +199,34 @@ def test_merge_plan_preview_and_save(trained, home):
         app.merge_save(trained, "ties", "1,1", "both")
 
 
+def test_erase_tab_makes_an_eraser_previews_it_and_stacks_it_in_generate(home):
+    import gradio as gr
+    import numpy as np
+    from PIL import Image
+
+    assert app.erase_prompts("circle, ring") == "a circle\na ring"
+    with pytest.raises(gr.Error, match="Name the concept"):
+        app.erase_concept(" ", "uce", "", "world-sd", None, "")
+    with pytest.raises(gr.Error, match="preserve list names"):
+        app.erase_concept("circle", "uce", "circle", "world-sd", None, "")
+    note, path = app.erase_concept("circle", "uce", "square", "world-sd", None, "../no circle")
+    assert Path(path) == home / "adapters" / "no-circle.safetensors" and "uce eraser of circle" in note
+    assert "no-circle" in {row[0] for row in app.library_view("eraser")[1]}
+    grid = app.erase_preview(path, "a large red circle on a plain background, in the centre", "world-sd")
+    assert [c for _, c in grid] == ["before: a large red circle on a plain background, in the centre",
+                                    "after: a large red circle on a plain background, in the centre"]
+    before, after = (np.asarray(Image.open(p), dtype=np.int16) for p, _ in grid)
+    assert np.abs(before - after).mean() > 5  # the eraser changed the circle's image
+    gallery, _, parameters = app.generate_images("a red circle", "", "world-sd", 1, 3, 4, 5.0, 64, 64, "",
+                                                 path, 1.0, True, *[None, 1.0, True] * (app.SLOTS - 1))
+    assert "<lora:no-circle:1>" in parameters
+
+
 def test_blocks_build_with_every_tab():
     demo = app.build_app()
     labels = {getattr(block, "label", None) for block in demo.blocks.values()}
     assert {"Prompt", "Backbone", "Scheduler", "Images", "Parameters", "Adapter 1", "Training images (and .txt captions)",
-            "Adapters to merge", "Search adapters", "History"} <= labels
+            "Adapters to merge", "Concept to erase", "Before / after", "Search adapters", "History"} <= labels
 
 
 def test_studio_serve_starts_the_ui_on_localhost(tmp_path):

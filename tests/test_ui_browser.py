@@ -193,3 +193,23 @@ def test_merge_two_adapters(page, adapters):
     page.get_by_text("Saved star-and-heart.safetensors").wait_for()
     assert (Path(os.environ["STUDIO_HOME"]) / "adapters" / "star-and-heart.safetensors").is_file()
     shot(page, "merge")
+
+
+def test_erase_a_shape_preview_and_stack_the_eraser(page):
+    page.get_by_role("tab", name="Erase").click()
+    page.get_by_label("Concept to erase").fill("circle")
+    page.get_by_label("Keep these (comma-separated)").fill("square")
+    page.get_by_label("Eraser name").fill("no-circle")
+    page.get_by_role("button", name="Erase", exact=True).click()  # UCE, the default: closed form
+    page.get_by_text("Saved no-circle.safetensors").wait_for()
+    page.get_by_label("Test prompts (one per line)").fill("a large red circle on a plain background, in the centre")
+    page.get_by_role("button", name="Preview before / after").click()
+    page.locator(".pixelated img >> visible=true").nth(1).wait_for()  # before and after
+    shot(page, "erase")
+    page.get_by_role("tab", name="Generate").click()  # the eraser is in the stack's choices
+    page.get_by_text("Adapters", exact=True).click()
+    page.get_by_label("Adapter 1").click()
+    page.get_by_role("option", name="no-circle (erase, sd1)").click()
+    generate(page, "a large red circle on a plain background, in the centre")
+    gallery_image(page).wait_for(state="visible")
+    page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('<lora:no-circle:1>'))")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from studio.errors import UnknownFamilyError
+from studio.errors import InvalidArgumentError, UnknownFamilyError
 from studio.registry import Registry
 
 if TYPE_CHECKING:
     import torch
 
 OBJECTIVES: Registry[type[Objective]] = Registry("family", UnknownFamilyError)
+TIMESTEP_BIASES = ("none", "content", "style")
 
 
 class Objective:
@@ -25,9 +26,26 @@ class Objective:
     Every loss takes `sample_weights` (one per example) and `pixel_weights` ((B, 1, h, w) at the latent
     size, for masked loss: each example's error is then its weighted mean over pixels)."""
 
-    def __init__(self, pipe: Any, *, snr_gamma: float | None = None):
+    def __init__(self, pipe: Any, *, snr_gamma: float | None = None, timestep_bias: str = "none"):
+        if timestep_bias not in TIMESTEP_BIASES:
+            raise InvalidArgumentError(f"timestep_bias={timestep_bias!r}; choose one of {', '.join(TIMESTEP_BIASES)}.")
         self.pipe = pipe
         self.snr_gamma = snr_gamma
+        self.timestep_bias = timestep_bias
+
+    def noise_levels(self, n: int, device: Any, base: str = "uniform") -> torch.Tensor:
+        """n noise levels in (0, 1), 1 = pure noise: drawn from `base` (uniform or SD3's logit-normal),
+        then bent by the timestep bias (ai-toolkit's content_or_style): "content" maps u to 1 - (1 - u)^3,
+        so most steps are noisy ones, where layout and shape are decided; "style" maps u to u^3, the
+        nearly clean steps where texture and colour are."""
+        import torch
+
+        u = torch.rand(n, device=device) if base == "uniform" else torch.sigmoid(torch.randn(n, device=device))
+        if self.timestep_bias == "content":
+            return 1 - (1 - u) ** 3
+        if self.timestep_bias == "style":
+            return u**3
+        return u
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -36,6 +54,11 @@ class Objective:
              pixel_weights: torch.Tensor | None = None, **conditioning: torch.Tensor) -> torch.Tensor:
         """The mean loss, or Σ wᵢ lossᵢ with `sample_weights` (one per example, e.g. a prior-preservation
         batch joined to the instance batch)."""
+        raise NotImplementedError
+
+    def predict(self, denoiser: Any, xt: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor):
+        """The denoiser's raw output at `timestep` as the family's pipeline passes it (a DDPM step for
+        noise prediction, σ x 1000 for rectified flow)."""
         raise NotImplementedError
 
 
@@ -53,10 +76,11 @@ def reduce(per_sample: torch.Tensor, sample_weights: torch.Tensor | None) -> tor
 
 
 class NoisePrediction(Objective):
-    """eps (or v, from the scheduler's `prediction_type`) prediction at uniform DDPM timesteps."""
+    """eps (or v, from the scheduler's `prediction_type`) prediction at uniform DDPM timesteps (bent by the
+    timestep bias)."""
 
-    def __init__(self, pipe: Any, *, snr_gamma: float | None = None):
-        super().__init__(pipe, snr_gamma=snr_gamma)
+    def __init__(self, pipe: Any, **options: Any):
+        super().__init__(pipe, **options)
         from diffusers import DDPMScheduler
 
         config = pipe.scheduler.config
@@ -76,18 +100,20 @@ class NoisePrediction(Objective):
 
         alphas = self.noise_schedule.alphas_cumprod.to(x0.device)
         noise = torch.randn_like(x0)
-        t = torch.randint(0, len(alphas), (len(x0),), device=x0.device)
+        t = (self.noise_levels(len(x0), x0.device) * len(alphas)).long().clamp(max=len(alphas) - 1)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = noise if self.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-        out = denoiser(xt, t, encoder_hidden_states=conditioning["context"], **self.extra(conditioning)).sample
-        errors = per_sample(out, target, pixel_weights)
+        errors = per_sample(self.predict(denoiser, xt, t, **conditioning), target, pixel_weights)
         if self.snr_gamma:
             # Min-SNR-γ (Hang et al. 2023, arXiv:2303.09556): per-sample weight min(SNR, γ) / SNR for eps,
             # min(SNR, γ) / (SNR + 1) for v, so the near-clean steps stop dominating the gradient
             snr = (a / (1 - a)).flatten()
             errors = errors * snr.clamp(max=self.snr_gamma) / (snr if self.prediction == "epsilon" else snr + 1)
         return reduce(errors, sample_weights)
+
+    def predict(self, denoiser: Any, xt: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor):
+        return denoiser(xt, timestep, encoder_hidden_states=conditioning["context"], **self.extra(conditioning)).sample
 
 
 OBJECTIVES.register("sd1", "sd2")(NoisePrediction)
@@ -113,7 +139,8 @@ class NoisePredictionXL(NoisePrediction):
 
 @OBJECTIVES.register("sd3")
 class RectifiedFlow(Objective):
-    """x_t = (1 - s) x0 + s noise, target noise - x0, s ~ logit-normal(0, 1) (SD3's default)."""
+    """x_t = (1 - s) x0 + s noise, target noise - x0, s ~ logit-normal(0, 1) (SD3's default), bent by
+    the timestep bias."""
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
         from studio.pipelines.dit import t5_free_options
@@ -127,14 +154,17 @@ class RectifiedFlow(Objective):
         import torch
 
         noise = torch.randn_like(x0)
-        sigma = torch.sigmoid(torch.randn(len(x0), device=x0.device)).view(-1, 1, 1, 1)
+        sigma = self.noise_levels(len(x0), x0.device, base="logit-normal").view(-1, 1, 1, 1)
         xt = (1 - sigma) * x0 + sigma * noise
-        velocity = denoiser(hidden_states=xt, timestep=sigma.flatten() * 1000,
-                            encoder_hidden_states=conditioning["context"],
-                            pooled_projections=conditioning["pooled"]).sample
+        velocity = self.predict(denoiser, xt, sigma.flatten() * 1000, **conditioning)
         return reduce(per_sample(velocity, noise - x0, pixel_weights), sample_weights)
 
+    def predict(self, denoiser: Any, xt: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor):
+        return denoiser(hidden_states=xt, timestep=timestep, encoder_hidden_states=conditioning["context"],
+                        pooled_projections=conditioning["pooled"]).sample
 
-def objective_for(backbone: Any, *, snr_gamma: float | None = None) -> Objective:
-    """The objective of a backbone's family (a clear error for families not trainable yet)."""
-    return OBJECTIVES.get_or_raise(backbone.family.name)(backbone.pipe, snr_gamma=snr_gamma)
+
+def objective_for(backbone: Any, **options: Any) -> Objective:
+    """The objective of a backbone's family (a clear error for families not trainable yet); `options`:
+    snr_gamma, timestep_bias."""
+    return OBJECTIVES.get_or_raise(backbone.family.name)(backbone.pipe, **options)

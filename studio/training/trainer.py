@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.errors import InvalidArgumentError, StudioError
+from studio.training.objectives import TIMESTEP_BIASES
 
 Progress = Callable[[int, int, float], None]  # (step done, total steps, loss)
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
@@ -66,6 +67,7 @@ class TrainConfig:
     flip: bool = False  # mirrored copies (cached too)
     caption_dropout: float = 0.0
     snr_gamma: float | None = None  # Min-SNR-γ loss weighting for noise-prediction families (kohya/diffusers: 5)
+    timestep_bias: str = "none"  # none | content (favour noisy steps: shapes, layout) | style (nearly clean ones)
     # masked loss (kohya's masked_loss, ai-toolkit's masks): the loss is a weighted mean over latent pixels,
     # 1 on each image's mask (NAME.mask.png or its alpha), mask_floor elsewhere, so a small subject is not
     # drowned by its background; images without a mask weigh every pixel the same
@@ -94,6 +96,8 @@ class TrainConfig:
             raise InvalidArgumentError(f"lr_schedule={self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise InvalidArgumentError(f"snr_gamma={self.snr_gamma!r} must be > 0 (e.g. 5), or None for plain MSE.")
+        if self.timestep_bias not in TIMESTEP_BIASES:
+            raise InvalidArgumentError(f"timestep_bias={self.timestep_bias!r}; choose one of {', '.join(TIMESTEP_BIASES)}.")
         if not 0 <= self.mask_floor <= 1:
             raise InvalidArgumentError(f"mask_floor={self.mask_floor!r} must be in [0, 1] (the background's loss weight).")
         if not 0 <= self.caption_dropout < 1:
@@ -165,7 +169,7 @@ class Run:
             log(f"flip is on but {len(sided)} captions name a side (e.g. {sided[0]!r}): mirrored copies contradict "
                 f"them; set flip=False unless the side does not matter")
         choices = buckets(size, backbone.size_factor) if config.buckets else [(size, size)]
-        self.objective = objective_for(backbone, snr_gamma=config.snr_gamma)
+        self.objective = objective_for(backbone, snr_gamma=config.snr_gamma, timestep_bias=config.timestep_bias)
         self.cache = LatentCache(backbone)
         items = self.scan.items + (self.reg.items if self.reg else [])
         self.examples: list[dict[str, Any]] = []  # one per (item, flip)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ BATCH = 16
 
 
 def prompted_samples(pipe, expected: list[Labels], *, seed: int, steps: int, guidance: float,
-                     scheduler=None, trigger: str | None = None) -> list[Any]:
-    """One image per expected label set, prompted by its caption; image i uses seed + i."""
+                     scheduler=None, trigger: str | None = None,
+                     on_prompts: Callable[[list[str]], Any] | None = None) -> list[Any]:
+    """One image per expected label set, prompted by its caption; image i uses seed + i. `on_prompts`
+    sees each batch's prompts before its call (prompt-dependent adapters, e.g. SPM's transport)."""
     import torch
 
     from studio.pipelines.dit import t5_free_options
@@ -29,19 +32,22 @@ def prompted_samples(pipe, expected: list[Labels], *, seed: int, steps: int, gui
     for i in range(0, len(expected), BATCH):
         prompts = [caption(e, trigger=trigger) for e in expected[i : i + BATCH]]
         generators = [torch.Generator().manual_seed(seed + i + j) for j in range(len(prompts))]
+        if on_prompts is not None:
+            on_prompts(prompts)
         images += pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
                        output_type="pil", **t5_free_options(pipe)).images
     return images
 
 
 def fidelity(pipe, *, n: int = 200, seed: int = 1234, steps: int = 25, guidance: float = 6.0,
-             held_out: bool = False, scheduler=None, trigger: str | None = None, **fixed: str) -> dict[str, Any]:
+             held_out: bool = False, scheduler=None, trigger: str | None = None,
+             on_prompts: Callable[[list[str]], Any] | None = None, **fixed: str) -> dict[str, Any]:
     """Accuracy per attribute of `n` samples prompted with random labels (base values unless
     `held_out`; `fixed` pins attributes, e.g. shape="star"; `trigger` names the shape "<trigger> <shape>")."""
     rng = np.random.default_rng(seed)
     expected = [sample_labels(rng, held_out=held_out, **fixed) for _ in range(n)]
     images = prompted_samples(pipe, expected, seed=seed, steps=steps, guidance=guidance, scheduler=scheduler,
-                              trigger=trigger)
+                              trigger=trigger, on_prompts=on_prompts)
     metrics = evaluate(images, expected)
     metrics["images"] = images
     metrics["expected"] = [e.as_dict() for e in expected]
