@@ -13,7 +13,7 @@ to kohya like any LoRA) whose manifest says what it erases and how:
   γ = max(cos(E_prompt, E_concept), |tokens shared| / |concept tokens|), so prompts that do not mention
   the concept are left nearly alone.
 - **UCE** (Gandikota et al. 2024, arXiv:2308.14761): closed form, no training. For each projection W
-  that reads text embeddings, W' = (λW + Σ_e v*ᵢcᵢᵀ + Σ_p W cⱼcⱼᵀ)(λI + Σ_e cᵢcᵢᵀ + Σ_p cⱼcⱼᵀ)⁻¹, with c
+  that reads text embeddings, W' = (λW + Σ_e v*ᵢcᵢᵀ + s Σ_p W cⱼcⱼᵀ)(λI + Σ_e cᵢcᵢᵀ + s Σ_p cⱼcⱼᵀ)⁻¹, with c
   the concept prompts' token embeddings, v* = W c_dest those of the destination prompt, and a preserve
   list held in place. Several concepts at once. The change W' - W has rank <= the number of erased
   token embeddings; it is stored exactly (SVD, singular values above 1e-6 of the largest) or truncated
@@ -52,7 +52,8 @@ METHODS = ("esd", "spm", "uce")
 # similarity all use them; pass the captions your users write for sharper erasing.
 DEFAULT_TEMPLATES = ("{}", "a {}", "a photo of a {}", "an image of a {}", "a picture of a {}", "a {} in the centre")
 ANCHOR_WEIGHT = 1.0  # SPM's λ here (see bench/erase.py; the paper's 1000 is for its own loss scale)
-ERASABLE = ("sd1", "sd2", "sdxl", "sd3")  # the families with a training objective (studio/training/objectives.py)
+TRAINABLE = ("sd1", "sd2", "sdxl", "sd3")  # ESD/SPM: the families with a training objective (studio/training/objectives.py)
+CLOSED_FORM = (*TRAINABLE, "flux")  # UCE needs only the text states
 # Which modules each method changes, per architecture (regular expressions over module paths)
 TARGETS = {
     ("unet", "esd-x"): r"attn2\.(to_q|to_k|to_v|to_out\.0)$",
@@ -82,6 +83,7 @@ class EraseConfig(LoraConfig):
     transport: bool = False  # SPM's facilitated transport: scale per prompt by its closeness to the concepts
     destination: str = ""  # UCE: the concepts' keys and values become this text's ("" = the null text)
     lam: float = 0.1  # UCE's ridge term λ (TIME's 0.1): how strongly everything not listed keeps its mapping
+    preserve_scale: float = 1.0  # UCE: weight of the preserve list's rows against the erased ones
 
     def __post_init__(self):
         super().__post_init__()
@@ -103,9 +105,9 @@ class EraseConfig(LoraConfig):
             raise EraseError(f"the preserve list names {clash}, which is also to be erased; remove it from --preserve.")
         if self.variant not in ("x", "u"):
             raise InvalidArgumentError(f"variant={self.variant!r}; choose x (cross-attention) or u (the other layers).")
-        if not self.eta > 0 or not self.lam > 0 or self.anchor_weight < 0:
+        if not self.eta > 0 or not self.lam > 0 or self.anchor_weight < 0 or self.preserve_scale < 0:
             raise InvalidArgumentError(f"eta ({self.eta}) and lam ({self.lam}) must be > 0, anchor_weight "
-                                       f"({self.anchor_weight}) >= 0.")
+                                       f"({self.anchor_weight}) and preserve_scale ({self.preserve_scale}) >= 0.")
         bad = [t for t in self.templates if t.count("{}") != 1]
         if not self.templates or bad:
             raise InvalidArgumentError(f"templates {bad or self.templates} must each hold exactly one '{{}}' where "
@@ -206,9 +208,9 @@ def pooled_text(backbone: Backbone, prompts: list[str]) -> torch.Tensor:
     return torch.nn.functional.normalize(pooled.float().cpu(), dim=-1)
 
 
-def word_tokens(backbone: Backbone, text: str) -> list[int]:
+def word_tokens(backbone: Backbone, text: str, tokenizer: Any = None) -> list[int]:
     """The tokenizer's ids for `text` without the start/end tokens."""
-    tokenizer = backbone.pipe.tokenizer
+    tokenizer = tokenizer or backbone.pipe.tokenizer
     special = set(tokenizer.all_special_ids)
     return [t for t in tokenizer(text).input_ids if t not in special]
 
@@ -258,9 +260,12 @@ def method_targets(backbone: Backbone, config: EraseConfig) -> list[str]:
 
 
 # per method: what `erase` uses unless told otherwise
+# (η = 3 rather than the papers' 1: a LoRA trained for a few hundred steps gets part of the way to its
+# target, and on world-sd η = 1 left a shape at 0.75-0.88 of prompts where η = 3 took it to 0.13-0.38;
+# bench/erase.py)
 METHOD_DEFAULTS = {
-    "esd": dict(rank=4, variant="x", steps=200, lr=1e-3),
-    "spm": dict(rank=1, alpha=1.0, transport=True, anchor_weight=ANCHOR_WEIGHT, steps=300, lr=1e-3),
+    "esd": dict(rank=4, variant="x", eta=3.0, steps=400, lr=1e-2),
+    "spm": dict(rank=1, alpha=1.0, transport=True, anchor_weight=ANCHOR_WEIGHT, eta=3.0, steps=300, lr=2e-2),
     "uce": dict(rank=None),
 }
 
@@ -299,17 +304,17 @@ def erase(concepts: str | list[str], *, method: str = "esd", backbone: Backbone 
 
 
 def make_eraser(backbone: Backbone, config: EraseConfig, *, steps: int | None = None, lr: float | None = None,
-                rank: int | None = None,
-          batch: int = 2, bank_images: int = 8, bank_steps: int = 20, seed: int = 0,
-          progress: Callable[[int, int, float], None] | None = None,
-          warn: Callable[[str], None] | None = None) -> EraseAdapter:
+                rank: int | None = None, batch: int = 2, bank_images: int = 8, bank_steps: int = 20, seed: int = 0,
+                progress: Callable[[int, int, float], None] | None = None,
+                warn: Callable[[str], None] | None = None) -> EraseAdapter:
     """An eraser for `config.concepts` on `backbone`: UCE in closed form (exact, or SVD-truncated to
     `rank`), ESD/SPM trained for `steps` at `config.rank`."""
     import warnings
 
-    if backbone.family.name not in ERASABLE:
-        raise EraseError(f"erasing on {backbone.family.title} ({backbone.family.name}) is not supported yet; "
-                         f"families: {', '.join(ERASABLE)}.")
+    families = CLOSED_FORM if config.method == "uce" else TRAINABLE
+    if backbone.family.name not in families:
+        raise EraseError(f"{config.method} erasing on {backbone.family.title} ({backbone.family.name}) is not supported "
+                         f"yet; families: {', '.join(families)}{' (uce also flux)' if config.method != 'uce' else ''}.")
     if getattr(backbone, "attached_adapters", None):
         raise EraseError(f"detach the adapters {sorted(backbone.attached_adapters)} first: an eraser is made "
                          f"against the plain backbone.")
@@ -320,8 +325,8 @@ def make_eraser(backbone: Backbone, config: EraseConfig, *, steps: int | None = 
     config.trigger_words = []
     if config.method == "uce":
         return uce(backbone, config, rank=rank)
-    return train_eraser(backbone, config, steps=steps or 200, lr=lr or 1e-3, batch=batch, bank_images=bank_images, bank_steps=bank_steps, seed=seed,
-                        progress=progress)
+    return train_eraser(backbone, config, steps=steps or 300, lr=lr or 1e-2, batch=batch, bank_images=bank_images,
+                        bank_steps=bank_steps, seed=seed, progress=progress)
 
 
 def encode(objective, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -334,12 +339,31 @@ def encode(objective, prompts: list[str]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------- UCE
 
 
+def text_states(backbone: Backbone, prompt: str) -> torch.Tensor:
+    """The text states (tokens, width) that the UCE targets read: the text encoders' output as the
+    family's pipeline conditions on it (Flux: T5's, which its context_embedder reads)."""
+    import torch
+
+    prompt = " ".join(prompt.split())
+    with torch.no_grad():
+        if backbone.family.name == "flux":
+            return backbone.pipe.encode_prompt(prompt=[prompt], prompt_2=None)[0][0].detach()
+        from studio.training.objectives import objective_for
+
+        return objective_for(backbone).encode([prompt])["context"][0].detach()
+
+
+def states_tokenizer(backbone: Backbone):
+    """The tokenizer whose positions `text_states` follows."""
+    return backbone.pipe.tokenizer_2 if backbone.family.name == "flux" else backbone.pipe.tokenizer
+
+
 def concept_rows(backbone: Backbone, template: str, word: str) -> tuple[int, int]:
-    """Where `word` sits in `template`'s tokens: (first position, token count); position 0 is the
-    start token."""
+    """Where `word` sits in `template`'s text states: (first position, token count)."""
+    tokenizer = states_tokenizer(backbone)
     prefix = " ".join(template.split("{}")[0].split())
-    start = len(backbone.pipe.tokenizer(prefix).input_ids) - 1  # start token + prefix, without the end token
-    return start, len(word_tokens(backbone, word))
+    start = len(tokenizer(prefix).input_ids) - 1  # [start token +] prefix, without the end token
+    return start, len(word_tokens(backbone, word, tokenizer))
 
 
 def uce(backbone: Backbone, config: EraseConfig, *, rank: int | None = None) -> EraseAdapter:
@@ -347,15 +371,13 @@ def uce(backbone: Backbone, config: EraseConfig, *, rank: int | None = None) -> 
     import torch
 
     from studio.merge.deltas import Dense
-    from studio.training.objectives import objective_for
 
-    objective = objective_for(backbone)
     erase_rows, value_rows, keep_rows = [], [], []
     for template in config.templates:
-        dest = encode(objective, [" ".join(template.format(config.destination).split())])["context"][0]
+        dest = text_states(backbone, template.format(config.destination))
         d_start, d_count = concept_rows(backbone, template, config.destination)
         for concept in config.concepts:
-            old = encode(objective, [" ".join(template.format(concept).split())])["context"][0]
+            old = text_states(backbone, template.format(concept))
             start, count = concept_rows(backbone, template, concept)
             # the concept's tokens take the destination's last token (the start token's state, a null,
             # when the destination is empty); the tokens after it, which carry the concept too through
@@ -365,25 +387,22 @@ def uce(backbone: Backbone, config: EraseConfig, *, rank: int | None = None) -> 
             erase_rows += [old[start : start + count], old[start + count : start + count + tail]]
             value_rows += [null.expand(count, -1), dest[d_start + d_count : d_start + d_count + tail]]
         for kept in config.preserve:
-            states = encode(objective, [" ".join(template.format(kept).split())])["context"][0]
+            states = text_states(backbone, template.format(kept))
             keep_rows.append(states[concept_rows(backbone, template, kept)[0] :])
     c_erase = torch.cat(erase_rows).double()
     c_dest = torch.cat(value_rows).double()
     c_keep = torch.cat(keep_rows).double() if keep_rows else c_erase[:0]
     c_erase, c_dest = c_erase[c_erase.norm(dim=1) > 0], c_dest[c_erase.norm(dim=1) > 0]  # T5-free SD3: zero rows
     modules = module_table(backbone)
-    deltas = {}
+    # the same inputs for every target: λI + Σ c cᵀ (erased and kept rows) is shared
+    gram = (config.lam * torch.eye(c_erase.shape[1], dtype=torch.float64) + c_erase.T @ c_erase
+            + config.preserve_scale * c_keep.T @ c_keep)
+    lowered = {}
     for name in method_targets(backbone, config):
         weight = modules[name].weight.detach().double().cpu()
-        inputs = uce_inputs(backbone, name)
-        ce, cd, ck = inputs(c_erase), inputs(c_dest), inputs(c_keep)
-        gram = config.lam * torch.eye(weight.shape[1], dtype=torch.float64) + ce.T @ ce + ck.T @ ck
         # W' - W = Σ_e (v* - W c) cᵀ (λI + Σ c cᵀ)⁻¹ (the preserve terms W c cᵀ cancel): solve, never invert
-        residual = (cd @ weight.T - ce @ weight.T).T @ ce  # (out, in)
-        deltas[name] = Dense(torch.linalg.solve(gram, residual.T).T.float())
-    lowered = {}
-    for name, delta in deltas.items():
-        low = delta.low_rank()
+        residual = ((c_dest - c_erase) @ weight.T).T @ c_erase  # (out, in)
+        low = Dense(torch.linalg.solve(gram, residual.T).T.float()).low_rank()
         if rank is not None and rank < low.rank:  # the largest singular directions (SVD order)
             low = type(low)(up=low.up[:, :rank], down=low.down[:rank], alpha=float(rank))
         lowered[name] = low
@@ -391,12 +410,6 @@ def uce(backbone: Backbone, config: EraseConfig, *, rank: int | None = None) -> 
     config.training = {**config.training, "method": "uce", "erased_rows": int(len(c_erase)),
                        "preserved_rows": int(len(c_keep))}
     return EraseAdapter.from_deltas(lowered, config)
-
-
-def uce_inputs(backbone: Backbone, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What module `name` reads, from text-encoder states (a UNet's attn2.to_k/to_v and an MMDiT's
-    context_embedder read them as they are)."""
-    return lambda states: states
 
 
 # ------------------------------------------------------------------------------------ ESD / SPM
@@ -501,14 +514,14 @@ def train_eraser(backbone: Backbone, config: EraseConfig, *, steps: int, lr: flo
                 anchored = objective.predict(denoiser, xt, t, **pick(anchors, a_rows)).float()
                 loss = loss + weight * torch.nn.functional.mse_loss(anchored, a_target.float())
             if not torch.isfinite(loss):
-                raise EraseError(f"the erase loss became {loss.item()} at step {step}; lower the learning rate.")
+                raise EraseError(f"the erase loss became {loss.item()} at step {step}; lower the learning rate (--lr).")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
             if progress is not None:
-                progress(step + 1, steps, float(loss))
+                progress(step + 1, steps, float(loss.detach()))
         adapter.sync_from(backbone)
     finally:
         adapter.detach(backbone)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from studio.backbones import load_backbone
-from studio.training.trainer import TrainConfig, train
+from studio.training.trainer import TrainConfig, parse_overrides, train
 from studio.world.fidelity import fidelity
 from studio.world.folder import write_reference_folder
 
@@ -108,9 +108,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a training option of COMMON (repeatable), e.g. --set mask_floor=0.05")
     args = parser.parse_args()
-    import yaml
-
-    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    overrides = parse_overrides(args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp()) / "refs"
     write_reference_folder(folder, n=12, seed=7, shape=args.shape, trigger="sks", masks=True)

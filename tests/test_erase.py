@@ -10,15 +10,15 @@ from studio.adapters.erase import (
     EraseError,
     concept_rows,
     erase,
+    text_states,
     transport_factors,
     weight_zero,
 )
 from studio.adapters.lora import attached_adapters
+from studio.pipelines import StudioPipeline
 
 from studio.backbones import load_backbone
-from studio.pipelines import StudioPipeline
 from studio.training.objectives import objective_for
-
 from tests.test_lora import denoise, random_lora
 
 WORLD_TEMPLATES = ["a small red {} on a plain background, in the centre", "a large blue {} on a dotted background, top left"]
@@ -31,18 +31,17 @@ def world():
 
 def states(backbone, template, word):
     """The text states a UCE target reads for `template` filled with `word`, from the concept's first token."""
-    context = objective_for(backbone).encode([" ".join(template.format(word).split())])["context"][0]
-    return context[concept_rows(backbone, template, word)[0]:]
+    return text_states(backbone, template.format(word))[concept_rows(backbone, template, word)[0]:]
 
 
-@pytest.mark.parametrize("source", ["world-sd", "tiny-sdxl", "tiny-sd3"])
+@pytest.mark.parametrize("source", ["world-sd", "world-dit", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
 def test_uce_maps_the_concept_to_the_null_text_and_holds_the_preserved(source):
     backbone = load_backbone(source)
-    templates = WORLD_TEMPLATES if source == "world-sd" else ["a {}", "a photo of a {}"]
+    templates = WORLD_TEMPLATES if source.startswith("world") else ["a {}", "a photo of a {}"]
     template = templates[0]
     concept = states(backbone, template, "circle")[:1]  # the concept's token
     kept = states(backbone, template, "square")
-    null = objective_for(backbone).encode([" ".join(template.format("").split())])["context"][0][:1]  # start token
+    null = text_states(backbone, template.format(""))[:1]  # the start token (T5: the first word)
     changes = {}
     for preserve in ([], ["square"]):
         adapter = erase("circle", method="uce", backbone=backbone, preserve=preserve, templates=templates)
@@ -74,7 +73,8 @@ def test_uce_rank_truncation_keeps_the_largest_directions(world):
     assert torch.allclose((full - cut).norm(), s[4:].norm(), rtol=1e-3)  # Eckart-Young: the best rank-4
 
 
-@pytest.mark.parametrize("source,method", [("world-sd", "esd"), ("world-sd", "spm"), ("tiny-sd3", "esd")])
+@pytest.mark.parametrize("source,method", [("world-sd", "esd"), ("world-sd", "spm"), ("world-dit", "esd"),
+                                           ("tiny-sdxl", "spm"), ("tiny-sd3", "esd")])
 def test_training_moves_the_concept_prediction_towards_negative_guidance(source, method):
     """After a few steps the eraser's prediction for the concept prompt is closer to
     ε(x) - η(ε(x, c) - ε(x)) than the base model's, on bank states it was not trained on."""

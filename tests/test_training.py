@@ -172,7 +172,7 @@ def test_min_snr_weighting_matches_its_formula():
         torch.manual_seed(3)  # the same noise and timesteps, by hand
         alphas = plain.noise_schedule.alphas_cumprod
         noise = torch.randn_like(x0)
-        t = torch.randint(0, len(alphas), (6,))
+        t = (torch.rand(6) * len(alphas)).long()
         a = alphas[t].view(-1, 1, 1, 1)
         out = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=context).sample
         snr = (a / (1 - a)).flatten()
@@ -181,6 +181,24 @@ def test_min_snr_weighting_matches_its_formula():
     assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, base)
     with pytest.raises(ValueError, match="snr_gamma"):
         TrainConfig(folder=".", out="x.safetensors", snr_gamma=0)
+
+
+def test_timestep_bias_moves_the_noise_levels():
+    """content: 1 - (1 - u)^3 (mean 3/4 from uniform), style: u^3 (mean 1/4); the same on SD3's logit-normal."""
+    from studio.backbones import load_backbone
+    from studio.training.objectives import objective_for
+
+    for source, base in (("tiny-sd1", "uniform"), ("tiny-sd3", "logit-normal")):
+        backbone = load_backbone(source)
+        means = {}
+        for bias in ("none", "content", "style"):
+            torch.manual_seed(0)
+            means[bias] = float(objective_for(backbone, timestep_bias=bias).noise_levels(20000, "cpu", base).mean())
+        assert abs(means["none"] - 0.5) < 0.01 and means["style"] + 0.15 < means["none"] < means["content"] - 0.15
+        if base == "uniform":
+            assert abs(means["content"] - 0.75) < 0.01 and abs(means["style"] - 0.25) < 0.01
+    with pytest.raises(ValueError, match="timestep_bias"):
+        TrainConfig(folder=".", out="x.safetensors", timestep_bias="early")
 
 
 def test_prior_preservation_joins_both_batches_with_their_weights(refs, tmp_path):
@@ -265,3 +283,12 @@ def test_masked_loss_is_the_weighted_mean_over_pixels(refs, tmp_path):
     assert seen[0].shape == (3, 1, *run.examples[0]["latent"].shape[-2:])
     with pytest.raises(ValueError, match="mask_floor"):
         TrainConfig(folder=".", out="x.safetensors", mask_floor=1.5)
+
+
+def test_overrides_parse_like_a_recipe_with_exponent_numbers():
+    from studio.training.trainer import parse_overrides
+
+    assert parse_overrides(["lr=1e-2", "masked_loss=true", "target=locon", "rank=8"]) == {
+        "lr": 0.01, "masked_loss": True, "target": "locon", "rank": 8}
+    with pytest.raises(InvalidArgumentError, match="KEY=VALUE"):
+        parse_overrides(["lr"])

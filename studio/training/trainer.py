@@ -27,6 +27,26 @@ Progress = Callable[[int, int, float], None]  # (step done, total steps, loss)
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings to typed values, as a YAML recipe would give them, except that `1e-2` is a
+    number (YAML 1.1 reads it as text)."""
+    import yaml
+
+    result: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidArgumentError(f"{item!r} is not KEY=VALUE (e.g. lr=1e-3).")
+        value = yaml.safe_load(text)
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        result[key.strip()] = value
+    return result
+
+
 class TrainingError(StudioError, RuntimeError):
     """A training run that cannot go on (e.g. the loss became NaN)."""
 
