@@ -588,9 +588,10 @@ def erase_prompts(concepts: str) -> str:
 
 @ui_errors
 def erase_concept(concepts: str, method: str, preserve: str, backbone: str, steps: int | None,
-                  name: str) -> tuple[str, str]:
-    """Make an eraser (comma-separated concepts: UCE erases them together), save it under adapters/
-    and in the library; returns the note and the file's path. The backbone's shared pipeline is held
+                  name: str, templates: str = "") -> tuple[str, str]:
+    """Make an eraser (comma-separated concepts: UCE erases them together; `templates`: prompts with {}
+    where the concept goes, one per line), save it under adapters/ and in the library; returns the
+    note and the file's path. The backbone's shared pipeline is held
     while it is made (UCE takes seconds, ESD/SPM train for minutes)."""
     import gradio as gr
     from studio.adapters.erase import erase
@@ -607,6 +608,7 @@ def erase_concept(concepts: str, method: str, preserve: str, backbone: str, step
         pipeline.detach()  # an eraser is made against the plain backbone
         adapter = erase(words if len(words) > 1 else words[0], method=method, backbone=pipeline.backbone,
                         preserve=preserve or [], steps=int(steps) if steps else None, name=out.stem, out=str(out),
+                        templates=[t.strip() for t in (templates or "").splitlines() if t.strip()] or None,
                         warn=notes.append)
     for note in notes:
         gr.Warning(note)
@@ -800,8 +802,12 @@ def build_app():
                                                      allow_custom_value=True)
                     preserve = gr.Textbox(label="Keep these (comma-separated)", placeholder="square, triangle")
                     with gr.Row():
-                        erase_steps = gr.Number(label="Training steps (esd/spm)", value=None, precision=0, minimum=1)
+                        erase_steps = gr.Number(label="Training steps (esd/spm)", value=0, precision=0, minimum=0,
+                                                info="0: the method's default")
                         eraser_name = gr.Textbox(label="Eraser name", placeholder="erase-circle")
+                    erase_templates = gr.Textbox(label="Prompts naming the concept (optional)", lines=2,
+                                                 placeholder="a small red {} on a plain background\n{} , top left",
+                                                 info="one per line, {} where the concept goes; default: generic ones")
                     erase_button = gr.Button("Erase", variant="primary")
                     erase_note = gr.Markdown()
                 with gr.Column(scale=4):
@@ -811,7 +817,8 @@ def build_app():
                                             fit_columns=False, elem_classes="pixelated")
             concept.change(erase_prompts, concept, erase_tests)
             erase_button.click(erase_concept, [concept, erase_method, preserve, erase_backbone, erase_steps,
-                                               eraser_name], [erase_note, eraser], concurrency_limit=1)
+                                               eraser_name, erase_templates], [erase_note, eraser],
+                               concurrency_limit=1)
             erase_show.click(erase_preview, [eraser, erase_tests, erase_backbone], erase_grid)
 
         with gr.Tab("Library") as library_tab:

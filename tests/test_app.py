@@ -209,7 +209,8 @@ def test_erase_tab_makes_an_eraser_previews_it_and_stacks_it_in_generate(home):
         app.erase_concept(" ", "uce", "", "world-sd", None, "")
     with pytest.raises(gr.Error, match="preserve list names"):
         app.erase_concept("circle", "uce", "circle", "world-sd", None, "")
-    note, path = app.erase_concept("circle", "uce", "square", "world-sd", None, "../no circle")
+    note, path = app.erase_concept("circle", "uce", "square", "world-sd", None, "../no circle",
+                                   "a large red {} on a plain background, in the centre\n{} , small , top left")
     assert Path(path) == home / "adapters" / "no-circle.safetensors" and "uce eraser of circle" in note
     assert "no-circle" in {row[0] for row in app.library_view("eraser")[1]}
     grid = app.erase_preview(path, "a large red circle on a plain background, in the centre", "world-sd")

@@ -200,6 +200,8 @@ def test_erase_a_shape_preview_and_stack_the_eraser(page):
     page.get_by_label("Concept to erase").fill("circle")
     page.get_by_label("Keep these (comma-separated)").fill("square")
     page.get_by_label("Eraser name").fill("no-circle")
+    page.get_by_label("Prompts naming the concept (optional)").fill(
+        "a large red {} on a plain background, in the centre\na small blue {} on a striped background, top left")
     page.get_by_role("button", name="Erase", exact=True).click()  # UCE, the default: closed form
     page.get_by_text("Saved no-circle.safetensors").wait_for()
     page.get_by_label("Test prompts (one per line)").fill("a large red circle on a plain background, in the centre")
