@@ -211,8 +211,8 @@ def test_erase_tab_makes_an_eraser_previews_it_and_stacks_it_in_generate(home):
         app.erase_concept("circle", "uce", "circle", "world-sd", None, "")
     note, path = app.erase_concept("circle", "uce", "square", "world-sd", None, "../no circle",
                                    "a large red {} on a plain background, in the centre\n{} , small , top left")
-    assert Path(path) == home / "adapters" / "no-circle.safetensors" and "uce eraser of circle" in note
-    assert "no-circle" in {row[0] for row in app.library_view("eraser")[1]}
+    assert Path(path) == home / "adapters" / "no_circle.safetensors" and "uce eraser of circle" in note
+    assert "no_circle" in {row[0] for row in app.library_view("eraser")[1]}
     grid = app.erase_preview(path, "a large red circle on a plain background, in the centre", "world-sd")
     assert [c for _, c in grid] == ["before: a large red circle on a plain background, in the centre",
                                     "after: a large red circle on a plain background, in the centre"]
@@ -220,7 +220,7 @@ def test_erase_tab_makes_an_eraser_previews_it_and_stacks_it_in_generate(home):
     assert np.abs(before - after).mean() > 5  # the eraser changed the circle's image
     gallery, _, parameters = app.generate_images("a red circle", "", "world-sd", 1, 3, 4, 5.0, 64, 64, "",
                                                  path, 1.0, True, *[None, 1.0, True] * (app.SLOTS - 1))
-    assert "<lora:no-circle:1>" in parameters
+    assert "<lora:no_circle:1>" in parameters
 
 
 def test_blocks_build_with_every_tab():
