@@ -1,6 +1,7 @@
 """The contract every registered weight-space kind keeps (STYLE.md #12): made non-identity so the
 checks can fail, attach -> detach restores outputs and keys exactly, fused == unfused, unfuse is
-exact, save -> load round-trips, another family is refused before any weight changes."""
+exact, save -> load round-trips, another family is refused before any weight changes. The eraser is
+an SPM one, so its transport hooks are attached and removed too."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from test_lora import denoise
 from studio.backbones import load_backbone
 
 KINDS = {"lora": {}, "dora": {"dora": True}, "orthogonal": {"concept_seed": 3, "rank": 4},
-         "oft": {"block_size": 4}, "boft": {"block_size": 4}}
+         "oft": {"block_size": 4}, "boft": {"block_size": 4},
+         "erase": {"method": "spm", "concepts": ["cat"], "rank": 1, "transport": True}}
 
 
 def make(kind: str, backbone, seed: int = 0):
