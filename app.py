@@ -628,20 +628,20 @@ def erase_preview(path: str | None, prompts: str, backbone: str, seed: int = 0) 
     if not lines:
         raise gr.Error("Give at least one test prompt (one per line).")
     pipeline, lock = pipeline_for(backbone or DEFAULT_BACKBONE)
-    out = []
     stem = f"erase-{secrets.token_hex(4)}"
+    images: dict[tuple[int, str], str] = {}
     with lock:
         try:
-            for i, prompt in enumerate(lines[:4]):
-                for label, stack in (("before", []), ("after", [(str(path), 1.0)])):
-                    use_adapters(pipeline, stack)
-                    image = pipeline.generate(prompt, seed=int(seed) + i).images[0]
+            for label, stack in (("before", []), ("after", [(str(path), 1.0)])):  # one attach for all prompts
+                use_adapters(pipeline, stack)
+                for i, prompt in enumerate(lines[:4]):
                     target = folder("erase-preview") / f"{stem}-{i}-{label}.png"
-                    image.save(target)
-                    out.append((str(target), f"{label}: {prompt}"))
+                    pipeline.generate(prompt, seed=int(seed) + i).images[0].save(target)
+                    images[i, label] = str(target)
         finally:
             pipeline.detach()
-    return out
+    return [(images[i, label], f"{label}: {prompt}") for i, prompt in enumerate(lines[:4])
+            for label in ("before", "after")]
 
 
 # ------------------------------------------------------------------------------------------ page
