@@ -84,6 +84,10 @@ class EraseConfig(LoraConfig):
     destination: str = ""  # UCE: the concepts' keys and values become this text's ("" = the null text)
     lam: float = 0.1  # UCE's ridge term λ (TIME's 0.1): how strongly everything not listed keeps its mapping
     preserve_scale: float = 1.0  # UCE: weight of the preserve list's rows against the erased ones
+    # UCE: negative guidance in closed form. The concept's text states map past the destination, away from
+    # the concept: d + push·(d - c). With push 0 (the paper) a prompt whose concept reads as the null text
+    # still draws the concept at the model's chance rate; push > 0 drives it below that, as ESD's η does
+    push: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -105,9 +109,10 @@ class EraseConfig(LoraConfig):
             raise EraseError(f"the preserve list names {clash}, which is also to be erased; remove it from --preserve.")
         if self.variant not in ("x", "u"):
             raise InvalidArgumentError(f"variant={self.variant!r}; choose x (cross-attention) or u (the other layers).")
-        if not self.eta > 0 or not self.lam > 0 or self.anchor_weight < 0 or self.preserve_scale < 0:
+        if not self.eta > 0 or not self.lam > 0 or min(self.anchor_weight, self.preserve_scale, self.push) < 0:
             raise InvalidArgumentError(f"eta ({self.eta}) and lam ({self.lam}) must be > 0, anchor_weight "
-                                       f"({self.anchor_weight}) and preserve_scale ({self.preserve_scale}) >= 0.")
+                                       f"({self.anchor_weight}), preserve_scale ({self.preserve_scale}) and push "
+                                       f"({self.push}) >= 0.")
         bad = [t for t in self.templates if t.count("{}") != 1]
         if not self.templates or bad:
             raise InvalidArgumentError(f"templates {bad or self.templates} must each hold exactly one '{{}}' where "
@@ -267,7 +272,9 @@ def method_targets(backbone: Backbone, config: EraseConfig) -> list[str]:
 METHOD_DEFAULTS = {
     "esd": dict(rank=4, variant="x", eta=3.0, steps=400, lr=1e-2),
     "spm": dict(rank=1, alpha=1.0, transport=True, anchor_weight=ANCHOR_WEIGHT, eta=3.0, steps=300, lr=2e-2),
-    "uce": dict(rank=None),
+    # push 1: triangle 1.00 -> 0.00 with every other shape within 5 points; push 0 left 0.21 (the null text
+    # alone draws triangles at 0.12 on world-sd). README, Erasing benchmark
+    "uce": dict(rank=None, push=1.0),
 }
 
 
@@ -394,6 +401,7 @@ def uce(backbone: Backbone, config: EraseConfig, *, rank: int | None = None) -> 
     c_dest = torch.cat(value_rows).double()
     c_keep = torch.cat(keep_rows).double() if keep_rows else c_erase[:0]
     c_erase, c_dest = c_erase[c_erase.norm(dim=1) > 0], c_dest[c_erase.norm(dim=1) > 0]  # T5-free SD3: zero rows
+    c_dest = c_dest + config.push * (c_dest - c_erase)  # the tokens after the concept too: they carry most of it
     modules = module_table(backbone)
     # the same inputs for every target: λI + Σ c cᵀ (erased and kept rows) is shared
     gram = (config.lam * torch.eye(c_erase.shape[1], dtype=torch.float64) + c_erase.T @ c_erase

@@ -403,6 +403,8 @@ def erase(
     rank: Annotated[int | None, typer.Option(help="LoRA rank [default: esd 4, spm 1, uce exact].")] = None,
     variant: Annotated[str | None, typer.Option(help="esd: x (cross-attention) or u (the other layers).")] = None,
     eta: Annotated[float | None, typer.Option(help="esd/spm: negative guidance strength η [default: 3].")] = None,
+    push: Annotated[float | None, typer.Option(help="uce: map the concept past the destination, away from it, "
+                                                   "d + push·(d - c) [default: 1; 0 is the paper's map].")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the bank images and the training.")] = 0,
     out: Annotated[Path | None, typer.Option(help="The eraser file [default: erase-<concept>.safetensors].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
@@ -414,7 +416,7 @@ def erase(
     from studio.backbones import load_backbone
 
     target = out or Path(f"erase-{'-'.join(c.replace(' ', '_') for c in concepts)}.safetensors")
-    options = {k: v for k, v in dict(variant=variant, eta=eta).items() if v is not None}
+    options = {k: v for k, v in dict(variant=variant, eta=eta, push=push).items() if v is not None}
     with console.status(f"loading {backbone or DEFAULT_BACKBONE}..."):
         bb = load_backbone(backbone)
     columns = (TextColumn(f"[bold]{method}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),

@@ -44,7 +44,7 @@ def test_uce_maps_the_concept_to_the_null_text_and_holds_the_preserved(source):
     null = text_states(backbone, template.format(""))[:1]  # the start token (T5: the first word)
     changes = {}
     for preserve in ([], ["square"]):
-        adapter = erase("circle", method="uce", backbone=backbone, preserve=preserve, templates=templates)
+        adapter = erase("circle", method="uce", backbone=backbone, preserve=preserve, templates=templates, push=0)
         assert adapter.config.method == "uce" and adapter.config.family == backbone.family.name
         component = "unet" if backbone.family.arch == "unet" else "transformer"
         assert adapter.config.targets and all(t.startswith(component) for t in adapter.config.targets)
@@ -61,6 +61,23 @@ def test_uce_maps_the_concept_to_the_null_text_and_holds_the_preserved(source):
     # with "square" in the preserve list its keys/values stay within 10 % and move less than half as far
     # as without (world-sd: 4 % against 116 %; the random tiny encoders tell the words apart less)
     assert changes[True] < 0.1 and changes[True] * 2 < changes[False], changes
+
+
+def test_uce_push_maps_the_concept_past_the_destination(world):
+    """push p: the concept's key/value goes to d + p·(d - c), away from the concept (the default, p = 1,
+    took world-sd's triangle below the null text's own rate of triangles: README, Erasing benchmark)."""
+    template = WORLD_TEMPLATES[0]
+    concept = states(world, template, "circle")[:1]
+    null = text_states(world, template.format(""))[:1]
+    adapter = erase("circle", method="uce", backbone=world, templates=WORLD_TEMPLATES)
+    assert adapter.config.push == 1.0  # the method's default
+    for name in adapter.config.targets:
+        module = dict(world.denoiser.named_modules())[name.split(".", 1)[1]]
+        with torch.no_grad():
+            before, destination = module(concept), module(null)
+            after = before + concept @ adapter.deltas()[name].dense().T
+        wanted = destination + (destination - before)
+        assert (after - wanted).norm() < 0.2 * (before - wanted).norm(), name
 
 
 def test_uce_rank_truncation_keeps_the_largest_directions(world):
