@@ -858,11 +858,10 @@ def build_app():
         for tab in (generate_tab, merge_tab, erase_tab, library_tab):
             tab.select(lambda: gr.Timer(active=False), None, timer)
 
-        def on_load():  # a reloaded page finds the newest job and shows where it stands at once
-            latest = latest_job()
-            return [latest, *job_view(latest), *[gr.update(choices=adapter_choices()) for _ in pickers]]
+        def on_load():
+            return [latest_job(), *[gr.update(choices=adapter_choices()) for _ in pickers]]
 
-        demo.load(on_load, None, [job, progress, loss, samples, *pickers])
+        demo.load(on_load, None, [job, *pickers])
     return demo
 
 

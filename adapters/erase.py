@@ -287,7 +287,8 @@ def erase(concepts: str | list[str], *, method: str = "esd", backbone: Backbone 
 
         studio.erase("circle", method="uce", preserve=["square", "ring"], out="no-circle.safetensors")
 
-    `options` are other EraseConfig fields (eta, variant, anchor_weight, transport, destination, lam)."""
+    `options` are other EraseConfig fields (eta, variant, anchor_weight, transport, destination, lam,
+    preserve_scale, push)."""
     from pathlib import Path
 
     from studio.backbones import Backbone as BackboneClass

@@ -20,6 +20,13 @@ OBJECTIVES: Registry[type[Objective]] = Registry("family", UnknownFamilyError)
 TIMESTEP_BIASES = ("none", "content", "style")
 
 
+def check_timestep_bias(value: str) -> str:
+    """`value` if it names a timestep bias, else a clear error (TrainConfig checks it before any loading)."""
+    if value not in TIMESTEP_BIASES:
+        raise InvalidArgumentError(f"timestep_bias={value!r}; choose one of {', '.join(TIMESTEP_BIASES)}.")
+    return value
+
+
 class Objective:
     """`encode(captions)` -> conditioning (tensors, batch first); `loss(denoiser, x0, **conditioning)`.
 
@@ -27,11 +34,9 @@ class Objective:
     size, for masked loss: each example's error is then its weighted mean over pixels)."""
 
     def __init__(self, pipe: Any, *, snr_gamma: float | None = None, timestep_bias: str = "none"):
-        if timestep_bias not in TIMESTEP_BIASES:
-            raise InvalidArgumentError(f"timestep_bias={timestep_bias!r}; choose one of {', '.join(TIMESTEP_BIASES)}.")
         self.pipe = pipe
         self.snr_gamma = snr_gamma
-        self.timestep_bias = timestep_bias
+        self.timestep_bias = check_timestep_bias(timestep_bias)
 
     def noise_levels(self, n: int, device: Any, base: str = "uniform") -> torch.Tensor:
         """n noise levels in (0, 1), 1 = pure noise: drawn from `base` (uniform or SD3's logit-normal),

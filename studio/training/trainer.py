@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.errors import InvalidArgumentError, StudioError
-from studio.training.objectives import TIMESTEP_BIASES
+from studio.training.objectives import check_timestep_bias
 
 Progress = Callable[[int, int, float], None]  # (step done, total steps, loss)
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
@@ -116,8 +116,7 @@ class TrainConfig:
             raise InvalidArgumentError(f"lr_schedule={self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise InvalidArgumentError(f"snr_gamma={self.snr_gamma!r} must be > 0 (e.g. 5), or None for plain MSE.")
-        if self.timestep_bias not in TIMESTEP_BIASES:
-            raise InvalidArgumentError(f"timestep_bias={self.timestep_bias!r}; choose one of {', '.join(TIMESTEP_BIASES)}.")
+        check_timestep_bias(self.timestep_bias)
         if not 0 <= self.mask_floor <= 1:
             raise InvalidArgumentError(f"mask_floor={self.mask_floor!r} must be in [0, 1] (the background's loss weight).")
         if not 0 <= self.caption_dropout < 1:
