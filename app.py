@@ -497,6 +497,18 @@ def job_view(job_id: int | None) -> tuple[str, str | None, list[str]]:
     return page, plot, samples
 
 
+def live_view(job_id: int | None, seen: list | None):
+    """One tick of the Train tab's live view: the job's view and what it was drawn from, or no change
+    at all while the job's row is unchanged (a tick then costs one database read, not a loss plot)."""
+    import gradio as gr
+
+    job = library().job(int(job_id)) if job_id else None
+    now = [job_id, job["status"], job["step"], job["updated"], JOBS.running(job["id"])] if job else [None]
+    if now == seen:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    return (*job_view(job_id), now)
+
+
 # ---------------------------------------------------------------------------------------- merge
 
 @ui_errors
@@ -714,7 +726,7 @@ def build_app():
 
             generate_tab.select(refresh_pickers, None, pickers)
 
-        with gr.Tab("Train") as train_tab:
+        with gr.Tab("Train"):
             source = gr.State("")
             job = gr.State(None)
             with gr.Row():
@@ -754,10 +766,12 @@ def build_app():
                         job)
             resume.click(resume_training, job, job)
             cancel.click(cancel_training, job, note)
-            # the live view polls once a second, only while the Train tab is open
-            timer = gr.Timer(1.0, active=False)
-            timer.tick(job_view, job, [progress, loss, samples], show_progress="hidden")
-            train_tab.select(lambda: gr.Timer(active=True), None, timer)
+            # the live view polls once a second from page load on, on every tab: it does not wait for a
+            # tab's select event, which a tab clicked before the page has wired its events never sends;
+            # an unchanged job costs a tick one database read and redraws nothing
+            seen = gr.State(None)
+            timer = gr.Timer(1.0)
+            timer.tick(live_view, [job, seen], [progress, loss, samples, seen], show_progress="hidden")
 
         with gr.Tab("Merge") as merge_tab:
             with gr.Row():
@@ -790,7 +804,7 @@ def build_app():
             save.click(merge_save, [merge_sources, method, merge_weights, merged_name], merge_note)
             merge_tab.select(lambda: gr.update(choices=adapter_choices()), None, merge_sources)
 
-        with gr.Tab("Erase") as erase_tab:
+        with gr.Tab("Erase"):
             eraser = gr.State(None)
             with gr.Row():
                 with gr.Column(scale=4):
@@ -854,9 +868,6 @@ def build_app():
                 return select_image(recipe_list, evt.index)[0]
 
             history.select(on_history, history_recipes, history_parameters)
-
-        for tab in (generate_tab, merge_tab, erase_tab, library_tab):
-            tab.select(lambda: gr.Timer(active=False), None, timer)
 
         def on_load():
             return [latest_job(), *[gr.update(choices=adapter_choices()) for _ in pickers]]

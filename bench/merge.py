@@ -11,6 +11,7 @@ for a held-out background (checker). Then:
 
     .venv/bin/python bench/merge.py              # ~45 min on 2 CPU cores
     .venv/bin/python bench/merge.py --n 48 --methods linear,orthogonal
+    .venv/bin/python bench/merge.py --skip-pairs   # only the content + style part (~25 min)
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", type=Path, default=Path("out/bench-merge"))
     parser.add_argument("--skip-style", action="store_true", help="only the two shapes (no content + style part)")
+    parser.add_argument("--skip-pairs", action="store_true", help="only the content + style part")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = Path(tempfile.mkdtemp())
@@ -86,7 +88,7 @@ def main() -> None:
     pipeline = StudioPipeline(backbone)
     rows = []
     methods = args.methods.split(",")
-    for kind in ("lora", "orthogonal"):
+    for kind in () if args.skip_pairs else ("lora", "orthogonal"):
         pair = [adapters[f"{kind}-{s}"] for s in SHAPES]
         score = studio.merge.plan(pair).score
         single = {s: accuracy(pipeline, [(p, 1.0)], n=args.n, seed=args.seed, attributes=("shape",), shape=s,
@@ -137,7 +139,7 @@ def main() -> None:
     print(f"{'adapters':<11} {'stack':<28} {'star':>6} {'checker':>8} {'both':>6}")
     for r in combined:
         print(f"{r['kind']:<11} {r['adapters']:<28} {r['shape']:>6.3f} {r['background']:>8.3f} {r['all']:>6.3f}")
-    (args.out / "merge.json").write_text(json.dumps({"pairs": rows, "combined": combined}, indent=1))
+    (args.out / ("merge-style.json" if args.skip_pairs else "merge.json")).write_text(json.dumps({"pairs": rows, "combined": combined}, indent=1))
 
 
 if __name__ == "__main__":

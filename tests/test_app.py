@@ -133,6 +133,13 @@ def test_training_job_runs_in_a_thread_and_lands_in_the_library(trained, home, t
     html, plot, samples = app.job_view(app.latest_job())
     assert "data-status='done'" in html and "step 3 of 3" in html
     assert Path(plot).is_file() and samples and all(Path(s).is_file() for s in samples)
+    # the live view's tick: drawn for a page that has not seen the job, nothing redrawn once it has
+    *view, seen = app.live_view(app.latest_job(), None)
+    assert view == [html, plot, samples]
+    import gradio as gr
+
+    assert app.live_view(app.latest_job(), seen) == (gr.skip(),) * 4
+    assert app.live_view(None, seen)[0].startswith("<p>No training yet")
     gallery, table = app.library_view("")
     assert {row[0] for row in table} == {"star-adapter", "heart-adapter"} and len(gallery) == 2
     assert [row[0] for row in app.library_view("zwx")[1]] == ["heart-adapter"]  # search by trigger word
