@@ -58,10 +58,12 @@ CLOSED_FORM = (*TRAINABLE, "flux")  # UCE needs only the text states
 TARGETS = {
     ("unet", "esd-x"): r"attn2\.(to_q|to_k|to_v|to_out\.0)$",
     ("unet", "esd-u"): r"^(?!.*attn2\.)(down_blocks|mid_block|up_blocks)\.",
+    ("unet", "esd-kv"): r"attn2\.(to_k|to_v)$",
     ("unet", "spm"): r"attentions\.\d+\.",
     ("unet", "uce"): r"attn2\.(to_k|to_v)$",
     ("dit", "esd-x"): r"^transformer_blocks\.\d+\.attn\.",
     ("dit", "esd-u"): r"^transformer_blocks\.\d+\.(?!attn\.)",
+    ("dit", "esd-kv"): r"^transformer_blocks\.\d+\.attn\.add_(k|v)_proj$",
     ("dit", "spm"): r"^transformer_blocks\.\d+\.",
     ("dit", "uce"): r"^context_embedder$",
 }
@@ -77,10 +79,18 @@ class EraseConfig(LoraConfig):
     concepts: list[str] = field(default_factory=list)
     preserve: list[str] = field(default_factory=list)  # concepts that must stay (UCE: held exactly; ESD/SPM: anchors)
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
-    variant: str = "x"  # esd: x = cross-attention, u = the other layers
+    # esd: x = cross-attention (the paper's ESD-x), u = the other layers (ESD-u), kv = only the projections
+    # that read the text (keys and values), so the change acts through the prompt's words alone
+    variant: str = "x"
     eta: float = 1.0  # negative guidance strength of the erase target (ESD, SPM)
     anchor_weight: float = 0.0  # SPM's latent anchoring λ (weight of the random-prompt preservation loss)
     transport: bool = False  # SPM's facilitated transport: scale per prompt by its closeness to the concepts
+    # transport's cosine floor, set at creation from the preserve list: the highest cosine of a prompt
+    # naming a kept concept to the erased one. Cosines at or below it give 0 and the rest scale to
+    # [0, 1], so a prompt of a kept concept gets no eraser while a paraphrase of the erased one, closer
+    # than anything kept, still does (the paper's transport has no floor: on world-sd prompts naming
+    # neighbouring shapes reached γ 0.43 and lost up to 21 points)
+    transport_floor: float = 0.0
     destination: str = ""  # UCE: the concepts' keys and values become this text's ("" = the null text)
     lam: float = 0.1  # UCE's ridge term λ (TIME's 0.1): how strongly everything not listed keeps its mapping
     preserve_scale: float = 1.0  # UCE: weight of the preserve list's rows against the erased ones
@@ -107,8 +117,11 @@ class EraseConfig(LoraConfig):
         clash = sorted({p for p in self.preserve if p.lower() in {c.lower() for c in self.concepts}})
         if clash:
             raise EraseError(f"the preserve list names {clash}, which is also to be erased; remove it from --preserve.")
-        if self.variant not in ("x", "u"):
-            raise InvalidArgumentError(f"variant={self.variant!r}; choose x (cross-attention) or u (the other layers).")
+        if self.variant not in ("x", "u", "kv"):
+            raise InvalidArgumentError(f"variant={self.variant!r}; choose x (cross-attention), u (the other layers) "
+                                       f"or kv (the text's keys and values).")
+        if not 0 <= self.transport_floor < 1:
+            raise InvalidArgumentError(f"transport_floor={self.transport_floor!r} must be in [0, 1).")
         if not self.eta > 0 or not self.lam > 0 or min(self.anchor_weight, self.preserve_scale, self.push) < 0:
             raise InvalidArgumentError(f"eta ({self.eta}) and lam ({self.lam}) must be > 0, anchor_weight "
                                        f"({self.anchor_weight}), preserve_scale ({self.preserve_scale}) and push "
@@ -179,7 +192,8 @@ class EraseAdapter(LoraAdapter):
 
         if not self.config.transport:
             return [1.0] * len(prompts)
-        factors = transport_factors(backbone, prompts, self.config.concepts, self._concept_cache(backbone))
+        factors = transport_factors(backbone, prompts, self.config.concepts, self._concept_cache(backbone),
+                                    floor=self.config.transport_floor)
         self._scales = torch.tensor(factors).repeat_interleave(images_per_prompt)
         return factors
 
@@ -222,12 +236,13 @@ def word_tokens(backbone: Backbone, text: str, tokenizer: Any = None) -> list[in
 
 
 def transport_factors(backbone: Backbone, prompts: list[str], concepts: list[str],
-                      concept_vectors: torch.Tensor | None = None) -> list[float]:
+                      concept_vectors: torch.Tensor | None = None, *, floor: float = 0.0) -> list[float]:
     """SPM's facilitated transport: per prompt, max over concepts of max(cos(E_prompt, E_concept),
-    |prompt tokens ∩ concept tokens| / |concept tokens|), clipped to [0, 1]."""
+    |prompt tokens ∩ concept tokens| / |concept tokens|), clipped to [0, 1]; cosines are first mapped
+    from [floor, 1] to [0, 1] (see EraseConfig.transport_floor)."""
     vectors = pooled_text(backbone, prompts)
     concept_vectors = pooled_text(backbone, concepts) if concept_vectors is None else concept_vectors
-    cosine = (vectors @ concept_vectors.T).clamp(0, 1)  # (prompts, concepts)
+    cosine = ((vectors @ concept_vectors.T - floor) / (1 - floor)).clamp(0, 1)  # (prompts, concepts)
     wanted = [set(word_tokens(backbone, concept)) for concept in concepts]
     factors = []
     for i, prompt in enumerate(prompts):
@@ -334,6 +349,9 @@ def make_eraser(backbone: Backbone, config: EraseConfig, *, steps: int | None = 
     config.trigger_words = []
     if config.method == "uce":
         return uce(backbone, config, rank=rank)
+    if config.transport and config.preserve:
+        kept = pooled_text(backbone, config.prompts(config.preserve)) @ pooled_text(backbone, config.concepts).T
+        config.transport_floor = min(float(kept.max()), 0.99)  # kept prompts get γ 0 (shared tokens aside)
     return train_eraser(backbone, config, steps=steps or 300, lr=lr or 1e-2, batch=batch, bank_images=bank_images,
                         bank_steps=bank_steps, seed=seed, progress=progress)
 

@@ -401,7 +401,7 @@ def erase(
     steps: Annotated[int | None, typer.Option(help="esd/spm: training steps [default: 400 / 300].")] = None,
     lr: Annotated[float | None, typer.Option(help="esd/spm: learning rate [default: 1e-2 / 2e-2].")] = None,
     rank: Annotated[int | None, typer.Option(help="LoRA rank [default: esd 4, spm 1, uce exact].")] = None,
-    variant: Annotated[str | None, typer.Option(help="esd: x (cross-attention) or u (the other layers).")] = None,
+    variant: Annotated[str | None, typer.Option(help="esd: x (cross-attention), u (the other layers) or kv (the text's keys and values).")] = None,
     eta: Annotated[float | None, typer.Option(help="esd/spm: negative guidance strength η [default: 3].")] = None,
     push: Annotated[float | None, typer.Option(help="uce: map the concept past the destination, away from it, "
                                                    "d + push·(d - c) [default: 1; 0 is the paper's map].")] = None,

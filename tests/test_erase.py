@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from studio.adapters.base import IncompatibleAdapterError, load_adapter
@@ -10,6 +12,7 @@ from studio.adapters.erase import (
     EraseError,
     concept_rows,
     erase,
+    method_targets,
     text_states,
     transport_factors,
     weight_zero,
@@ -90,15 +93,22 @@ def test_uce_rank_truncation_keeps_the_largest_directions(world):
     assert torch.allclose((full - cut).norm(), s[4:].norm(), rtol=1e-3)  # Eckart-Young: the best rank-4
 
 
-@pytest.mark.parametrize("source,method", [("world-sd", "esd"), ("world-sd", "spm"), ("world-dit", "esd"),
-                                           ("tiny-sdxl", "spm"), ("tiny-sd3", "esd")])
-def test_training_moves_the_concept_prediction_towards_negative_guidance(source, method):
+@pytest.mark.parametrize("source,method,variant", [("world-sd", "esd", "x"), ("world-sd", "spm", "x"),
+                                                   ("world-dit", "esd", "x"), ("tiny-sdxl", "spm", "x"),
+                                                   ("tiny-sd3", "esd", "x"), ("world-dit", "esd", "kv")])
+def test_training_moves_the_concept_prediction_towards_negative_guidance(source, method, variant):
     """After a few steps the eraser's prediction for the concept prompt is closer to
     ε(x) - η(ε(x, c) - ε(x)) than the base model's, on bank states it was not trained on."""
     from studio.adapters.erase import trajectory_bank
 
     backbone = load_backbone(source)
-    adapter = erase("circle", method=method, backbone=backbone, steps=30, lr=5e-3, templates=["a {}"], seed=0)
+    adapter = erase("circle", method=method, backbone=backbone, steps=30, lr=5e-3, templates=["a {}"], seed=0,
+                    variant=variant)
+    if variant == "kv":  # only the projections that read the text: keys and values of its tokens
+        assert adapter.target_names() and all(re.search(r"attn\.add_[kv]_proj$", n) for n in adapter.target_names())
+        unet = method_targets(load_backbone("world-sd"), EraseConfig(family="sd1", method="esd", concepts=["a"],
+                                                                     variant="kv"))
+        assert unet and all(re.search(r"attn2\.to_[kv]$", n) for n in unet)
     assert not attached_adapters(backbone)  # training detaches what it attached
     objective = objective_for(backbone)
     bank = trajectory_bank(backbone, ["a circle"], images=2, steps=6, seed=99)
@@ -122,6 +132,18 @@ def test_transport_factors_and_row_scaling(world):
     factors = transport_factors(world, ["a small red circle on a plain background, in the centre",
                                         "a large blue square on a dotted background, top left"], ["circle"])
     assert factors[0] == 1.0 and factors[1] < 1.0
+    # the preserve list sets the cosine floor: its own prompts get 0, the concept's still 1
+    kept = erase("circle", method="spm", backbone=world, steps=2, lr=1e-2, templates=["a {}", "a large {}"],
+                 preserve=["square", "ring"])
+    assert 0 < kept.config.transport_floor < 1
+    raw = transport_factors(world, ["a ring", "a large square", "a circle"], ["circle"])
+    assert max(raw[:2]) > 0  # without the floor the kept prompts would get part of the eraser
+    kept.attach(world)
+    try:
+        assert kept.prepare(world, ["a ring", "a large square", "a circle"]) == [0.0, 0.0, 1.0]
+    finally:
+        kept.release()
+        kept.detach(world)
     adapter.attach(world)
     try:
         x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
