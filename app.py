@@ -498,15 +498,18 @@ def job_view(job_id: int | None) -> tuple[str, str | None, list[str]]:
 
 
 def live_view(job_id: int | None, seen: list | None):
-    """One tick of the Train tab's live view: the job's view and what it was drawn from, or no change
-    at all while the job's row is unchanged (a tick then costs one database read, not a loss plot)."""
+    """One tick of the Train tab's live view: the job's view, what it was drawn from, and the timer.
+    An unchanged job row redraws nothing (the tick costs one database read, not a loss plot); once the
+    view shows a job that is not running (or no job) the timer stops, and Start or Resume restart it,
+    so an idle page sends no requests that would slow a generation."""
     import gradio as gr
 
     job = library().job(int(job_id)) if job_id else None
     now = [job_id, job["status"], job["step"], job["updated"], JOBS.running(job["id"])] if job else [None]
+    timer = gr.skip() if job and JOBS.running(job["id"]) else gr.Timer(active=False)
     if now == seen:
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-    return (*job_view(job_id), now)
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), timer
+    return (*job_view(job_id), now, timer)
 
 
 # ---------------------------------------------------------------------------------------- merge
@@ -762,16 +765,15 @@ def build_app():
                                          elem_classes="pixelated")
             uploads.upload(stage_uploads, [uploads, trigger], [source, captions, note])
             load_folder.click(pick_server_folder, [server_folder, trigger], [source, captions, note])
-            start.click(start_training, [source, captions, name, kind, train_backbone, trigger, train_steps, rank, lr],
-                        job)
-            resume.click(resume_training, job, job)
-            cancel.click(cancel_training, job, note)
-            # the live view polls once a second from page load on, on every tab: it does not wait for a
-            # tab's select event, which a tab clicked before the page has wired its events never sends;
-            # an unchanged job costs a tick one database read and redraws nothing
+            # the live view ticks once a second from page load (so a reloaded page shows a running job at
+            # once, whichever tab is open) until the job it shows is not running; Start and Resume restart it
             seen = gr.State(None)
             timer = gr.Timer(1.0)
-            timer.tick(live_view, [job, seen], [progress, loss, samples, seen], show_progress="hidden")
+            timer.tick(live_view, [job, seen], [progress, loss, samples, seen, timer], show_progress="hidden")
+            start.click(start_training, [source, captions, name, kind, train_backbone, trigger, train_steps, rank, lr],
+                        job).success(lambda: gr.Timer(active=True), None, timer)
+            resume.click(resume_training, job, job).success(lambda: gr.Timer(active=True), None, timer)
+            cancel.click(cancel_training, job, note)
 
         with gr.Tab("Merge") as merge_tab:
             with gr.Row():

@@ -134,11 +134,13 @@ def test_training_job_runs_in_a_thread_and_lands_in_the_library(trained, home, t
     assert "data-status='done'" in html and "step 3 of 3" in html
     assert Path(plot).is_file() and samples and all(Path(s).is_file() for s in samples)
     # the live view's tick: drawn for a page that has not seen the job, nothing redrawn once it has
-    *view, seen = app.live_view(app.latest_job(), None)
-    assert view == [html, plot, samples]
+    # (and the timer stops: the job is not running; Start and Resume restart it)
+    *view, seen, timer = app.live_view(app.latest_job(), None)
+    assert view == [html, plot, samples] and timer.active is False
     import gradio as gr
 
-    assert app.live_view(app.latest_job(), seen) == (gr.skip(),) * 4
+    *unchanged, timer = app.live_view(app.latest_job(), seen)
+    assert unchanged == [gr.skip()] * 4 and timer.active is False
     assert app.live_view(None, seen)[0].startswith("<p>No training yet")
     gallery, table = app.library_view("")
     assert {row[0] for row in table} == {"star-adapter", "heart-adapter"} and len(gallery) == 2
@@ -176,6 +178,7 @@ def test_cancel_then_resume_finishes_the_same_steps(home, tmp_path):
     deadline = time.monotonic() + 60
     while (app.library().job(job)["step"] or 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert app.live_view(job, None)[-1] == gr.skip()  # a running job keeps the live view's timer ticking
     app.cancel_training(job)
     row = wait_for(job)
     assert row["status"] == "cancelled" and row["step"] < 12
