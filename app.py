@@ -766,9 +766,10 @@ def build_app():
             uploads.upload(stage_uploads, [uploads, trigger], [source, captions, note])
             load_folder.click(pick_server_folder, [server_folder, trigger], [source, captions, note])
             # the live view ticks once a second from page load (so a reloaded page shows a running job at
-            # once, whichever tab is open) until the job it shows is not running; Start and Resume restart it
+            # once, whichever tab is open) until the job it shows is not running; Start and Resume restart
+            # it. Page load starts it with the job it sets, so no tick can see the page before it has one
             seen = gr.State(None)
-            timer = gr.Timer(1.0)
+            timer = gr.Timer(1.0, active=False)
             timer.tick(live_view, [job, seen], [progress, loss, samples, seen, timer], show_progress="hidden")
             start.click(start_training, [source, captions, name, kind, train_backbone, trigger, train_steps, rank, lr],
                         job).success(lambda: gr.Timer(active=True), None, timer)
@@ -872,9 +873,9 @@ def build_app():
             history.select(on_history, history_recipes, history_parameters)
 
         def on_load():
-            return [latest_job(), *[gr.update(choices=adapter_choices()) for _ in pickers]]
+            return [latest_job(), gr.Timer(active=True), *[gr.update(choices=adapter_choices()) for _ in pickers]]
 
-        demo.load(on_load, None, [job, *pickers])
+        demo.load(on_load, None, [job, timer, *pickers])
     return demo
 
 
