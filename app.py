@@ -505,8 +505,9 @@ def live_view(job_id: int | None, seen: list | None):
     import gradio as gr
 
     job = library().job(int(job_id)) if job_id else None
-    now = [job_id, job["status"], job["step"], job["updated"], JOBS.running(job["id"])] if job else [None]
-    timer = gr.skip() if job and JOBS.running(job["id"]) else gr.Timer(active=False)
+    running = bool(job) and JOBS.running(job["id"])
+    now = [job_id, job["status"], job["step"], job["updated"], running] if job else [None]
+    timer = gr.skip() if running else gr.Timer(active=False)
     if now == seen:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), timer
     return (*job_view(job_id), now, timer)
@@ -771,9 +772,13 @@ def build_app():
             seen = gr.State(None)
             timer = gr.Timer(1.0, active=False)
             timer.tick(live_view, [job, seen], [progress, loss, samples, seen, timer], show_progress="hidden")
+
+            def restart_timer():
+                return gr.Timer(active=True)
+
             start.click(start_training, [source, captions, name, kind, train_backbone, trigger, train_steps, rank, lr],
-                        job).success(lambda: gr.Timer(active=True), None, timer)
-            resume.click(resume_training, job, job).success(lambda: gr.Timer(active=True), None, timer)
+                        job).success(restart_timer, None, timer)
+            resume.click(resume_training, job, job).success(restart_timer, None, timer)
             cancel.click(cancel_training, job, note)
 
         with gr.Tab("Merge") as merge_tab:
@@ -873,7 +878,7 @@ def build_app():
             history.select(on_history, history_recipes, history_parameters)
 
         def on_load():
-            return [latest_job(), gr.Timer(active=True), *[gr.update(choices=adapter_choices()) for _ in pickers]]
+            return [latest_job(), restart_timer(), *[gr.update(choices=adapter_choices()) for _ in pickers]]
 
         demo.load(on_load, None, [job, timer, *pickers])
     return demo
