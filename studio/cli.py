@@ -219,6 +219,8 @@ def train(
     steps: Annotated[int | None, typer.Option(help="Optimizer steps [default: 300].")] = None,
     batch: Annotated[int | None, typer.Option(help="Batch size [default: 4].")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate [default: 1e-4].")] = None,
+    loraplus_ratio: Annotated[float | None, typer.Option(
+        help="LoRA+: the output side (B) learns this many times faster than A [default: 1, plain LoRA].")] = None,
     trigger: Annotated[str | None, typer.Option(help="Trigger word (caption of images without one).")] = None,
     concept_seed: Annotated[int | None, typer.Option(help="Orthogonal: which basis columns (one per concept).")] = None,
     target: Annotated[str | None, typer.Option(help="attention, all-linear, locon, or a regex over module names.")] = None,
@@ -242,7 +244,7 @@ def train(
     dora = kind == "dora"
     options = dict(folder=str(folder), out=str(out or Path(f"{folder.resolve().name}.safetensors")),
                    kind="lora" if dora else kind, backbone=backbone, rank=rank or (20 if kind == "orthogonal" else None),
-                   steps=steps, batch=batch, lr=lr, trigger=trigger, concept_seed=concept_seed, device=device,
+                   steps=steps, batch=batch, lr=lr, loraplus_ratio=loraplus_ratio, trigger=trigger, concept_seed=concept_seed, device=device,
                    dora=dora or None, target=target, text_encoder=text_encoder, masked_loss=masked_loss,
                    timestep_bias=timestep_bias)
     options = {k: v for k, v in options.items() if v is not None}

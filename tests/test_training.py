@@ -72,6 +72,23 @@ def test_recipe_files_load_and_unknown_keys_raise(tmp_path):
         TrainConfig(folder="refs", out="a.safetensors", rank=0)
 
 
+def test_loraplus_gives_the_output_side_its_ratio_of_the_learning_rate(refs, tmp_path):
+    from studio.training.trainer import Run
+
+    with pytest.raises(InvalidArgumentError, match="loraplus_ratio"):
+        TrainConfig(folder=str(refs), out="a.safetensors", loraplus_ratio=0.5)
+    rates = {}
+    for ratio in (1.0, 8.0):
+        config = TrainConfig(folder=str(refs), out=str(tmp_path / f"p{int(ratio)}.safetensors"), rank=4, alpha=2, lr=1e-3,
+                             loraplus_ratio=ratio)
+        trainer = Run(config, log=lambda line: None)
+        names = {id(p): name for name, params in trainer.groups.items() for p in params}
+        rates[ratio] = {names[id(g["params"][0])]: g["lr"] for g in trainer.optimizer.param_groups}
+        trainer.adapter.detach(trainer.backbone)
+    assert rates[1.0] == pytest.approx({"lora_A": 1e-3, "lora_B": 5e-4})  # kohya's alpha / rank on B
+    assert rates[8.0] == pytest.approx({"lora_A": 1e-3, "lora_B": 4e-3})
+
+
 def test_training_writes_a_loadable_adapter_log_plot_and_uses_the_cache(refs, tmp_path):
     lines = []
     out = tmp_path / "sks.safetensors"

@@ -74,6 +74,9 @@ class TrainConfig:
     steps: int = 300
     batch: int = 4
     lr: float = 1e-4
+    # LoRA+ (Hayou et al. 2024; kohya's loraplus_lr_ratio): B, the output side, learns this many times
+    # faster than A; 1 = plain LoRA. Orthogonal adapters train B only, so there it scales the lr
+    loraplus_ratio: float = 1.0
     lr_schedule: str = "constant"
     warmup: int = 0
     weight_decay: float = 0.0
@@ -112,6 +115,9 @@ class TrainConfig:
                 raise InvalidArgumentError(f"{name}={value!r} must be an integer >= 1.")
         if not self.lr > 0:
             raise InvalidArgumentError(f"lr={self.lr!r} must be > 0 (e.g. 1e-4).")
+        if not self.loraplus_ratio >= 1:
+            raise InvalidArgumentError(f"loraplus_ratio={self.loraplus_ratio!r} must be >= 1 (1 = plain LoRA, "
+                                       f"LoRA+ uses 4 to 16).")
         if self.lr_schedule not in LR_SCHEDULES:
             raise InvalidArgumentError(f"lr_schedule={self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}.")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
@@ -319,6 +325,7 @@ class Run:
         # kohya's alpha scales the forward pass of B by alpha / rank; B starts at zero and Adam's steps
         # do not depend on the gradient's scale, so that equals B's learning rate x alpha / rank.
         scale = (config.alpha / config.rank) if config.alpha else 1.0
+        scale *= config.loraplus_ratio
         groups = [{"params": params, "lr": config.lr * (scale if name == "lora_B" else 1.0)}
                   for name, params in self.groups.items()]
         optimizer_cls = torch.optim.AdamW
