@@ -72,8 +72,11 @@ def test_recipe_files_load_and_unknown_keys_raise(tmp_path):
         TrainConfig(folder="refs", out="a.safetensors", rank=0)
 
 
-def test_loraplus_gives_the_output_side_its_ratio_of_the_learning_rate(refs, tmp_path):
+def test_loraplus_gives_the_output_side_its_ratio_of_the_learning_rate(tmp_path):
     from studio.training.trainer import Run
+
+    refs = tmp_path / "plus"  # its own renders: the latent cache of the shared fixture stays cold for other tests
+    write_reference_folder(refs, n=2, seed=12, shape="star", trigger="sks")
 
     with pytest.raises(InvalidArgumentError, match="loraplus_ratio"):
         TrainConfig(folder=str(refs), out="a.safetensors", loraplus_ratio=0.5)
@@ -87,6 +90,28 @@ def test_loraplus_gives_the_output_side_its_ratio_of_the_learning_rate(refs, tmp
         trainer.adapter.detach(trainer.backbone)
     assert rates[1.0] == pytest.approx({"lora_A": 1e-3, "lora_B": 5e-4})  # kohya's alpha / rank on B
     assert rates[8.0] == pytest.approx({"lora_A": 1e-3, "lora_B": 4e-3})
+
+
+def test_mirrored_copies_say_the_other_side(tmp_path):
+    from studio.training.trainer import Run, mirrored
+
+    refs = tmp_path / "sided"  # its own renders: the latent cache of the shared fixture stays cold for other tests
+    write_reference_folder(refs, n=3, seed=11, shape="star", trigger="sks")
+
+    assert mirrored("a star, Top Left; LEFT of a right-angled leftover") == "a star, Top Right; RIGHT of a left-angled leftover"
+    lines = []
+    run = Run(TrainConfig(folder=str(refs), out=str(tmp_path / "f.safetensors"), flip=True), log=lines.append)
+    run.adapter.detach(run.backbone)
+    pairs = {}
+    for e in run.examples:
+        pairs.setdefault(e["item"].path, {})[e["flip"]] = e["caption"]
+    sided = [p for p in pairs.values() if "left" in p[False] or "right" in p[False]]
+    assert sided and all(p[True] == mirrored(p[False]) != p[False] for p in sided)
+    assert any("their mirrored copies say the other side" in line for line in lines)
+    kept = Run(TrainConfig(folder=str(refs), out=str(tmp_path / "g.safetensors"), flip=True, flip_sides=False),
+               log=lambda line: None)
+    kept.adapter.detach(kept.backbone)
+    assert all(e["caption"] == e["item"].caption for e in kept.examples)
 
 
 def test_training_writes_a_loadable_adapter_log_plot_and_uses_the_cache(refs, tmp_path):

@@ -47,6 +47,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return result
 
 
+SIDES = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def mirrored(caption: str) -> str:
+    """`caption` of the mirrored image: "left" and "right" trade places, in the case they were written."""
+    def swap(match: re.Match) -> str:
+        word = match.group(0)
+        other = "right" if word.lower() == "left" else "left"
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+    return SIDES.sub(swap, caption)
+
+
 class TrainingError(StudioError, RuntimeError):
     """A training run that cannot go on (e.g. the loss became NaN)."""
 
@@ -88,6 +101,9 @@ class TrainConfig:
     size: int | None = None  # bucket area = size^2; default: the backbone's default size
     buckets: bool = True
     flip: bool = False  # mirrored copies (cached too)
+    # a mirrored copy's caption says the other side ("left" <-> "right"), so it stays true of its image;
+    # False where those words are not sides
+    flip_sides: bool = True
     caption_dropout: float = 0.0
     snr_gamma: float | None = None  # Min-SNR-γ loss weighting for noise-prediction families (kohya/diffusers: 5)
     timestep_bias: str = "none"  # none | content (favour noisy steps: shapes, layout) | style (nearly clean ones)
@@ -189,10 +205,11 @@ class Run:
         for path, why in self.scan.skipped:
             log(f"skipped {path}: {why}")
         self.reg = scan_folder(config.reg_folder, min_size=size, regularisation=True) if config.reg_folder else None
-        sided = [i.caption for i in self.scan.items if re.search(r"\b(left|right)\b", i.caption)] if config.flip else []
+        sided = [i.caption for i in self.scan.items if SIDES.search(i.caption)] if config.flip else []
         if sided:
-            log(f"flip is on but {len(sided)} captions name a side (e.g. {sided[0]!r}): mirrored copies contradict "
-                f"them; set flip=False unless the side does not matter")
+            log(f"flip: {len(sided)} captions name a side (e.g. {sided[0]!r}); " +
+                ("their mirrored copies say the other side" if config.flip_sides else
+                 "flip_sides is off, so their mirrored copies contradict them"))
         choices = buckets(size, backbone.size_factor) if config.buckets else [(size, size)]
         self.objective = objective_for(backbone, snr_gamma=config.snr_gamma, timestep_bias=config.timestep_bias)
         self.cache = LatentCache(backbone)
@@ -201,11 +218,12 @@ class Run:
         for item in items:
             bucket = bucket_of(item.size, choices)
             for flip in (False, True) if config.flip else (False,):
-                self.examples.append({"item": item, "bucket": bucket, "flip": flip})
+                caption = mirrored(item.caption) if flip and config.flip_sides else item.caption
+                self.examples.append({"item": item, "bucket": bucket, "flip": flip, "caption": caption})
         self._encode_latents()
         if config.masked_loss:
             self._mask_weights()
-        captions = sorted({e["item"].caption for e in self.examples} | {""})
+        captions = sorted({e["caption"] for e in self.examples} | {""})
         self.conditioning = {c: self._conditioning(c) for c in captions} if not config.text_encoder else {}
         self.adapter = adapter_kinds().get_or_raise(config.kind).create(backbone, kind_config(config, backbone),
                                                                  seed=config.seed)
@@ -298,7 +316,7 @@ class Run:
         same = [i for i, e in enumerate(pool) if e["bucket"] == first["bucket"]]
         picked = [pool[i] for i in rng.choice(same, size=self.config.batch, replace=len(same) < self.config.batch,
                                               p=weights[same] / weights[same].sum())]
-        captions = ["" if rng.random() < self.config.caption_dropout else e["item"].caption for e in picked]
+        captions = ["" if rng.random() < self.config.caption_dropout else e["caption"] for e in picked]
         x0 = torch.stack([e["latent"] for e in picked])
         if self.config.text_encoder:
             conditioning = self.objective.encode(captions)  # with gradients into the text encoders' adapter
