@@ -228,6 +228,8 @@ def train(
         "--text-encoder/--no-text-encoder", help="Train the text encoders' attention too.")] = None,
     masked_loss: Annotated[bool | None, typer.Option(
         "--masked-loss/--no-masked-loss", help="Weight the loss by each image's NAME.mask.png (or alpha).")] = None,
+    flip: Annotated[bool | None, typer.Option(
+        "--flip/--no-flip", help="Add mirrored copies (their captions say the other side: left <-> right).")] = None,
     timestep_bias: Annotated[str | None, typer.Option(
         help="none, content (favour noisy steps: shapes, layout) or style (nearly clean steps: texture).")] = None,
     recipe: Annotated[Path | None, typer.Option(
@@ -245,7 +247,7 @@ def train(
     options = dict(folder=str(folder), out=str(out or Path(f"{folder.resolve().name}.safetensors")),
                    kind="lora" if dora else kind, backbone=backbone, rank=rank or (20 if kind == "orthogonal" else None),
                    steps=steps, batch=batch, lr=lr, loraplus_ratio=loraplus_ratio, trigger=trigger, concept_seed=concept_seed, device=device,
-                   dora=dora or None, target=target, text_encoder=text_encoder, masked_loss=masked_loss,
+                   dora=dora or None, target=target, text_encoder=text_encoder, masked_loss=masked_loss, flip=flip,
                    timestep_bias=timestep_bias)
     options = {k: v for k, v in options.items() if v is not None}
     config = TrainConfig.from_file(recipe, **options) if recipe else TrainConfig(**options)

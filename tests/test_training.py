@@ -149,7 +149,7 @@ def test_orthogonal_training_keeps_the_basis_frozen(refs, tmp_path):
 def test_killed_training_resumes_and_finishes_the_same_steps(refs, tmp_path):
     out = tmp_path / "k.safetensors"
     command = [sys.executable, "-m", "studio.cli", "train", str(refs), "--out", str(out), "--steps", "30",
-               "--batch", "2", "--rank", "2", "--lr", "1e-3"]
+               "--batch", "2", "--rank", "2", "--lr", "1e-3", "--flip", "--loraplus-ratio", "4"]
     recipe = tmp_path / "r.yaml"
     recipe.write_text("checkpoint_every: 4\n")
     command += ["--config", str(recipe)]
@@ -173,6 +173,7 @@ def test_killed_training_resumes_and_finishes_the_same_steps(refs, tmp_path):
     assert steps[-1] == 30 and set(range(1, 31)) <= set(steps)
     adapter = load_adapter(out)
     assert adapter.config.training["steps"] == 30
+    assert adapter.config.training["flip"] is True and adapter.config.training["loraplus_ratio"] == 4
     assert not (tmp_path / "k.checkpoint").exists()
 
 
