@@ -546,7 +546,9 @@ def train_world_dit(out: Path, *, steps: int = 4000, batch: int = 32, lr: float 
                     eval_every: int = 1000, log: Log = print) -> Path:
     """An MMDiT from scratch with rectified flow as SD3 trains: x_t = (1 - s) x0 + s noise, velocity
     target noise - x0, s drawn logit-normal(0, 1). Prompts are encoded by the pipeline itself, with as
-    many zero T5 tokens as CLIP tokens (see pipelines/dit.py), so training and sampling match exactly."""
+    many zero T5 tokens as CLIP tokens (see pipelines/dit.py), so training and sampling match exactly.
+    The shipped one ran these 4,000 steps, then again with steps=8000 on the same `out`: it resumes from
+    the checkpoint on the 8,000-step cosine (a warm restart; shape accuracy 0.84 -> 0.93, README)."""
 
     from studio.training.objectives import RectifiedFlow
 
