@@ -57,7 +57,7 @@ def measure(backbone, *, n: int, seed: int, trigger: str | None, attributes: tup
 
 
 def plain_peft_seconds_per_step(folder: Path, reg: Path | None, backbone_name: str, *, target: str, rank: int,
-                                batch: int, snr_gamma: float | None = None, steps: int = 20) -> float:
+                                batch: int, snr_gamma: float | None = None, steps: int = 40) -> float:
     """The diffusers + PEFT DreamBooth-LoRA loop (train_dreambooth_lora.py): PEFT `add_adapter` on the
     same modules, images through the VAE and captions through the text encoders at every step, class
     images concatenated to the batch for prior preservation."""
