@@ -35,8 +35,8 @@ SETTINGS = {
 # LoCon (linear + conv layers) at rank 16, masked loss, 200 prior-preservation renders at weight 2: the
 # best of sweeps of rank (8/16/32), targets (all-linear/locon), lr (2e-3..1e-2), text-encoder training,
 # Min-SNR-γ, batch, prior weight, class-image count and masked loss (README, Benchmarks)
-# Mirrored copies (their captions saying the other side) double the 12 renders: star 0.70-0.74 -> 0.83
-# at 64 samples (README)
+# Mirrored copies (their captions saying the other side) double the 12 renders: LoRA's star 0.74 -> 0.83
+# at 100 samples (README)
 COMMON = dict(rank=16, alpha=16, steps=300, batch=8, lr=5e-3, target="locon", trigger="sks", lr_schedule="cosine",
               warmup=20, flip=True, checkpoint_every=1000, masked_loss=True, prior_weight=2.0)
 REG_IMAGES = 200  # with 48 the adapters lost 9 points of base shapes, with 200 2-3 (they learn the class)

@@ -246,9 +246,9 @@ def train(
     dora = kind == "dora"
     options = dict(folder=str(folder), out=str(out or Path(f"{folder.resolve().name}.safetensors")),
                    kind="lora" if dora else kind, backbone=backbone, rank=rank or (20 if kind == "orthogonal" else None),
-                   steps=steps, batch=batch, lr=lr, loraplus_ratio=loraplus_ratio, trigger=trigger, concept_seed=concept_seed, device=device,
-                   dora=dora or None, target=target, text_encoder=text_encoder, masked_loss=masked_loss, flip=flip,
-                   timestep_bias=timestep_bias)
+                   steps=steps, batch=batch, lr=lr, loraplus_ratio=loraplus_ratio, trigger=trigger,
+                   concept_seed=concept_seed, device=device, dora=dora or None, target=target,
+                   text_encoder=text_encoder, masked_loss=masked_loss, flip=flip, timestep_bias=timestep_bias)
     options = {k: v for k, v in options.items() if v is not None}
     config = TrainConfig.from_file(recipe, **options) if recipe else TrainConfig(**options)
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),

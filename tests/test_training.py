@@ -82,12 +82,12 @@ def test_loraplus_gives_the_output_side_its_ratio_of_the_learning_rate(tmp_path)
         TrainConfig(folder=str(refs), out="a.safetensors", loraplus_ratio=0.5)
     rates = {}
     for ratio in (1.0, 8.0):
-        config = TrainConfig(folder=str(refs), out=str(tmp_path / f"p{int(ratio)}.safetensors"), rank=4, alpha=2, lr=1e-3,
-                             loraplus_ratio=ratio)
-        trainer = Run(config, log=lambda line: None)
-        names = {id(p): name for name, params in trainer.groups.items() for p in params}
-        rates[ratio] = {names[id(g["params"][0])]: g["lr"] for g in trainer.optimizer.param_groups}
-        trainer.adapter.detach(trainer.backbone)
+        config = TrainConfig(folder=str(refs), out=str(tmp_path / f"p{int(ratio)}.safetensors"), rank=4, alpha=2,
+                             lr=1e-3, loraplus_ratio=ratio)
+        run = Run(config, log=lambda line: None)
+        names = {id(p): name for name, params in run.groups.items() for p in params}
+        rates[ratio] = {names[id(g["params"][0])]: g["lr"] for g in run.optimizer.param_groups}
+        run.adapter.detach(run.backbone)
     assert rates[1.0] == pytest.approx({"lora_A": 1e-3, "lora_B": 5e-4})  # kohya's alpha / rank on B
     assert rates[8.0] == pytest.approx({"lora_A": 1e-3, "lora_B": 4e-3})
 
@@ -98,7 +98,8 @@ def test_mirrored_copies_say_the_other_side(tmp_path):
     refs = tmp_path / "sided"  # its own renders: the latent cache of the shared fixture stays cold for other tests
     write_reference_folder(refs, n=3, seed=11, shape="star", trigger="sks")
 
-    assert mirrored("a star, Top Left; LEFT of a right-angled leftover") == "a star, Top Right; RIGHT of a left-angled leftover"
+    assert (mirrored("a star, Top Left; LEFT of a right-angled leftover")
+            == "a star, Top Right; RIGHT of a left-angled leftover")
     lines = []
     run = Run(TrainConfig(folder=str(refs), out=str(tmp_path / "f.safetensors"), flip=True), log=lines.append)
     run.adapter.detach(run.backbone)
