@@ -44,8 +44,8 @@ REG_IMAGES = 200  # with 48 the adapters lost 9 points of base shapes, with 200 
 
 def measure(backbone, *, n: int, seed: int, trigger: str | None, attributes: tuple[str, ...] = ("shape",),
             **fixed: str | None) -> dict[str, float]:
-    """Evaluator accuracy of `attributes` over `n` prompted samples at the family's defaults, and
-    "all": the fraction with every one of them right."""
+    """Evaluator accuracy of `attributes` over `n` prompted samples at the family's defaults, "all": the
+    fraction with every one of them right, and "drawn": the shape the evaluator saw in each sample."""
     fam = backbone.family
     settings = dict(steps=25, guidance=fam.guidance, scheduler=backbone.scheduler(fam.scheduler))
     pinned = {k: v for k, v in fixed.items() if v}
@@ -53,6 +53,7 @@ def measure(backbone, *, n: int, seed: int, trigger: str | None, attributes: tup
     result = {a: metrics["accuracy"][a] for a in attributes}
     result["all"] = sum(all(p[a] == e[a] for a in attributes)
                         for p, e in zip(metrics["predicted"], metrics["expected"], strict=True)) / n
+    result["drawn"] = [p["shape"] for p in metrics["predicted"]]
     return result
 
 

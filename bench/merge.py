@@ -93,7 +93,15 @@ def main() -> None:
         score = studio.merge.plan(pair).score
         single = {s: accuracy(pipeline, [(p, 1.0)], n=args.n, seed=args.seed, attributes=("shape",), shape=s,
                               trigger=TRIGGERS[s])["shape"] for s, p in zip(SHAPES, pair, strict=True)}
-        rows.append({"pair": kind, "method": "single", "score": score, **single})
+        # leak: how often each adapter alone draws its own shape when prompted with the other concept
+        # (its trigger and shape word); what leaks here competes in every merge, orthogonal or not
+        leak = {}
+        for s, p in zip(SHAPES, pair, strict=True):
+            other = next(o for o in SHAPES if o != s)
+            drawn = accuracy(pipeline, [(p, 1.0)], n=args.n, seed=args.seed, attributes=("shape",), shape=other,
+                             trigger=TRIGGERS[other])["drawn"]
+            leak[f"leak_{s}"] = drawn.count(s) / len(drawn)
+        rows.append({"pair": kind, "method": "single", "score": score, **single, **leak})
         print(json.dumps(rows[-1]), flush=True)
         for method in methods:
             try:
@@ -124,16 +132,19 @@ def main() -> None:
             (learned.adapter, 1.0)]
         for label, stack in cells.items():
             result = accuracy(pipeline, stack, n=args.n, seed=args.seed + 7, **both)
+            result.pop("drawn")
             combined.append({"kind": kind, "adapters": label, **result})
             print(json.dumps(combined[-1]), flush=True)
 
     print(f"\nTwo shapes taught apart ({args.n} prompted samples per cell, evaluator shape accuracy)")
-    print(f"{'adapters':<11} {'method':<11} {'plan score':>10} {'star':>6} {'heart':>6} {'kept star':>10} {'kept heart':>11}")
+    print(f"{'adapters':<11} {'method':<11} {'plan score':>10} {'star':>6} {'heart':>6} {'kept star':>10} {'kept heart':>11}"
+          f"  (single: leak = the adapter's own shape drawn on the other concept's prompts)")
     for r in rows:
         if "refused" in r:
             print(f"{r['pair']:<11} {r['method']:<11} {r['score']:>10.3f}   refused: {r['refused']}")
             continue
-        kept = (f"{r['kept_star']:>10.0%} {r['kept_heart']:>11.0%}" if "kept_star" in r else "")
+        kept = (f"{r['kept_star']:>10.0%} {r['kept_heart']:>11.0%}" if "kept_star" in r else
+                f"  leak star {r['leak_star']:.3f}, heart {r['leak_heart']:.3f}")
         print(f"{r['pair']:<11} {r['method']:<11} {r['score']:>10.3f} {r['star']:>6.3f} {r['heart']:>6.3f} {kept}")
     print(f"\nContent (sks star) + style ({STYLE} background) in one prompt")
     print(f"{'adapters':<11} {'stack':<28} {'star':>6} {'checker':>8} {'both':>6}")
