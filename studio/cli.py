@@ -402,8 +402,8 @@ def erase(
     template: Annotated[list[str] | None, typer.Option(
         "--template", help="A prompt with {} where the concept goes (repeatable) [default: generic ones].")] = None,
     backbone: BackboneOpt = None,
-    steps: Annotated[int | None, typer.Option(help="esd/spm: training steps [default: 400 / 300].")] = None,
-    lr: Annotated[float | None, typer.Option(help="esd/spm: learning rate [default: 1e-2 / 3e-2].")] = None,
+    steps: Annotated[int | None, typer.Option(help="esd/spm: training steps [default: 400 / 500].")] = None,
+    lr: Annotated[float | None, typer.Option(help="esd/spm: learning rate [default: 1e-2 / 2.5e-2].")] = None,
     rank: Annotated[int | None, typer.Option(help="LoRA rank [default: esd 4, spm 1, uce exact].")] = None,
     variant: Annotated[str | None, typer.Option(help="esd: x (cross-attention), u (the other layers) or kv (the text's keys and values).")] = None,
     eta: Annotated[float | None, typer.Option(help="esd/spm: negative guidance strength η [default: 3].")] = None,
