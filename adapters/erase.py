@@ -355,8 +355,9 @@ def make_eraser(backbone: Backbone, config: EraseConfig, *, steps: int | None = 
     if config.transport and config.preserve:
         kept = pooled_text(backbone, config.prompts(config.preserve)) @ pooled_text(backbone, config.concepts).T
         config.transport_floor = min(float(kept.max()), 0.99)  # kept prompts get γ 0 (shared tokens aside)
-    return train_eraser(backbone, config, steps=steps or 300, lr=lr or 1e-2, batch=batch, bank_images=bank_images,
-                        bank_steps=bank_steps, seed=seed, progress=progress)
+    defaults = METHOD_DEFAULTS[config.method]  # one place for them: `erase` reads the same table
+    return train_eraser(backbone, config, steps=steps or defaults["steps"], lr=lr or defaults["lr"], batch=batch,
+                        bank_images=bank_images, bank_steps=bank_steps, seed=seed, progress=progress)
 
 
 def encode(objective, prompts: list[str]) -> dict[str, torch.Tensor]:

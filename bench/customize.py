@@ -18,6 +18,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,7 +44,7 @@ REG_IMAGES = 200  # with 48 the adapters lost 9 points of base shapes, with 200 
 
 
 def measure(backbone, *, n: int, seed: int, trigger: str | None, attributes: tuple[str, ...] = ("shape",),
-            **fixed: str | None) -> dict[str, float]:
+            **fixed: str | None) -> dict[str, Any]:
     """Evaluator accuracy of `attributes` over `n` prompted samples at the family's defaults, "all": the
     fraction with every one of them right, and "drawn": the shape the evaluator saw in each sample."""
     fam = backbone.family

@@ -21,6 +21,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from customize import COMMON, REG_IMAGES, SETTINGS, measure
 from studio.pipelines import StudioPipeline
@@ -46,7 +47,7 @@ def train_adapter(folder: Path, reg: Path, out: Path, kind: str, concept_seed: i
 
 
 def accuracy(pipeline: StudioPipeline, adapters: list[tuple[Path | object, float]], *, n: int, seed: int,
-             attributes: tuple[str, ...], trigger: str = "sks", **fixed: str) -> dict[str, float]:
+             attributes: tuple[str, ...], trigger: str = "sks", **fixed: str) -> dict[str, Any]:
     for adapter, weight in adapters:
         pipeline.attach(adapter, weight)
     try:
