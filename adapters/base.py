@@ -127,7 +127,9 @@ class Adapter:
 
     @property
     def name(self) -> str:
-        return self.config.name or (self.path.stem if self.path else self.kind)
+        """The adapter's name; PEFT keys its layers by it and torch refuses dots in module names, so
+        "sks.v2" (from a file sks.v2.safetensors) is attached as "sks_v2"."""
+        return re.sub(r"[^\w-]", "_", self.config.name or (self.path.stem if self.path else self.kind))
 
     # ------------------------------------------------------------------------------------ the file
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from studio.adapters.base import components, module_table, register
-from studio.adapters.lora import LoraAdapter, LoraConfig, target_modules
+from studio.adapters.lora import LoraAdapter, LoraConfig, target_modules, without
 
 from studio.errors import InvalidArgumentError, StudioError
 
@@ -518,7 +518,7 @@ def train_eraser(backbone: Backbone, config: EraseConfig, *, steps: int, lr: flo
     adapter = EraseAdapter.create(backbone, config, seed=seed)
     adapter.attach(backbone)
     denoiser = backbone.denoiser
-    base_model = weight_zero(backbone, adapter)
+    base_model = without(backbone, adapter)
     try:
         params = [p for group in adapter.trainable_parameters(backbone).values() for p in group]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -561,24 +561,3 @@ def train_eraser(backbone: Backbone, config: EraseConfig, *, steps: int, lr: flo
                        "bank_images": bank_images, "bank_steps": bank_steps, "anchors": len(anchor_prompts),
                        "seed": seed}
     return adapter
-
-
-class weight_zero:
-    """The base model's prediction inside: the adapter's LoRA scales are 0, then they come back (set
-    directly: `set_weight` would re-run PEFT's set_adapter, which resets what trains)."""
-
-    def __init__(self, backbone: Backbone, adapter: EraseAdapter):
-        from peft.tuners.lora import LoraLayer
-
-        self.layers = [m for model in components(backbone).values() for m in model.modules()
-                       if isinstance(m, LoraLayer) and adapter.name in m.scaling]
-        self.name = adapter.name
-
-    def __enter__(self):
-        self.saved = [layer.scaling[self.name] for layer in self.layers]
-        for layer in self.layers:
-            layer.scaling[self.name] = 0.0
-
-    def __exit__(self, *exc):
-        for layer, value in zip(self.layers, self.saved, strict=True):
-            layer.scaling[self.name] = value

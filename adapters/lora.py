@@ -375,3 +375,36 @@ def activate(backbone: Backbone) -> None:
                     module.set_scale(name, weight_of(attached[name]["weight"], f"{component}.{path}"))
             for parameter in module.parameters():
                 parameter.requires_grad_(False)  # PEFT's set_adapter marks active adapters trainable
+
+
+class without:
+    """Inside the block the backbone computes as if `adapter` were not attached (a reference for a
+    loss): its LoRA layers at scale 0, its DoRA and OFT/BOFT layers switched off by PEFT's own flag (a
+    DoRA layer at scale 0 still rescales its weight; the flag turns off every adapter of such a layer).
+    Set directly: `set_weight` would re-run PEFT's set_adapter, which resets what trains."""
+
+    def __init__(self, backbone: Backbone, adapter: PeftAdapter):
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.name = adapter.name
+        layers = [m for model in components(backbone).values() for m in model.modules()
+                  if isinstance(m, BaseTunerLayer) and self.name in m._get_available_adapters()]
+        self.scaled = [m for m in layers if isinstance(m, LoraLayer) and not m.use_dora.get(self.name, False)]
+        scaled = {id(m) for m in self.scaled}
+        self.switched = [m for m in layers if id(m) not in scaled]
+
+    def __enter__(self) -> without:
+        self.saved = [layer.scaling[self.name] for layer in self.scaled]
+        self.flags = [layer._disable_adapters for layer in self.switched]
+        for layer in self.scaled:
+            layer.scaling[self.name] = 0.0
+        for layer in self.switched:
+            layer._disable_adapters = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for layer, value in zip(self.scaled, self.saved, strict=True):
+            layer.scaling[self.name] = value
+        for layer, flag in zip(self.switched, self.flags, strict=True):
+            layer._disable_adapters = flag

@@ -28,7 +28,7 @@ from studio.pipelines import StudioPipeline
 
 import studio
 from studio.backbones import load_backbone
-from studio.training.trainer import TrainConfig, train
+from studio.training.trainer import TrainConfig, parse_overrides, train
 from studio.world.folder import write_reference_folder
 
 SHAPES = ("star", "heart")
@@ -37,12 +37,16 @@ STYLE = "checker"
 METHODS = ("linear", "svd", "ties", "dare_ties", "orthogonal")
 
 
-def train_adapter(folder: Path, reg: Path, out: Path, kind: str, concept_seed: int, trigger: str) -> Path:
+def train_adapter(folder: Path, reg: Path, out: Path, kind: str, concept_seed: int, trigger: str,
+                  overrides: dict[str, Any] | None = None) -> Path:
     if out.exists():
         return out
     ranks = {k: SETTINGS["orthogonal-sd"][k] for k in ("rank", "alpha")} if kind == "orthogonal" else {}
+    options = {**COMMON, **ranks, "trigger": trigger, **(overrides or {})}
+    if not trigger:  # the style adapter has no trigger to anchor
+        options.pop("anchor_weight", None)
     config = TrainConfig(folder=str(folder), out=str(out), reg_folder=str(reg), backbone="world-sd", kind=kind,
-                         concept_seed=concept_seed, **{**COMMON, **ranks, "trigger": trigger})
+                         concept_seed=concept_seed, **options)
     return train(config, log=lambda line: None)
 
 
@@ -65,7 +69,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/bench-merge"))
     parser.add_argument("--skip-style", action="store_true", help="only the two shapes (no content + style part)")
     parser.add_argument("--skip-pairs", action="store_true", help="only the content + style part")
+    parser.add_argument("--kinds", default="lora,orthogonal", help="adapter kinds to train and merge")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a training option of the recipe (repeatable), e.g. --set anchor_weight=0")
     args = parser.parse_args()
+    overrides = parse_overrides(args.set)
+    kinds = args.kinds.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     data = Path(tempfile.mkdtemp())
     reg = data / "reg"
@@ -75,21 +84,21 @@ def main() -> None:
     for i, shape in enumerate(SHAPES):
         folder = data / shape
         write_reference_folder(folder, n=12, seed=7 + i, shape=shape, trigger=TRIGGERS[shape], masks=True)
-        for kind in ("lora", "orthogonal"):
+        for kind in kinds:
             adapters[f"{kind}-{shape}"] = train_adapter(folder, reg, args.out / f"{kind}-{shape}.safetensors", kind,
-                                                        concept_seed=i, trigger=TRIGGERS[shape])
+                                                        concept_seed=i, trigger=TRIGGERS[shape], overrides=overrides)
     style = data / STYLE
     write_reference_folder(style, n=12, seed=9, background=STYLE)
-    for kind in () if args.skip_style else ("lora", "orthogonal"):
+    for kind in () if args.skip_style else kinds:
         adapters[f"{kind}-{STYLE}"] = train_adapter(style, reg, args.out / f"{kind}-{STYLE}.safetensors", kind,
-                                                    concept_seed=2, trigger="")
+                                                    concept_seed=2, trigger="", overrides=overrides)
     print(f"adapters trained in {time.perf_counter() - started:.0f} s", flush=True)
 
     backbone = load_backbone("world-sd")
     pipeline = StudioPipeline(backbone)
     rows = []
     methods = args.methods.split(",")
-    for kind in () if args.skip_pairs else ("lora", "orthogonal"):
+    for kind in () if args.skip_pairs else kinds:
         pair = [adapters[f"{kind}-{s}"] for s in SHAPES]
         score = studio.merge.plan(pair).score
         single = {s: accuracy(pipeline, [(p, 1.0)], n=args.n, seed=args.seed, attributes=("shape",), shape=s,
@@ -120,7 +129,7 @@ def main() -> None:
     both = dict(attributes=("shape", "background"), shape="star", background=STYLE)
     reference = data / "combination"
     write_reference_folder(reference, n=5, seed=11, shape="star", background=STYLE, trigger="sks")
-    for kind in () if args.skip_style else ("lora", "orthogonal"):
+    for kind in () if args.skip_style else kinds:
         content, look = adapters[f"{kind}-star"], adapters[f"{kind}-{STYLE}"]
         cells = {"content only": [(content, 1.0)], "style only": [(look, 1.0)]}
         for method in ("linear", "ties", "orthogonal"):

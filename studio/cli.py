@@ -232,6 +232,11 @@ def train(
         "--flip/--no-flip", help="Add mirrored copies (their captions say the other side: left <-> right).")] = None,
     timestep_bias: Annotated[str | None, typer.Option(
         help="none, content (favour noisy steps: shapes, layout) or style (nearly clean steps: texture).")] = None,
+    anchor_weight: Annotated[float | None, typer.Option(
+        help="Trigger anchoring: captions with the trigger phrase swapped for made-up words keep the backbone's "
+             "own prediction, so the adapter answers only its trigger (merges better) [default: 0, off].")] = None,
+    anchor_phrase: Annotated[str | None, typer.Option(
+        help="The words anchoring swaps [default: the trigger and the word after it].")] = None,
     recipe: Annotated[Path | None, typer.Option(
         "--config", help="A YAML/TOML recipe with any TrainConfig keys; options given here win.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the unfinished run of the same --out.")] = False,
@@ -248,7 +253,8 @@ def train(
                    kind="lora" if dora else kind, backbone=backbone, rank=rank or (20 if kind == "orthogonal" else None),
                    steps=steps, batch=batch, lr=lr, loraplus_ratio=loraplus_ratio, trigger=trigger,
                    concept_seed=concept_seed, device=device, dora=dora or None, target=target,
-                   text_encoder=text_encoder, masked_loss=masked_loss, flip=flip, timestep_bias=timestep_bias)
+                   text_encoder=text_encoder, masked_loss=masked_loss, flip=flip, timestep_bias=timestep_bias,
+                   anchor_weight=anchor_weight, anchor_phrase=anchor_phrase)
     options = {k: v for k, v in options.items() if v is not None}
     config = TrainConfig.from_file(recipe, **options) if recipe else TrainConfig(**options)
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),

@@ -15,7 +15,7 @@ from studio.adapters.erase import (
     method_targets,
     text_states,
     transport_factors,
-    weight_zero,
+    without,
 )
 from studio.adapters.lora import attached_adapters
 from studio.pipelines import StudioPipeline
@@ -151,7 +151,7 @@ def test_transport_factors_and_row_scaling(world):
         run = lambda: world.denoiser(x, torch.tensor([500, 500]), ctx).sample  # noqa: E731
         with torch.no_grad():
             full = run()
-            with weight_zero(world, adapter):
+            with without(world, adapter):
                 base = run()
             adapter.prepare(world, ["p", "q"], 1)
             adapter._scales = torch.tensor([1.0, 0.0])  # row 0 erased fully, row 1 untouched

@@ -121,6 +121,39 @@ def test_two_adapters_stack_and_detach_in_any_order():
     assert not torch.allclose(only_a, both)
 
 
+@pytest.mark.parametrize("kind", ["lora", "dora", "oft"])
+def test_without_gives_the_output_without_that_adapter_and_restores_it(kind):
+    from studio.adapters.lora import without
+    from studio.adapters.oft import OftAdapter, OftConfig
+
+    backbone = load_backbone("tiny-sd1")
+    base = denoise(backbone)
+    if kind == "oft":
+        adapter = OftAdapter.create(backbone, OftConfig(family="sd1", name="sks.v2", block_size=4), seed=0)
+        for t in adapter.tensors.values():
+            t.add_(torch.randn(t.shape, generator=torch.Generator().manual_seed(4)) * 0.05)
+    else:  # a dotted name, as a file sks.v2.safetensors gives: torch refuses dots in module names
+        adapter = random_lora(backbone, name="sks.v2", dora=kind == "dora")
+    adapter.attach(backbone)
+    assert adapter.name == "sks_v2"
+    full = denoise(backbone)
+    assert (full - base).abs().max() > 1e-3
+    with without(backbone, adapter):
+        assert torch.allclose(denoise(backbone), base, atol=1e-6)
+    assert torch.equal(denoise(backbone), full)
+    if kind == "lora":  # LoRA layers go to scale 0, so another adapter in the same layers stays on
+        other = random_lora(backbone, name="other", seed=5)
+        other.attach(backbone)
+        adapter.set_weight(backbone, 0.0)
+        only_other = denoise(backbone)
+        adapter.set_weight(backbone, 1.0)
+        with without(backbone, adapter):
+            assert torch.allclose(denoise(backbone), only_other, atol=1e-6)
+        other.detach(backbone)
+    adapter.detach(backbone)
+    assert torch.equal(denoise(backbone), base)
+
+
 def test_save_load_round_trip_with_manifest_and_modelspec(tmp_path):
     from safetensors import safe_open
 

@@ -336,3 +336,75 @@ def test_overrides_parse_like_a_recipe_with_exponent_numbers():
         "lr": 0.01, "masked_loss": True, "target": "locon", "rank": 8}
     with pytest.raises(InvalidArgumentError, match="KEY=VALUE"):
         parse_overrides(["lr"])
+
+
+def test_anchoring_swaps_the_trigger_phrase_for_made_up_words(refs, tmp_path):
+    from studio.training.trainer import Run
+
+    out = str(tmp_path / "a.safetensors")
+    with pytest.raises(InvalidArgumentError, match="trigger"):
+        TrainConfig(folder=str(refs), out=out, anchor_weight=1.0)
+    with pytest.raises(InvalidArgumentError, match="anchor_weight"):
+        TrainConfig(folder=str(refs), out=out, anchor_weight=-1.0, trigger="sks")
+    config = TrainConfig(folder=str(refs), out=out, trigger="sks", anchor_weight=1.0, anchor_variants=3, batch=2)
+    lines = []
+    run = Run(config, log=lines.append)
+    run.adapter.detach(run.backbone)
+    named = [e for e in run.examples if "sks star" in e["caption"]]
+    assert len(named) == 4 and len(run.anchors) == 3 * len(named)
+    for anchor in run.anchors:  # the trigger and its class word swapped, the rest of the caption kept
+        source = next(e for e in named if e["key"] == anchor["key"])
+        before, after = source["caption"].split(), anchor["caption"].split()
+        assert len(before) == len(after) and "sks" not in after and "star" not in after
+        assert sum(a != b for a, b in zip(before, after, strict=True)) == 2
+    assert len({a["caption"] for a in run.anchors}) == len(run.anchors)
+    assert any("anchoring: 12 captions with 'sks' swapped" in line for line in lines)
+    again = Run(config, log=lambda line: None)  # drawn from the run's seed: a resumed run gets the same
+    again.adapter.detach(again.backbone)
+    assert [a["caption"] for a in again.anchors] == [a["caption"] for a in run.anchors]
+    x0, conditioning = run.batch(0, anchor=True)
+    assert len(x0) == 2 and "pixel_weights" not in conditioning
+    only = Run(TrainConfig(folder=str(refs), out=out, trigger="sks", anchor_weight=1.0, anchor_phrase="sks"),
+               log=lambda line: None)
+    only.adapter.detach(only.backbone)
+    assert all("star" in a["caption"] and "sks" not in a["caption"] for a in only.anchors)
+    with pytest.raises(InvalidArgumentError, match="no training caption contains 'zwx heart'"):
+        Run(TrainConfig(folder=str(refs), out=out, anchor_weight=1.0, anchor_phrase="zwx heart"), log=lambda line: None)
+
+
+def test_anchoring_keeps_the_adapter_off_prompts_without_its_trigger(tmp_path):
+    """Trained with anchoring, a LoRA changes the prediction for another concept's prompt ("zwx heart",
+    never seen) less, relative to its change on its own prompt, than the same LoRA trained without: on
+    the noised training images, 0.65 against 1.02 here (100 steps: 0.59 against 1.02)."""
+    from studio.adapters.lora import without
+
+    from studio.backbones import load_backbone
+    from studio.training.data import encode_images
+    from studio.training.objectives import objective_for
+
+    refs = tmp_path / "refs"
+    write_reference_folder(refs, n=6, seed=3, shape="star", trigger="sks")
+    captions = [p.read_text().strip() for p in sorted(refs.glob("*.txt"))]
+    others = [c.replace("sks star", "zwx heart") for c in captions]
+    world = load_backbone("world-sd")
+    objective = objective_for(world)
+    x0 = encode_images(world, [Image.open(p).convert("RGB") for p in sorted(refs.glob("*.png"))])
+    ratios = {}
+    for weight in (0.0, 1.0):
+        path = train(folder=str(refs), out=str(tmp_path / f"w{weight}.safetensors"), trigger="sks", steps=40,
+                     batch=4, rank=4, lr=5e-3, anchor_weight=weight, seed=1, log=lambda line: None)
+        adapter = load_adapter(path)
+        adapter.attach(world)
+        change = {}
+        for label, prompts in (("own", captions), ("other", others)):
+            torch.manual_seed(0)  # the same noised latents for both prompts and both adapters
+            xt, t = objective.noisy(x0)
+            with torch.no_grad():
+                cond = objective.encode(prompts)
+                full = objective.predict(world.denoiser, xt, t, **cond)
+                with without(world, adapter):
+                    base = objective.predict(world.denoiser, xt, t, **cond)
+            change[label] = float((full - base).norm())
+        adapter.detach(world)
+        ratios[weight] = change["other"] / change["own"]
+    assert ratios[1.0] < 0.8 * ratios[0.0], ratios

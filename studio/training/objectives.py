@@ -66,6 +66,22 @@ class Objective:
         noise prediction, σ x 1000 for rectified flow)."""
         raise NotImplementedError
 
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, the denoiser's timestep) at noise levels drawn as the loss draws them."""
+        raise NotImplementedError
+
+    def consistency(self, denoiser: Any, x0: torch.Tensor, reference: Any, *,
+                    reference_conditioning: dict[str, torch.Tensor] | None = None,
+                    **conditioning: torch.Tensor) -> torch.Tensor:
+        """Mean squared distance, on noised `x0`, between the denoiser's output and its output inside the
+        `reference` context (e.g. with the adapter off: the backbone's own prediction as the target)."""
+        import torch
+
+        xt, timestep = self.noisy(x0)
+        with torch.no_grad(), reference:
+            target = self.predict(denoiser, xt, timestep, **(reference_conditioning or conditioning))
+        return per_sample(self.predict(denoiser, xt, timestep, **conditioning), target, None).mean()
+
 
 def per_sample(prediction: torch.Tensor, target: torch.Tensor, pixel_weights: torch.Tensor | None) -> torch.Tensor:
     """Each example's mean squared error, weighted over pixels by `pixel_weights` when given."""
@@ -103,11 +119,9 @@ class NoisePrediction(Objective):
              pixel_weights: torch.Tensor | None = None, **conditioning: torch.Tensor) -> torch.Tensor:
         import torch
 
-        alphas = self.noise_schedule.alphas_cumprod.to(x0.device)
         noise = torch.randn_like(x0)
-        t = (self.noise_levels(len(x0), x0.device) * len(alphas)).long().clamp(max=len(alphas) - 1)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt, t = self.noisy(x0, noise)
+        a = self.noise_schedule.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
         target = noise if self.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
         errors = per_sample(self.predict(denoiser, xt, t, **conditioning), target, pixel_weights)
         if self.snr_gamma:
@@ -119,6 +133,15 @@ class NoisePrediction(Objective):
 
     def predict(self, denoiser: Any, xt: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor):
         return denoiser(xt, timestep, encoder_hidden_states=conditioning["context"], **self.extra(conditioning)).sample
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        alphas = self.noise_schedule.alphas_cumprod.to(x0.device)
+        noise = torch.randn_like(x0) if noise is None else noise
+        t = (self.noise_levels(len(x0), x0.device) * len(alphas)).long().clamp(max=len(alphas) - 1)
+        a = alphas[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t
 
 
 OBJECTIVES.register("sd1", "sd2")(NoisePrediction)
@@ -159,10 +182,16 @@ class RectifiedFlow(Objective):
         import torch
 
         noise = torch.randn_like(x0)
-        sigma = self.noise_levels(len(x0), x0.device, base="logit-normal").view(-1, 1, 1, 1)
-        xt = (1 - sigma) * x0 + sigma * noise
-        velocity = self.predict(denoiser, xt, sigma.flatten() * 1000, **conditioning)
+        xt, timestep = self.noisy(x0, noise)
+        velocity = self.predict(denoiser, xt, timestep, **conditioning)
         return reduce(per_sample(velocity, noise - x0, pixel_weights), sample_weights)
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        noise = torch.randn_like(x0) if noise is None else noise
+        sigma = self.noise_levels(len(x0), x0.device, base="logit-normal").view(-1, 1, 1, 1)
+        return (1 - sigma) * x0 + sigma * noise, sigma.flatten() * 1000
 
     def predict(self, denoiser: Any, xt: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor):
         return denoiser(hidden_states=xt, timestep=timestep, encoder_hidden_states=conditioning["context"],

@@ -114,6 +114,13 @@ class TrainConfig:
     mask_floor: float = 0.1
     reg_folder: str | None = None  # prior preservation images (their captions name the class)
     prior_weight: float = 1.0
+    # trigger anchoring: the training captions with the trigger phrase swapped for made-up words must give
+    # the backbone's own prediction (adapter off), so the adapter answers its trigger and not any unfamiliar
+    # word; adapters trained apart then stop drawing their concept on each other's prompts, which is what a
+    # merge sums (README, Merging). Costs one more forward and backward pass per step
+    anchor_weight: float = 0.0
+    anchor_phrase: str = ""  # the words swapped; default: the trigger and the word after it ("sks star")
+    anchor_variants: int = 4  # made-up swaps per training caption
     checkpoint_every: int = 100
     sample_every: int = 0
     sample_prompts: list[str] = field(default_factory=list)
@@ -125,7 +132,7 @@ class TrainConfig:
         from studio.adapters.base import adapter_kinds
 
         adapter_kinds().get_or_raise(self.kind)
-        for name in ("rank", "steps", "batch", "grad_accumulation", "checkpoint_every"):
+        for name in ("rank", "steps", "batch", "grad_accumulation", "checkpoint_every", "anchor_variants"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidArgumentError(f"{name}={value!r} must be an integer >= 1.")
@@ -141,6 +148,11 @@ class TrainConfig:
         check_timestep_bias(self.timestep_bias)
         if not 0 <= self.mask_floor <= 1:
             raise InvalidArgumentError(f"mask_floor={self.mask_floor!r} must be in [0, 1] (the background's loss weight).")
+        if not self.anchor_weight >= 0:
+            raise InvalidArgumentError(f"anchor_weight={self.anchor_weight!r} must be >= 0 (0 = off, e.g. 1).")
+        if self.anchor_weight and not (self.anchor_phrase or self.trigger):
+            raise InvalidArgumentError("anchor_weight > 0 needs the words the adapter must answer: set trigger "
+                                       "(e.g. trigger='sks') or anchor_phrase (e.g. 'sks star').")
         if not 0 <= self.caption_dropout < 1:
             raise InvalidArgumentError(f"caption_dropout={self.caption_dropout!r} must be in [0, 1).")
         if self.precision not in ("auto", "no", "fp16", "bf16"):
@@ -192,6 +204,7 @@ class Run:
         import torch
 
         from studio.adapters.base import adapter_kinds
+        from studio.adapters.lora import without
         from studio.backbones import load_backbone
         from studio.training.data import LatentCache, bucket_of, buckets, check_size, scan_folder
         from studio.training.objectives import objective_for
@@ -223,11 +236,13 @@ class Run:
         self._encode_latents()
         if config.masked_loss:
             self._mask_weights()
-        captions = sorted({e["caption"] for e in self.examples} | {""})
+        self.anchors = self._anchor_examples() if config.anchor_weight else []
+        captions = sorted({e["caption"] for e in self.examples + self.anchors} | {""})
         self.conditioning = {c: self._conditioning(c) for c in captions} if not config.text_encoder else {}
         self.adapter = adapter_kinds().get_or_raise(config.kind).create(backbone, kind_config(config, backbone),
                                                                  seed=config.seed)
         self.adapter.attach(backbone, 1.0)
+        self.reference = without(backbone, self.adapter)  # the backbone's own prediction, for anchoring
         for part in (backbone.denoiser, *(m for n, m in backbone.pipe.components.items() if n.startswith("text_encoder")
                                          and m is not None)):
             part.requires_grad_(False)
@@ -291,6 +306,32 @@ class Run:
             self.log("masked loss is on but no training image has a mask (NAME.mask.png or an alpha channel): "
                      "every pixel weighs the same")
 
+    def _anchor_examples(self) -> list[dict[str, Any]]:
+        """Copies of the training examples whose caption has the anchor phrase (default: the trigger and
+        the word after it) swapped for made-up words, `anchor_variants` each, drawn from the run's seed."""
+        import random
+        import string
+
+        config = self.config
+        phrase = (re.compile(r"\b" + r"\s+".join(map(re.escape, config.anchor_phrase.split())) + r"\b")
+                  if config.anchor_phrase else re.compile(r"\b" + re.escape(config.trigger) + r"\b(\s+\w+)?"))
+        rng = random.Random(config.seed)
+
+        def made_up(match: re.Match) -> str:
+            return " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+                            for _ in match.group(0).split())
+
+        anchors = [{**example, "caption": phrase.sub(made_up, example["caption"])}
+                   for example in self.examples if not example["item"].regularisation
+                   and phrase.search(example["caption"]) for _ in range(config.anchor_variants)]
+        wanted = config.anchor_phrase or config.trigger
+        if not anchors:
+            raise InvalidArgumentError(f"anchor_weight is on but no training caption contains {wanted!r}; set "
+                                       f"anchor_phrase to words the captions use, or anchor_weight=0.")
+        self.log(f"anchoring: {len(anchors)} captions with {wanted!r} swapped for made-up words "
+                 f"(e.g. {anchors[0]['caption']!r}) keep the backbone's own prediction, weight {config.anchor_weight}")
+        return anchors
+
     def _conditioning(self, caption: str) -> dict[str, Any]:
         import torch
 
@@ -301,29 +342,34 @@ class Run:
             self.cache.put("text", caption, cached)
         return cached
 
-    def batch(self, step: int, regularisation: bool = False) -> tuple[Any, dict[str, Any]] | None:
+    def batch(self, step: int, regularisation: bool = False, anchor: bool = False,
+              reference: bool = False) -> tuple[Any, dict[str, Any]] | None:
         """Step `step`'s batch: one bucket, `batch` examples, drawn from a generator seeded by the step
-        (so a resumed run draws exactly what the uninterrupted one would)."""
+        (so a resumed run draws exactly what the uninterrupted one would). `anchor`: of the anchoring
+        captions; `reference`: their conditioning with the adapter off (when the text encoder trains)."""
         import numpy as np
         import torch
 
-        pool = [e for e in self.examples if e["item"].regularisation == regularisation]
+        pool = self.anchors if anchor else [e for e in self.examples if e["item"].regularisation == regularisation]
         if not pool:
             return None
-        rng = np.random.default_rng([self.config.seed, step, int(regularisation)])
+        rng = np.random.default_rng([self.config.seed, step, 2 if anchor else int(regularisation)])
         weights = np.array([e["item"].repeats for e in pool], dtype=float)
         first = pool[rng.choice(len(pool), p=weights / weights.sum())]
         same = [i for i, e in enumerate(pool) if e["bucket"] == first["bucket"]]
         picked = [pool[i] for i in rng.choice(same, size=self.config.batch, replace=len(same) < self.config.batch,
                                               p=weights[same] / weights[same].sum())]
-        captions = ["" if rng.random() < self.config.caption_dropout else e["caption"] for e in picked]
+        captions = ["" if not anchor and rng.random() < self.config.caption_dropout else e["caption"] for e in picked]
         x0 = torch.stack([e["latent"] for e in picked])
-        if self.config.text_encoder:
+        if self.config.text_encoder and reference:
+            with torch.no_grad(), self.reference:
+                conditioning = self.objective.encode(captions)
+        elif self.config.text_encoder:
             conditioning = self.objective.encode(captions)  # with gradients into the text encoders' adapter
         else:
             conditioning = {k: torch.stack([self.conditioning[c][k] for c in captions])
                             for k in self.conditioning[captions[0]]}
-        if self.config.masked_loss:  # not conditioning: the objective's loss takes it as its own argument
+        if self.config.masked_loss and not anchor:  # not conditioning: the loss takes it as its own argument
             conditioning["pixel_weights"] = torch.stack([e["pixel_weights"] for e in picked])
         return x0, conditioning
 
@@ -391,6 +437,9 @@ class Run:
                                                **_to(conditioning, self.backbone))
                 else:  # DreamBooth prior preservation (Ruiz et al. 2023): mean instance + weight x mean prior loss
                     loss = self._with_prior(denoiser, (x0, conditioning), prior)
+                if self.anchors:
+                    loss = loss + self.config.anchor_weight * self._anchoring(denoiser, step * self.config.grad_accumulation
+                                                                              + micro)
             if not torch.isfinite(loss):
                 raise TrainingError(f"the loss became {float(loss)} at step {step}; lower the learning rate "
                                     f"(lr={self.config.lr}) or use precision='no'.")
@@ -404,6 +453,14 @@ class Run:
         self.step_done += 1
         self.losses.append(total)
         return total
+
+    def _anchoring(self, denoiser: Any, step: int) -> Any:
+        """The anchoring captions' distance, on noised training latents, to the backbone's own prediction."""
+        x0, conditioning = self.batch(step, anchor=True)
+        reference = self.batch(step, anchor=True, reference=True)[1] if self.config.text_encoder else None
+        return self.objective.consistency(denoiser, x0.to(self.backbone.device), self.reference,
+                                          reference_conditioning=reference and _to(reference, self.backbone),
+                                          **_to(conditioning, self.backbone))
 
     def _with_prior(self, denoiser: Any, instance: tuple[Any, dict[str, Any]], prior: tuple[Any, dict[str, Any]]):
         """Both batches in one forward pass when their shapes allow (as diffusers' DreamBooth scripts
