@@ -75,7 +75,11 @@ def test_reuse_recipe_fills_the_controls_with_that_image(home):
     from conftest import pixels
     from PIL import Image
 
-    assert (pixels(Image.open(again[0][0])) == pixels(Image.open(gallery[1][0]))).all()  # the same image, remade
+    remade, original = pixels(Image.open(again[0][0])), pixels(Image.open(gallery[1][0]))
+    # the same image, remade: alone instead of second in a batch of 2, some CPUs' kernels round a value
+    # differently, which moves a rare pixel by one 8-bit level; another seed's image differs everywhere
+    assert abs(remade - original).max() <= 1
+    assert abs(remade - pixels(Image.open(gallery[0][0]))).mean() > 5
 
 
 def test_bad_input_becomes_a_message_not_a_traceback(home):

@@ -181,7 +181,7 @@ def test_ties_merge_with_a_rank_limit_reports_its_truncation(tmp_path):
     errors = [studio.merge([a, b], method="ties", density=0.5, rank=r).max_truncation for r in (2, 8, 64)]
     assert 0.3 < errors[0] < 1 and errors[1] < errors[0] and errors[2] < 1e-5
     default = studio.merge([a, b], method="ties", density=0.5)
-    assert default.adapter.config.rank == 8 and default.max_truncation == pytest.approx(errors[1])
+    assert default.adapter.config.rank == 8 and default.max_truncation == pytest.approx(errors[1], rel=1e-5)  # float32 SVD
     assert default.adapter.config.merge["parameters"] == {"density": 0.5}
 
 
