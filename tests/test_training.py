@@ -368,6 +368,18 @@ def test_anchoring_swaps_the_trigger_phrase_for_made_up_words(refs, tmp_path):
                log=lambda line: None)
     only.adapter.detach(only.backbone)
     assert all("star" in a["caption"] and "sks" not in a["caption"] for a in only.anchors)
+    taught = Run(TrainConfig(folder=str(refs), out=out, trigger="sks", anchor_weight=1.0, text_encoder=True,
+                             batch=2, rank=2, lr=1e-2), log=lambda line: None)
+    taught.step()  # the text encoders' adapter moves, so the reference must read the captions without it
+    seen = {}
+    taught.objective.consistency = lambda denoiser, x0, reference, *, reference_conditioning, **cond: seen.update(
+        ref=reference_conditioning["context"], own=cond["context"])
+    taught._anchoring(taught.backbone.denoiser, 1)
+    captions = taught._draw(1, regularisation=False, anchor=True)[1]
+    with torch.no_grad(), taught.reference:
+        expected = taught.objective.encode(captions)["context"]
+    taught.adapter.detach(taught.backbone)
+    assert torch.allclose(seen["ref"], expected) and not torch.allclose(seen["own"], expected)
     with pytest.raises(InvalidArgumentError, match="no training caption contains 'zwx heart'"):
         Run(TrainConfig(folder=str(refs), out=out, anchor_weight=1.0, anchor_phrase="zwx heart"), log=lambda line: None)
 

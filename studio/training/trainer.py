@@ -242,7 +242,8 @@ class Run:
         self.adapter = adapter_kinds().get_or_raise(config.kind).create(backbone, kind_config(config, backbone),
                                                                  seed=config.seed)
         self.adapter.attach(backbone, 1.0)
-        self.reference = without(backbone, self.adapter)  # the backbone's own prediction, for anchoring
+        if self.anchors:  # the backbone's own prediction, anchoring's target
+            self.reference = without(backbone, self.adapter)
         for part in (backbone.denoiser, *(m for n, m in backbone.pipe.components.items() if n.startswith("text_encoder")
                                          and m is not None)):
             part.requires_grad_(False)
@@ -342,13 +343,24 @@ class Run:
             self.cache.put("text", caption, cached)
         return cached
 
-    def batch(self, step: int, regularisation: bool = False, anchor: bool = False,
-              reference: bool = False) -> tuple[Any, dict[str, Any]] | None:
+    def batch(self, step: int, regularisation: bool = False, anchor: bool = False) -> tuple[Any, dict[str, Any]] | None:
         """Step `step`'s batch: one bucket, `batch` examples, drawn from a generator seeded by the step
-        (so a resumed run draws exactly what the uninterrupted one would). `anchor`: of the anchoring
-        captions; `reference`: their conditioning with the adapter off (when the text encoder trains)."""
-        import numpy as np
+        (so a resumed run draws exactly what the uninterrupted one would); `anchor`: of the anchoring
+        captions."""
         import torch
+
+        drawn = self._draw(step, regularisation, anchor)
+        if drawn is None:
+            return None
+        picked, captions = drawn
+        conditioning = self._encode(captions)
+        if self.config.masked_loss and not anchor:  # not conditioning: the loss takes it as its own argument
+            conditioning["pixel_weights"] = torch.stack([e["pixel_weights"] for e in picked])
+        return torch.stack([e["latent"] for e in picked]), conditioning
+
+    def _draw(self, step: int, regularisation: bool, anchor: bool) -> tuple[list[dict[str, Any]], list[str]] | None:
+        """The examples of step `step`'s batch and their captions (caption dropout applied)."""
+        import numpy as np
 
         pool = self.anchors if anchor else [e for e in self.examples if e["item"].regularisation == regularisation]
         if not pool:
@@ -359,19 +371,17 @@ class Run:
         same = [i for i, e in enumerate(pool) if e["bucket"] == first["bucket"]]
         picked = [pool[i] for i in rng.choice(same, size=self.config.batch, replace=len(same) < self.config.batch,
                                               p=weights[same] / weights[same].sum())]
-        captions = ["" if not anchor and rng.random() < self.config.caption_dropout else e["caption"] for e in picked]
-        x0 = torch.stack([e["latent"] for e in picked])
-        if self.config.text_encoder and reference:
-            with torch.no_grad(), self.reference:
-                conditioning = self.objective.encode(captions)
-        elif self.config.text_encoder:
-            conditioning = self.objective.encode(captions)  # with gradients into the text encoders' adapter
-        else:
-            conditioning = {k: torch.stack([self.conditioning[c][k] for c in captions])
-                            for k in self.conditioning[captions[0]]}
-        if self.config.masked_loss and not anchor:  # not conditioning: the loss takes it as its own argument
-            conditioning["pixel_weights"] = torch.stack([e["pixel_weights"] for e in picked])
-        return x0, conditioning
+        return picked, ["" if not anchor and rng.random() < self.config.caption_dropout else e["caption"]
+                        for e in picked]
+
+    def _encode(self, captions: list[str]) -> dict[str, Any]:
+        """The captions' conditioning: from the cache, or through the text encoders (with gradients into
+        their adapter) when they train."""
+        import torch
+
+        if self.config.text_encoder:
+            return self.objective.encode(captions)
+        return {k: torch.stack([self.conditioning[c][k] for c in captions]) for k in self.conditioning[captions[0]]}
 
     # ------------------------------------------------------------------------------- optimisation
 
@@ -456,11 +466,16 @@ class Run:
 
     def _anchoring(self, denoiser: Any, step: int) -> Any:
         """The anchoring captions' distance, on noised training latents, to the backbone's own prediction."""
-        x0, conditioning = self.batch(step, anchor=True)
-        reference = self.batch(step, anchor=True, reference=True)[1] if self.config.text_encoder else None
-        return self.objective.consistency(denoiser, x0.to(self.backbone.device), self.reference,
-                                          reference_conditioning=reference and _to(reference, self.backbone),
-                                          **_to(conditioning, self.backbone))
+        import torch
+
+        picked, captions = self._draw(step, regularisation=False, anchor=True)
+        reference = None
+        if self.config.text_encoder:  # the reference reads the captions through the text encoders without the adapter
+            with torch.no_grad(), self.reference:
+                reference = _to(self._encode(captions), self.backbone)
+        x0 = torch.stack([e["latent"] for e in picked]).to(self.backbone.device)
+        return self.objective.consistency(denoiser, x0, self.reference, reference_conditioning=reference,
+                                          **_to(self._encode(captions), self.backbone))
 
     def _with_prior(self, denoiser: Any, instance: tuple[Any, dict[str, Any]], prior: tuple[Any, dict[str, Any]]):
         """Both batches in one forward pass when their shapes allow (as diffusers' DreamBooth scripts
