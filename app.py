@@ -398,9 +398,10 @@ JOBS = Jobs()
 
 @ui_errors
 def start_training(source: str, table: Any, name: str, kind: str, backbone: str, trigger: str, steps: int,
-                   rank: int, lr: float) -> int:
+                   rank: int, lr: float, tokens: int = 0) -> int:
     """Start: the images and the table's captions are copied into training/<name>/, then a job
-    trains adapters/<name>.safetensors. Returns the job id."""
+    trains adapters/<name>.safetensors. `tokens` > 0 learns the trigger as that many token vectors
+    (pivotal tuning). Returns the job id."""
     import gradio as gr
 
     from studio.training.trainer import TrainConfig
@@ -430,7 +431,7 @@ def start_training(source: str, table: Any, name: str, kind: str, backbone: str,
     steps = int(steps)
     config = TrainConfig(folder=str(target), out=str(out), kind="lora" if kind == "dora" else kind,
                          dora=kind == "dora", backbone=backbone or DEFAULT_BACKBONE, trigger=trigger or "",
-                         steps=steps, rank=int(rank), lr=float(lr), batch=4,
+                         steps=steps, rank=int(rank), lr=float(lr), batch=4, tokens=int(tokens or 0),
                          checkpoint_every=max(1, min(100, steps // 4 or 1)), sample_every=max(1, steps // 4),
                          sample_prompts=[rows[0][1]], name=name)
     return JOBS.start(config)
@@ -756,6 +757,8 @@ def build_app():
                         train_steps = gr.Number(label="Steps", value=300, precision=0, minimum=1)
                         rank = gr.Number(label="Rank", value=16, precision=0, minimum=1)
                         lr = gr.Number(label="Learning rate", value=1e-3)
+                        tokens = gr.Number(label="Trigger tokens (0 = off)", value=0, precision=0, minimum=0,
+                                           info="Learn the trigger as new token vectors (pivotal tuning)")
                     with gr.Row():
                         start = gr.Button("Start", variant="primary")
                         cancel = gr.Button("Cancel", variant="stop")
@@ -776,7 +779,8 @@ def build_app():
             def restart_timer():
                 return gr.Timer(active=True)
 
-            start.click(start_training, [source, captions, name, kind, train_backbone, trigger, train_steps, rank, lr],
+            start.click(start_training, [source, captions, name, kind, train_backbone, trigger, train_steps, rank, lr,
+                                         tokens],
                         job).success(restart_timer, None, timer)
             resume.click(resume_training, job, job).success(restart_timer, None, timer)
             cancel.click(cancel_training, job, note)

@@ -118,12 +118,16 @@ class Adapter:
         if not isinstance(config, self.config_class):
             raise InvalidArgumentError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
                                        f"got {type(config).__name__}.")
+        from studio.concept_tokens import split
+
         self.config = config
-        self.tensors = tensors
+        # the weights; concept tokens (a trigger's learned embeddings, studio.concept_tokens) apart
+        self.tensors, self.tokens = split(tensors)
         self.path: Path | None = None
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, family={self.config.family}, {len(self.tensors)} tensors)"
+        tokens = f", tokens {sorted(self.tokens)}" if self.tokens else ""
+        return f"{type(self).__name__}({self.name!r}, family={self.config.family}, {len(self.tensors)} tensors{tokens})"
 
     @property
     def name(self) -> str:
@@ -140,7 +144,9 @@ class Adapter:
         """Write the adapter file (atomically: a temp file renamed into place)."""
         if not self.config.created:
             self.config.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        path = write_adapter_file(path, self.tensors, self.manifest(), overwrite=overwrite)
+        from studio.concept_tokens import join
+
+        path = write_adapter_file(path, join(self.tensors, self.tokens), self.manifest(), overwrite=overwrite)
         self.path = path
         return path
 
@@ -191,10 +197,13 @@ class WeightAdapter(Adapter):
         `unfuse` restores them bit for bit; non-finite results are refused before anything changes."""
         import torch
 
+        from studio import concept_tokens
+
         self.check_backbone(backbone)
         fused = _fused(backbone)
         if self.name in fused:
             raise InvalidArgumentError(f"adapter {self.name!r} is already fused into {backbone.source!r}.")
+        concept_tokens.check(backbone, self.name, self.tokens)
         modules = module_table(backbone)
         new: dict[str, torch.Tensor] = {}
         for module_name, delta in self.deltas(backbone, weight=weight).items():
@@ -213,15 +222,19 @@ class WeightAdapter(Adapter):
                 parameter = modules[module_name].weight
                 originals[module_name] = parameter.detach().clone()
                 parameter.copy_(value)
+        concept_tokens.add(backbone, self.name, self.tokens)
         fused[self.name] = originals
 
     def unfuse(self, backbone: Backbone) -> None:
         """Put back the weights `fuse` changed, exactly."""
         import torch
 
+        from studio import concept_tokens
+
         originals = _fused(backbone).pop(self.name, None)
         if originals is None:
             raise InvalidArgumentError(f"adapter {self.name!r} is not fused into {backbone.source!r}.")
+        concept_tokens.remove(backbone, self.name)
         modules = module_table(backbone)
         with torch.no_grad():
             for module_name, value in originals.items():

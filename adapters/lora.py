@@ -24,6 +24,7 @@ from studio.adapters.base import (
     register,
 )
 
+from studio import concept_tokens
 from studio.errors import InvalidArgumentError
 from studio.merge.blocks import parse_weight
 
@@ -120,6 +121,7 @@ class PeftAdapter(WeightAdapter):
         if self.name in attached:
             raise InvalidArgumentError(f"an adapter named {self.name!r} is already attached; detach it or rename one.")
         self.check_backbone(backbone)
+        concept_tokens.check(backbone, self.name, self.tokens)
         parts = components(backbone)
         by_component: dict[str, list[str]] = {}
         for name in self.target_names():
@@ -129,6 +131,7 @@ class PeftAdapter(WeightAdapter):
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 inject_adapter_in_model(self.peft_config(names), parts[component], adapter_name=self.name)
         self.load_values(backbone, self.tensors)
+        concept_tokens.add(backbone, self.name, self.tokens)
         attached[self.name] = {"adapter": self, "weight": parse_weight(weight, what="adapter weight")}
         activate(backbone)
 
@@ -160,6 +163,7 @@ class PeftAdapter(WeightAdapter):
         attached = attached_adapters(backbone)
         if attached.pop(self.name, None) is None:
             raise InvalidArgumentError(f"adapter {self.name!r} is not attached to {backbone.source!r}.")
+        concept_tokens.remove(backbone, self.name)
         for model in components(backbone).values():
             for parent in list(model.modules()):
                 for child_name, child in list(parent.named_children()):

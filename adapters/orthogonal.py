@@ -39,11 +39,17 @@ PUBLIC_BASIS_SEED = 20240101  # shared by every studio user: adapters made anywh
 class OrthogonalConfig(LoraConfig):
     rank: int = 20  # the paper's r
     concept_seed: int = 0  # picks this adapter's columns; give each concept its own
+    # > 0: each layer's rank is min(rank, its input size // slots), so `slots` concepts (seeds 0..slots-1) stay
+    # disjoint in every layer and wide layers (a 3x3 conv reads 9x its channels) get the rank they can hold;
+    # 0: `rank` everywhere, and the narrowest layer decides how many concepts are disjoint
+    slots: int = 0
     basis_seed: int = PUBLIC_BASIS_SEED
     columns: dict[str, list[int]] = field(default_factory=dict)  # module -> its columns of the basis
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.slots, bool) or not isinstance(self.slots, int) or self.slots < 0:
+            raise InvalidArgumentError(f"slots={self.slots!r} must be a whole number >= 0 (0 = one rank everywhere).")
         if self.dora:
             raise InvalidArgumentError("an orthogonal adapter cannot be a DoRA: DoRA's norm couples the concepts.")
 
@@ -91,7 +97,11 @@ class OrthogonalAdapter(LoraAdapter):
         config.family, config.base = backbone.family.name, config.base or backbone.source
         tensors = {}
         narrowest = min(modules[name].weight[0].numel() for name in config.targets)
-        if config.concept_seed >= narrowest // config.rank:
+        if config.slots and config.concept_seed >= config.slots:
+            warnings.warn(f"concept seed {config.concept_seed} with {config.slots} slots shares columns with seed "
+                          f"{config.concept_seed % config.slots}; use seeds 0..{config.slots - 1} or more slots.",
+                          stacklevel=2)
+        elif not config.slots and config.concept_seed >= narrowest // config.rank:
             warnings.warn(f"concept seed {config.concept_seed} at rank {config.rank}: layers {narrowest} wide hold "
                           f"only {narrowest // config.rank} disjoint concepts (seeds 0..{narrowest // config.rank - 1});"
                           f" this adapter shares columns with seed {config.concept_seed % (narrowest // config.rank)}"
@@ -99,12 +109,13 @@ class OrthogonalAdapter(LoraAdapter):
         for name in config.targets:
             weight = modules[name].weight  # (out, in) or a conv's (out, in, kh, kw): its input is in * kh * kw wide
             size = weight[0].numel()
-            cols = choose_columns(name, size, config.rank, config.concept_seed, config.basis_seed)
+            rank = max(1, min(config.rank, size // config.slots)) if config.slots else config.rank
+            cols = choose_columns(name, size, rank, config.concept_seed, config.basis_seed)
             config.columns[name] = cols
             basis = torch.from_numpy(basis_columns(name, size, cols, config.basis_seed).T.copy()).float()  # (r, size)
-            tensors[f"{name}.lora_A.weight"] = basis.view(config.rank, *weight.shape[1:])
-            tensors[f"{name}.lora_B.weight"] = torch.zeros(weight.shape[0], config.rank, *([1, 1] if weight.dim() == 4
-                                                                                             else []))
+            tensors[f"{name}.lora_A.weight"] = basis.view(rank, *weight.shape[1:])
+            tensors[f"{name}.lora_B.weight"] = torch.zeros(weight.shape[0], rank, *([1, 1] if weight.dim() == 4
+                                                                                    else []))
         return cls(config, tensors)
 
     def trains(self, layer_name: str) -> bool:

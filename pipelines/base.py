@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from studio import concept_tokens
 from studio.backbones import Backbone, load_backbone
 from studio.errors import InvalidArgumentError, InvalidSizeError, RecipeError, UnknownFamilyError
 from studio.merge.blocks import parse_weight
@@ -231,7 +232,8 @@ class StudioPipeline:
         for adapter in prepared:
             adapter.prepare(self.backbone, [recipe.prompt], recipe.n)
         try:
-            output = pipe(prompt=recipe.prompt, num_images_per_prompt=recipe.n, generator=generators,
+            # a trigger learned as several token vectors is written out as that many tokens
+            output = pipe(prompt=concept_tokens.expand(self.backbone, recipe.prompt), num_images_per_prompt=recipe.n, generator=generators,
                           num_inference_steps=recipe.steps, guidance_scale=recipe.guidance, width=recipe.width,
                           height=recipe.height, output_type="pil",
                           **CALLS.get_or_raise(self.backbone.family.name)(pipe, recipe, progress))

@@ -237,6 +237,10 @@ def train(
              "own prediction, so the adapter answers only its trigger (merges better) [default: 0, off].")] = None,
     anchor_phrase: Annotated[str | None, typer.Option(
         help="The words anchoring swaps [default: the trigger and the word after it].")] = None,
+    tokens: Annotated[int | None, typer.Option(
+        help="Pivotal tuning: learn the trigger as this many new token vectors, saved in the adapter (the "
+             "concept then survives merges better) [default: 0, off].")] = None,
+    token_lr: Annotated[float | None, typer.Option(help="Learning rate of those token vectors [default: 1e-3].")] = None,
     recipe: Annotated[Path | None, typer.Option(
         "--config", help="A YAML/TOML recipe with any TrainConfig keys; options given here win.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the unfinished run of the same --out.")] = False,
@@ -254,7 +258,7 @@ def train(
                    steps=steps, batch=batch, lr=lr, loraplus_ratio=loraplus_ratio, trigger=trigger,
                    concept_seed=concept_seed, device=device, dora=dora or None, target=target,
                    text_encoder=text_encoder, masked_loss=masked_loss, flip=flip, timestep_bias=timestep_bias,
-                   anchor_weight=anchor_weight, anchor_phrase=anchor_phrase)
+                   anchor_weight=anchor_weight, anchor_phrase=anchor_phrase, tokens=tokens, token_lr=token_lr)
     options = {k: v for k, v in options.items() if v is not None}
     config = TrainConfig.from_file(recipe, **options) if recipe else TrainConfig(**options)
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from studio import concept_tokens
 from studio.adapters.base import AdapterFileError, UnknownKeysError, module_table
 from studio.merge.deltas import Delta, Dense, LowRank
 
@@ -244,7 +245,10 @@ def convert_file(path: str | Path, to: str, out: str | Path, *, backbone: Backbo
                  overwrite: bool = False) -> Path:
     """Rewrite an adapter file in another tool's layout: `kohya` (A1111, Forge, ComfyUI; with kohya's
     `ss_*` metadata) or `diffusers` (PEFT keys `pipe.load_lora_weights` reads). The export carries
-    modelspec keys but no studio manifest: it is that tool's file."""
+    modelspec keys but no studio manifest: it is that tool's file. Concept tokens go into the kohya file
+    as A1111 bundled embeddings, and beside a diffusers file as one embedding file per trigger,
+    `OUT.<trigger>.safetensors`, which `pipe.load_textual_inversion(file, token=trigger)` reads (SDXL:
+    its `clip_l` / `clip_g` tensors, as diffusers' advanced DreamBooth script writes them)."""
     import json as json_
 
     from studio.adapters.base import MANIFEST_KEY, load_adapter, modelspec, read_safetensors
@@ -273,13 +277,15 @@ def convert_file(path: str | Path, to: str, out: str | Path, *, backbone: Backbo
                                    f"kohya/diffusers layouts.")
     manifest = adapter.manifest()
     metadata = modelspec(manifest)
-    if to == "kohya":
-        tensors = to_kohya(adapter, bb)
+    if to == "kohya":  # concept tokens ride along as A1111 bundled embeddings
+        tensors = to_kohya(adapter, bb) | concept_tokens.to_a1111(adapter.tokens, bb.family.name)
         metadata |= {"ss_network_module": "networks.lora", "ss_network_dim": str(adapter.config.rank),
                      "ss_network_alpha": str(adapter.config.rank), "ss_base_model_version": bb.family.name,
                      "ss_tag_frequency": json_.dumps({w: 1 for w in adapter.config.trigger_words})}
-    else:
+    else:  # diffusers' LoRA loader takes no embeddings: each concept token goes to an embedding file beside it
         tensors = dict(adapter.tensors)
+        for trigger, embedding in concept_tokens.to_embedding_files(adapter.tokens, bb.family.name).items():
+            _write_plain(out.with_name(f"{out.stem}.{trigger}.safetensors"), embedding, {})
     return _write_plain(out, tensors, metadata)
 
 

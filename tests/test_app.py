@@ -14,6 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from studio.adapters.base import load_adapter  # noqa: E402
+
 import app  # noqa: E402
 
 
@@ -44,10 +46,12 @@ def trained(home, tmp_path):
         refs = tmp_path / f"refs-{shape}"
         write_reference_folder(refs, n=3, seed=1, shape=shape, trigger=word)
         source, rows, _ = app.pick_server_folder(str(refs), word)
-        job = app.start_training(source, rows, f"{shape}-adapter", "lora", "world-sd", word, 3, 4, 1e-3)
+        tokens = 1 if shape == "heart" else 0  # one adapter with its trigger learned as a token
+        job = app.start_training(source, rows, f"{shape}-adapter", "lora", "world-sd", word, 3, 4, 1e-3, tokens)
         row = wait_for(job)
         assert row["status"] == "done", row["error"]
         paths.append(json.loads(row["result"])["path"])
+        assert sorted(load_adapter(paths[-1]).tokens) == ([word] if tokens else [])
     return paths
 
 

@@ -230,6 +230,28 @@ def test_orthogonal_adapters_merge_exactly_and_loras_are_refused_by_the_orthogon
         studio.merge([a, b], method="orthogonal")
 
 
+def test_orthogonal_slots_give_wide_layers_more_rank_and_keep_the_slots_disjoint():
+    backbone = load_backbone("tiny-sd1")
+    made = [OrthogonalAdapter.create(backbone, OrthogonalConfig(family="sd1", rank=64, slots=3, concept_seed=seed,
+                                                                target="locon")) for seed in range(3)]
+    sizes = {name: module.weight[0].numel() for name, module in module_table(backbone).items()}
+    for name, columns in made[0].config.columns.items():
+        assert len(columns) == min(64, sizes[name] // 3)
+        assert made[0].factors()[name]["down"].shape[0] == len(columns)
+        assert not set(columns) & (set(made[1].config.columns[name]) | set(made[2].config.columns[name]))
+    assert len({len(c) for c in made[0].config.columns.values()}) > 1  # the rank follows each layer's width
+    base = denoise(backbone)
+    made[0].tensors = {k: v + 0.1 if "lora_B" in k else v for k, v in made[0].tensors.items()}
+    made[0].attach(backbone)
+    assert not torch.allclose(denoise(backbone), base)
+    made[0].detach(backbone)
+    assert torch.equal(denoise(backbone), base)
+    with pytest.warns(UserWarning, match="with 3 slots shares columns with seed 0"):
+        OrthogonalAdapter.create(backbone, OrthogonalConfig(family="sd1", rank=8, slots=3, concept_seed=3))
+    with pytest.raises(InvalidArgumentError, match="slots=-1"):
+        OrthogonalConfig(family="sd1", slots=-1)
+
+
 def test_bake_into_a_folder_and_a_single_file_matches_the_attached_merge(tmp_path):
     backbone = load_backbone("tiny-sd1")
     a, b = random_lora(backbone, name="a", seed=1), random_lora(backbone, name="b", seed=2)

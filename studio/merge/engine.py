@@ -186,10 +186,26 @@ def merge(sources: list[str | Path | Adapter], *, method: str = "linear",
                         rank=max((f.rank for f in factors.values()), default=1),
                         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), merge=record)
     adapter = LoraAdapter.from_deltas(factors, config)
+    adapter.tokens = merged_tokens(adapters)
     result = MergeResult(adapter=adapter, truncation=errors)
     if out is not None:
         result.path = adapter.save(out, overwrite=overwrite)
     return result
+
+
+def merged_tokens(adapters: list[Adapter]) -> dict[str, dict[str, Any]]:
+    """The sources' concept tokens, all of them: a sum of weights does not touch a token (which is why
+    pivotal-tuned concepts survive merges); two sources with one trigger are refused."""
+    tokens: dict[str, dict[str, Any]] = {}
+    owner: dict[str, str] = {}
+    for adapter in adapters:
+        for trigger, vectors in adapter.tokens.items():
+            if trigger in tokens:
+                raise InvalidArgumentError(f"adapters {owner[trigger]!r} and {adapter.name!r} both learned the token "
+                                           f"{trigger!r}; a merged adapter can hold one of them. Retrain one with "
+                                           f"another trigger.")
+            tokens[trigger], owner[trigger] = vectors, adapter.name
+    return tokens
 
 
 def bake(adapters: list[tuple[WeightAdapter, float]], backbone: Backbone, out: str | Path, *,

@@ -82,6 +82,7 @@ class TrainConfig:
     target: str = "attention"
     text_encoder: bool = False
     concept_seed: int = 0  # orthogonal: which basis columns
+    concept_slots: int = 0  # orthogonal: per-layer rank min(rank, input size // slots) (OrthogonalConfig.slots)
     oft_block_size: int = 8  # oft/boft
     trigger: str = ""
     steps: int = 300
@@ -121,6 +122,11 @@ class TrainConfig:
     anchor_weight: float = 0.0
     anchor_phrase: str = ""  # the words swapped; default: the trigger and the word after it ("sks star")
     anchor_variants: int = 4  # made-up swaps per training caption
+    # pivotal tuning (diffusers' advanced DreamBooth script; the concept token Orthogonal Adaptation trains): the
+    # trigger becomes `tokens` new token vectors that train with the adapter at `token_lr` and are saved in its
+    # file (studio.concept_tokens); 0 = off, the trigger stays the word the text encoder already had
+    tokens: int = 0
+    token_lr: float = 1e-3
     checkpoint_every: int = 100
     sample_every: int = 0
     sample_prompts: list[str] = field(default_factory=list)
@@ -148,6 +154,13 @@ class TrainConfig:
         check_timestep_bias(self.timestep_bias)
         if not 0 <= self.mask_floor <= 1:
             raise InvalidArgumentError(f"mask_floor={self.mask_floor!r} must be in [0, 1] (the background's loss weight).")
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 0:
+            raise InvalidArgumentError(f"tokens={self.tokens!r} must be a whole number >= 0 (0 = off, e.g. 2).")
+        if self.tokens and not self.trigger:
+            raise InvalidArgumentError("tokens > 0 learns the trigger word as new tokens: set trigger (e.g. "
+                                       "trigger='sks').")
+        if not self.token_lr > 0:
+            raise InvalidArgumentError(f"token_lr={self.token_lr!r} must be > 0 (e.g. 1e-3).")
         if not self.anchor_weight >= 0:
             raise InvalidArgumentError(f"anchor_weight={self.anchor_weight!r} must be >= 0 (0 = off, e.g. 1).")
         if self.anchor_weight and not (self.anchor_phrase or self.trigger):
@@ -192,7 +205,7 @@ def kind_config(config: TrainConfig, backbone: Any):
     wanted = dict(family=backbone.family.name, base=backbone.source, name=config.name or Path(config.out).stem,
                   trigger_words=[config.trigger] if config.trigger else [], rank=config.rank, alpha=config.alpha,
                   dora=config.dora, target=config.target, text_encoder=config.text_encoder,
-                  concept_seed=config.concept_seed, block_size=config.oft_block_size)
+                  concept_seed=config.concept_seed, slots=config.concept_slots, block_size=config.oft_block_size)
     known = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in wanted.items() if k in known})
 
@@ -206,6 +219,7 @@ class Run:
         from studio.adapters.base import adapter_kinds
         from studio.adapters.lora import without
         from studio.backbones import load_backbone
+        from studio.concept_tokens import TrainableTokens
         from studio.training.data import LatentCache, bucket_of, buckets, check_size, scan_folder
         from studio.training.objectives import objective_for
 
@@ -237,17 +251,25 @@ class Run:
         if config.masked_loss:
             self._mask_weights()
         self.anchors = self._anchor_examples() if config.anchor_weight else []
+        # fixed conditioning is cached; captions with a trigger that trains as tokens are encoded each step
+        self.learned = (re.compile(rf"(?<![\w+-]){re.escape(config.trigger)}(?![\w+-])", re.IGNORECASE) if config.tokens
+                        else None)
         captions = sorted({e["caption"] for e in self.examples + self.anchors} | {""})
-        self.conditioning = {c: self._conditioning(c) for c in captions} if not config.text_encoder else {}
+        self.conditioning = ({c: self._conditioning(c) for c in captions if not self._live([c])}
+                             if not config.text_encoder else {})
         self.adapter = adapter_kinds().get_or_raise(config.kind).create(backbone, kind_config(config, backbone),
                                                                  seed=config.seed)
         self.adapter.attach(backbone, 1.0)
+        self.concept = (TrainableTokens(backbone, self.adapter.name, config.trigger, config.tokens)
+                        if config.tokens else None)
         if self.anchors:  # the backbone's own prediction, anchoring's target
             self.reference = without(backbone, self.adapter)
         for part in (backbone.denoiser, *(m for n, m in backbone.pipe.components.items() if n.startswith("text_encoder")
                                          and m is not None)):
             part.requires_grad_(False)
         self.groups = self.adapter.trainable_parameters(backbone)
+        if self.concept is not None:
+            self.groups["tokens"] = self.concept.parameters()
         self.params = [p for params in self.groups.values() for p in params]
         if config.gradient_checkpointing and hasattr(backbone.denoiser, "enable_gradient_checkpointing"):
             backbone.denoiser.enable_gradient_checkpointing()
@@ -379,9 +401,15 @@ class Run:
         their adapter) when they train."""
         import torch
 
-        if self.config.text_encoder:
-            return self.objective.encode(captions)
+        from studio.concept_tokens import expand
+
+        if self._live(captions):
+            return self.objective.encode([expand(self.backbone, c) for c in captions])
         return {k: torch.stack([self.conditioning[c][k] for c in captions]) for k in self.conditioning[captions[0]]}
+
+    def _live(self, captions: list[str]) -> bool:
+        """Whether these captions' conditioning changes as training goes (text encoder or tokens training)."""
+        return self.config.text_encoder or (self.learned is not None and any(self.learned.search(c) for c in captions))
 
     # ------------------------------------------------------------------------------- optimisation
 
@@ -400,7 +428,8 @@ class Run:
         # do not depend on the gradient's scale, so that equals B's learning rate x alpha / rank.
         scale = (config.alpha / config.rank) if config.alpha else 1.0
         scale *= config.loraplus_ratio
-        groups = [{"params": params, "lr": config.lr * (scale if name == "lora_B" else 1.0)}
+        groups = [{"params": params, "lr": config.lr * (scale if name == "lora_B" else 1.0)} if name != "tokens"
+                  else {"params": params, "lr": config.token_lr, "weight_decay": 0.0}
                   for name, params in self.groups.items()]
         optimizer_cls = torch.optim.AdamW
         if config.optimizer == "adamw8bit":
@@ -503,11 +532,14 @@ class Run:
         import torch
         from safetensors.torch import save_file
 
+        from studio.concept_tokens import join
+
         folder = self.paths["checkpoint"]
         tmp = folder.with_name(folder.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         self.adapter.sync_from(self.backbone)
-        save_file({k: v.contiguous() for k, v in self.adapter.tensors.items()}, str(tmp / "adapter.safetensors"))
+        tensors = join(self.adapter.tensors, self.concept.values() if self.concept is not None else {})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter.safetensors"))
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")  # tensors only: read with weights_only
         (tmp / "state.json").write_text(json.dumps({"step": self.step_done, "losses": self.losses,
                                                     "config": asdict(self.config)}))
@@ -525,6 +557,8 @@ class Run:
         import torch
         from safetensors.torch import load_file
 
+        from studio.concept_tokens import split
+
         folder = self.paths["checkpoint"]
         if not (folder / "state.json").is_file():
             old = folder.with_name(folder.name + ".old")
@@ -539,7 +573,10 @@ class Run:
             raise InvalidArgumentError(f"the checkpoint in {str(folder)!r} is of a run with other options "
                                        f"({', '.join(f'{k}: {theirs.get(k)!r} -> {mine[k]!r}' for k in changed)}); "
                                        f"resume with the same options or delete the checkpoint.")
-        self.adapter.load_values(self.backbone, load_file(str(folder / "adapter.safetensors")))
+        weights, tokens = split(load_file(str(folder / "adapter.safetensors")))
+        self.adapter.load_values(self.backbone, weights)
+        if self.concept is not None:
+            self.concept.load(tokens)
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
         self.step_done = state["step"]
         self.losses = state["losses"]
@@ -574,6 +611,9 @@ class Run:
     def finish(self) -> Path:
         """Write the adapter file (the training options in its manifest) and detach it."""
         self.adapter.sync_from(self.backbone)
+        if self.concept is not None:
+            self.adapter.tokens = self.concept.values()
+            self.concept.close()
         self.adapter.detach(self.backbone)
         self.adapter.config.training = {k: v for k, v in asdict(self.config).items() if k not in ("device",)}
         path = self.adapter.save(self.paths["out"], overwrite=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from studio.concept_tokens import expand
 from studio.world.captions import caption
 from studio.world.evaluator import evaluate
 from studio.world.render import sample_labels
@@ -34,7 +35,7 @@ def prompted_samples(pipe, expected: list[Labels], *, seed: int, steps: int, gui
         generators = [torch.Generator().manual_seed(seed + i + j) for j in range(len(prompts))]
         if on_prompts is not None:
             on_prompts(prompts)
-        images += pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+        images += pipe([expand(pipe, p) for p in prompts], num_inference_steps=steps, guidance_scale=guidance, generator=generators,
                        output_type="pil", **t5_free_options(pipe)).images
     return images
 
