@@ -278,6 +278,7 @@ class LoraAdapter(PeftAdapter):
         """A LoRA / LoCon / LoHa / LoKr file written by diffusers, PEFT, kohya or LyCORIS."""
         from studio.lora_formats import read_foreign
 
+        tensors, tokens = concept_tokens.split(tensors)  # embeddings bundled A1111's way
         deltas, magnitudes, layout = read_foreign(tensors, metadata, backbone, allow_partial=allow_partial,
                                                   source=source)
         ranks = Counter(d.rank for d in deltas.values() if hasattr(d, "rank"))
@@ -287,6 +288,7 @@ class LoraAdapter(PeftAdapter):
         adapter = cls.from_deltas(deltas, config)
         for name, magnitude in magnitudes.items():
             adapter.tensors[f"{name}.lora_magnitude_vector"] = magnitude
+        adapter.tokens = tokens
         return adapter
 
     # ----------------------------------------------------------------------------------- deltas

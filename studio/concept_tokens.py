@@ -33,12 +33,18 @@ PREFIX = "bundle_emb."
 Tokens = dict[str, dict[str, "torch.Tensor"]]  # trigger -> component -> (n, dim)
 
 
+# A1111's names of the text encoders in bundled embeddings
+A1111 = {"string_to_param.*": "text_encoder", "clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+
+
 def split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Tokens]:
-    """A file's tensors -> (the weights, the concept tokens)."""
+    """A file's tensors -> (the weights, the concept tokens), from studio's names or A1111's."""
     weights, tokens = {}, {}
     for key, value in tensors.items():
         if key.startswith(PREFIX):
-            trigger, _, component = key[len(PREFIX):].rpartition(".")
+            rest = key[len(PREFIX):]
+            suffix = next((s for s in A1111 if rest.endswith("." + s)), None)
+            trigger, _, component = (rest[: -len(suffix) - 1], "", A1111[suffix]) if suffix else rest.rpartition(".")
             tokens.setdefault(trigger, {})[component] = value
         else:
             weights[key] = value
@@ -53,8 +59,8 @@ def join(tensors: dict[str, torch.Tensor], tokens: Tokens) -> dict[str, torch.Te
 def to_a1111(tokens: Tokens, family: str) -> dict[str, torch.Tensor]:
     """The tokens under A1111's bundled-embedding names: `string_to_param.*` for one text encoder,
     `clip_l` / `clip_g` for SDXL's two."""
-    names = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"} if family == "sdxl" else {"text_encoder":
-                                                                                            "string_to_param.*"}
+    names = {v: k for k, v in A1111.items() if k.startswith("clip")} if family == "sdxl" else {"text_encoder":
+                                                                                              "string_to_param.*"}
     return {f"{PREFIX}{trigger}.{names[c]}": v for trigger, parts in tokens.items()
             for c, v in parts.items() if c in names}
 

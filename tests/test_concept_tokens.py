@@ -103,6 +103,8 @@ def test_tokens_survive_the_file_a_merge_and_both_exports(backbones, saved_folde
 
     kohya = load_file(str(convert_file(path, "kohya", tmp_path / "k.safetensors", backbone=backbone)))
     assert torch.equal(kohya["bundle_emb.sks.string_to_param.*"], star.tokens["sks"]["text_encoder"])
+    back = load_adapter(tmp_path / "k.safetensors", backbone)  # a kohya file read back: tokens and all
+    assert torch.equal(back.tokens["sks"]["text_encoder"], star.tokens["sks"]["text_encoder"])
     convert_file(path, "diffusers", tmp_path / "d.safetensors", backbone=backbone)
     embedding = tmp_path / "d.sks.safetensors"
     assert list(load_file(str(embedding))) == ["emb_params"]
@@ -148,3 +150,15 @@ def test_tokens_need_a_trigger():
         train(folder="x", out="x.safetensors", tokens=2)
     with pytest.raises(InvalidArgumentError, match="tokens=-1"):
         train(folder="x", out="x.safetensors", tokens=-1, trigger="sks")
+
+
+def test_a1111_names_read_back_for_one_and_two_text_encoders():
+    sdxl = {"sks": {"text_encoder": torch.ones(2, 4), "text_encoder_2": torch.zeros(2, 6)}}
+    bundled = concept_tokens.to_a1111(sdxl, "sdxl")
+    assert sorted(bundled) == ["bundle_emb.sks.clip_g", "bundle_emb.sks.clip_l"]
+    weights, back = concept_tokens.split({**bundled, "unet.x.lora_A.weight": torch.ones(1)})
+    assert list(weights) == ["unet.x.lora_A.weight"]
+    assert all(torch.equal(back["sks"][c], v) for c, v in sdxl["sks"].items()) and len(back["sks"]) == 2
+    sd1 = concept_tokens.to_a1111({"my-cat": {"text_encoder": torch.ones(1, 4)}}, "sd1")
+    assert list(sd1) == ["bundle_emb.my-cat.string_to_param.*"]
+    assert list(concept_tokens.split(sd1)[1]["my-cat"]) == ["text_encoder"]
