@@ -350,11 +350,11 @@ def make_eraser(backbone: Backbone, config: EraseConfig, *, steps: int | None = 
     config.family, config.base = backbone.family.name, config.base or backbone.source
     config.target = method_pattern(backbone, config)
     config.trigger_words = []
-    if config.method == "uce":
-        return uce(backbone, config, rank=rank)
     if config.transport and config.preserve:
         kept = pooled_text(backbone, config.prompts(config.preserve)) @ pooled_text(backbone, config.concepts).T
         config.transport_floor = min(float(kept.max()), 0.99)  # kept prompts get γ 0 (shared tokens aside)
+    if config.method == "uce":
+        return uce(backbone, config, rank=rank)
     defaults = METHOD_DEFAULTS[config.method]  # one place for them: `erase` reads the same table
     return train_eraser(backbone, config, steps=steps or defaults["steps"], lr=lr or defaults["lr"], batch=batch,
                         bank_images=bank_images, bank_steps=bank_steps, seed=seed, progress=progress)

@@ -419,6 +419,10 @@ def erase(
     eta: Annotated[float | None, typer.Option(help="esd/spm: negative guidance strength η [default: 3].")] = None,
     push: Annotated[float | None, typer.Option(help="uce: map the concept past the destination, away from it, "
                                                    "d + push·(d - c) [default: 1; 0 is the paper's map].")] = None,
+    transport: Annotated[bool | None, typer.Option(
+        "--transport/--no-transport", help="Scale the eraser per prompt by the prompt's closeness to the concept "
+        "(SPM's facilitated transport; with --preserve, prompts of kept concepts get none) [default: on for spm, "
+        "off for esd and uce].")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the bank images and the training.")] = 0,
     out: Annotated[Path | None, typer.Option(help="The eraser file [default: erase-<concept>.safetensors].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
@@ -430,7 +434,7 @@ def erase(
     from studio.backbones import load_backbone
 
     target = out or Path(f"erase-{'-'.join(c.replace(' ', '_') for c in concepts)}.safetensors")
-    options = {k: v for k, v in dict(variant=variant, eta=eta, push=push).items() if v is not None}
+    options = {k: v for k, v in dict(variant=variant, eta=eta, push=push, transport=transport).items() if v is not None}
     with console.status(f"loading {backbone or DEFAULT_BACKBONE}..."):
         bb = load_backbone(backbone)
     columns = (TextColumn(f"[bold]{method}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),

@@ -56,11 +56,15 @@ def join(tensors: dict[str, torch.Tensor], tokens: Tokens) -> dict[str, torch.Te
                           for trigger, parts in tokens.items() for component, value in parts.items()}}
 
 
+def _names(family: str, single: str) -> dict[str, str]:
+    """component -> its name in other tools' embedding files: SDXL's `clip_l` / `clip_g`, else `single`."""
+    return {"text_encoder": "clip_l", "text_encoder_2": "clip_g"} if family == "sdxl" else {"text_encoder": single}
+
+
 def to_a1111(tokens: Tokens, family: str) -> dict[str, torch.Tensor]:
     """The tokens under A1111's bundled-embedding names: `string_to_param.*` for one text encoder,
     `clip_l` / `clip_g` for SDXL's two."""
-    names = {v: k for k, v in A1111.items() if k.startswith("clip")} if family == "sdxl" else {"text_encoder":
-                                                                                              "string_to_param.*"}
+    names = _names(family, "string_to_param.*")
     return {f"{PREFIX}{trigger}.{names[c]}": v for trigger, parts in tokens.items()
             for c, v in parts.items() if c in names}
 
@@ -68,8 +72,7 @@ def to_a1111(tokens: Tokens, family: str) -> dict[str, torch.Tensor]:
 def to_embedding_files(tokens: Tokens, family: str) -> dict[str, dict[str, torch.Tensor]]:
     """trigger -> the tensors of its embedding file: `emb_params` (A1111's and diffusers' single-encoder
     embedding) or SDXL's `clip_l` / `clip_g` pair."""
-    names = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"} if family == "sdxl" else {"text_encoder":
-                                                                                            "emb_params"}
+    names = _names(family, "emb_params")
     return {trigger: {names[c]: v for c, v in parts.items() if c in names} for trigger, parts in tokens.items()}
 
 

@@ -8,6 +8,7 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
+from studio import concept_tokens
 from studio.backbones import (
     EMBEDDED,
     PICKLE_SUFFIXES,
@@ -65,6 +66,9 @@ def _inspect_safetensors(path: Path) -> dict[str, Any]:
                                                                                        name=path.name)}
         except NotACheckpointError:
             info |= {"kind": "unknown safetensors"}
+    _, tokens = concept_tokens.split(shapes)  # a trigger learned as tokens: how many vectors
+    if tokens:
+        info["concept_tokens"] = {trigger: next(iter(parts.values()))[0] for trigger, parts in tokens.items()}
     info["top_level"] = dict(Counter(k.split(".")[0] for k in keys).most_common(8))
     info["metadata"] = {k: (v if len(v) < 200 else v[:200] + "...") for k, v in metadata.items()
                         if k != "studio.manifest"}

@@ -12,6 +12,7 @@ from studio.adapters.lora import LoraAdapter, LoraConfig, attached_adapters
 from studio import concept_tokens
 from studio.backbones import load_backbone
 from studio.errors import InvalidArgumentError
+from studio.inspection import inspect_path
 from studio.training.objectives import objective_for
 from studio.training.trainer import train
 from studio.world.folder import write_reference_folder
@@ -93,6 +94,7 @@ def test_tokens_survive_the_file_a_merge_and_both_exports(backbones, saved_folde
     path = star.save(tmp_path / "star.safetensors")
     with safe_open(str(path), "pt") as handle:
         assert "bundle_emb.sks.text_encoder" in handle.keys()
+    assert inspect_path(path)["concept_tokens"] == {"sks": 2}
     loaded = load_adapter(path)
     assert torch.equal(loaded.tokens["sks"]["text_encoder"], star.tokens["sks"]["text_encoder"])
     assert not any(k.startswith("bundle_emb") for k in loaded.tensors)

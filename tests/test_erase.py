@@ -127,6 +127,18 @@ def test_training_moves_the_concept_prediction_towards_negative_guidance(source,
         assert adapter.config.rank == 1 and adapter.config.transport and adapter.config.training["anchors"] > 0
 
 
+def test_any_eraser_can_use_transport_with_its_preserve_floor(world):
+    eraser = erase("circle", method="uce", backbone=world, transport=True, templates=["a {}", "a large {}"],
+                   preserve=["square", "ring"])
+    assert 0 < eraser.config.transport_floor < 1
+    eraser.attach(world)
+    try:
+        assert eraser.prepare(world, ["a ring", "a large square", "a circle"]) == [0.0, 0.0, 1.0]
+    finally:
+        eraser.release()
+        eraser.detach(world)
+
+
 def test_transport_factors_and_row_scaling(world):
     adapter = erase("circle", method="spm", backbone=world, steps=5, lr=1e-2, templates=["a {}"])
     factors = transport_factors(world, ["a small red circle on a plain background, in the centre",
@@ -222,7 +234,8 @@ def test_cli_erase_writes_a_loadable_eraser(tmp_path):
 
     out = tmp_path / "no-circle.safetensors"
     result = CliRunner().invoke(app, ["erase", "circle", "--method", "uce", "--preserve", "square",
-                                      "--template", "a {}", "--out", str(out)])
+                                      "--template", "a {}", "--transport", "--out", str(out)])
     assert result.exit_code == 0, result.output
     adapter = load_adapter(out)
     assert adapter.config.preserve == ["square"] and adapter.config.templates == ["a {}"]
+    assert adapter.config.transport and 0 < adapter.config.transport_floor < 1
