@@ -127,35 +127,24 @@ def test_training_moves_the_concept_prediction_towards_negative_guidance(source,
         assert adapter.config.rank == 1 and adapter.config.transport and adapter.config.training["anchors"] > 0
 
 
-def test_any_eraser_can_use_transport_with_its_preserve_floor(world):
-    eraser = erase("circle", method="uce", backbone=world, transport=True, templates=["a {}", "a large {}"],
-                   preserve=["square", "ring"])
-    assert 0 < eraser.config.transport_floor < 1
-    eraser.attach(world)
-    try:
-        assert eraser.prepare(world, ["a ring", "a large square", "a circle"]) == [0.0, 0.0, 1.0]
-    finally:
-        eraser.release()
-        eraser.detach(world)
-
-
 def test_transport_factors_and_row_scaling(world):
     adapter = erase("circle", method="spm", backbone=world, steps=5, lr=1e-2, templates=["a {}"])
     factors = transport_factors(world, ["a small red circle on a plain background, in the centre",
                                         "a large blue square on a dotted background, top left"], ["circle"])
     assert factors[0] == 1.0 and factors[1] < 1.0
-    # the preserve list sets the cosine floor: its own prompts get 0, the concept's still 1
-    kept = erase("circle", method="spm", backbone=world, steps=2, lr=1e-2, templates=["a {}", "a large {}"],
-                 preserve=["square", "ring"])
-    assert 0 < kept.config.transport_floor < 1
     raw = transport_factors(world, ["a ring", "a large square", "a circle"], ["circle"])
     assert max(raw[:2]) > 0  # without the floor the kept prompts would get part of the eraser
-    kept.attach(world)
-    try:
-        assert kept.prepare(world, ["a ring", "a large square", "a circle"]) == [0.0, 0.0, 1.0]
-    finally:
-        kept.release()
-        kept.detach(world)
+    # the preserve list sets the cosine floor: its own prompts get 0, the concept's still 1 (any method)
+    for method in ("spm", "uce"):
+        kept = erase("circle", method=method, backbone=world, steps=2, lr=1e-2, templates=["a {}", "a large {}"],
+                     preserve=["square", "ring"], transport=True)
+        assert 0 < kept.config.transport_floor < 1
+        kept.attach(world)
+        try:
+            assert kept.prepare(world, ["a ring", "a large square", "a circle"]) == [0.0, 0.0, 1.0], method
+        finally:
+            kept.release()
+            kept.detach(world)
     adapter.attach(world)
     try:
         x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
