@@ -125,7 +125,8 @@ def test_tokens_survive_the_file_a_merge_and_both_exports(backbones, saved_folde
 
 def test_pivotal_tuning_trains_the_tokens_and_resumes_to_the_same_result(tmp_path):
     refs = tmp_path / "refs"
-    write_reference_folder(refs / "5_sks star", n=4, seed=1, shape="star", trigger="sks")
+    # seed 23: not test_training's renders, whose test counts the latents it finds in the shared cache
+    write_reference_folder(refs / "5_sks star", n=4, seed=23, shape="star", trigger="sks")
     options = dict(folder=str(refs), steps=4, batch=2, rank=2, lr=1e-3, trigger="sks", tokens=2, token_lr=1e-2,
                    checkpoint_every=2, log=lambda line: None)
     straight = load_adapter(train(out=str(tmp_path / "a.safetensors"), **options))
