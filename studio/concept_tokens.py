@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from studio.errors import InvalidArgumentError
@@ -152,13 +153,13 @@ def remove(backbone: Backbone, owner: str) -> None:
     from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
 
     mine = {t: e for t, e in attached(backbone).items() if e["owner"] == owner}
+    parts = list(encoders(backbone).values())
     for trigger, entry in mine.items():
-        before: dict[int, Any] = {}  # a tokenizer two encoders share (tiny configs): each unload reads it as it was
-        for tokenizer, encoder in encoders(backbone).values():
-            if id(tokenizer) in before:
-                tokenizer = copy.deepcopy(before[id(tokenizer)])
-            else:
-                before[id(tokenizer)] = copy.deepcopy(tokenizer)
+        left = Counter(id(tokenizer) for tokenizer, _ in parts)  # encoders still to unload, per tokenizer
+        for tokenizer, encoder in parts:
+            left[id(tokenizer)] -= 1
+            if left[id(tokenizer)]:  # shared with an encoder still to come (tiny configs): unload from a copy
+                tokenizer = copy.deepcopy(tokenizer)
             present = [t for t in names(trigger, entry["n"]) if t in tokenizer.get_added_vocab()]
             if present:
                 TextualInversionLoaderMixin.unload_textual_inversion(None, tokens=present, tokenizer=tokenizer,
@@ -168,12 +169,16 @@ def remove(backbone: Backbone, owner: str) -> None:
         del attached(backbone)[trigger]
 
 
+def word(trigger: str) -> re.Pattern:
+    """The trigger as a whole word of a prompt, in any case (as the tokenizer matches it)."""
+    return re.compile(rf"(?<![\w+-]){re.escape(trigger)}(?![\w+-])", re.IGNORECASE)
+
+
 def expand(backbone: Backbone | Any, text: str) -> str:
     """`text` (for a backbone or its diffusers pipeline) with each multi-vector trigger written out as its tokens ("sks" -> "sks sks+1")."""
     for trigger, entry in attached(backbone).items():
         if entry["n"] > 1:
-            text = re.sub(rf"(?<![\w+-]){re.escape(trigger)}(?![\w+-])", " ".join(names(trigger, entry["n"])), text,
-                          flags=re.IGNORECASE)
+            text = word(trigger).sub(" ".join(names(trigger, entry["n"])), text)
     return text
 
 

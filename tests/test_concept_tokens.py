@@ -100,6 +100,12 @@ def test_tokens_survive_the_file_a_merge_and_both_exports(backbones, saved_folde
     assert not any(k.startswith("bundle_emb") for k in loaded.tensors)
     merged = merge([loaded, heart], method="linear", backbone=backbone).adapter
     assert sorted(merged.tokens) == ["sks", "zwx"]
+    size, rows = len(backbone.pipe.tokenizer), backbone.pipe.text_encoder.get_input_embeddings().num_embeddings
+    merged.attach(backbone)  # two triggers of two vectors each, in and out
+    assert len(backbone.pipe.tokenizer) == size + 4
+    merged.detach(backbone)
+    assert len(backbone.pipe.tokenizer) == size
+    assert backbone.pipe.text_encoder.get_input_embeddings().num_embeddings == rows
     with pytest.raises(InvalidArgumentError, match="'star' and 'again' both learned the token 'sks'"):
         merge([loaded, with_tokens(backbone, "again", "sks")], backbone=backbone)
 

@@ -219,7 +219,7 @@ class Run:
         from studio.adapters.base import adapter_kinds
         from studio.adapters.lora import without
         from studio.backbones import load_backbone
-        from studio.concept_tokens import TrainableTokens
+        from studio.concept_tokens import TrainableTokens, word
         from studio.training.data import LatentCache, bucket_of, buckets, check_size, scan_folder
         from studio.training.objectives import objective_for
 
@@ -252,8 +252,7 @@ class Run:
             self._mask_weights()
         self.anchors = self._anchor_examples() if config.anchor_weight else []
         # fixed conditioning is cached; captions with a trigger that trains as tokens are encoded each step
-        self.learned = (re.compile(rf"(?<![\w+-]){re.escape(config.trigger)}(?![\w+-])", re.IGNORECASE) if config.tokens
-                        else None)
+        self.learned = word(config.trigger) if config.tokens else None
         captions = sorted({e["caption"] for e in self.examples + self.anchors} | {""})
         self.conditioning = ({c: self._conditioning(c) for c in captions if not self._live([c])}
                              if not config.text_encoder else {})
