@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=4321)
     parser.add_argument("--out", type=Path, default=Path("out/bench-customize"))
     parser.add_argument("--reg", type=int, default=REG_IMAGES, help="prior-preservation renders")
+    parser.add_argument("--refs", type=int, default=12,
+                        help="renders of the shape to learn from (the issue's 12; more tell what 12 cost, README)")
     parser.add_argument("--skip-baseline", action="store_true", help="no diffusers+PEFT timing (for sweeps)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a training option of COMMON (repeatable), e.g. --set mask_floor=0.05")
@@ -114,7 +116,7 @@ def main() -> None:
     overrides = parse_overrides(args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp()) / "refs"
-    write_reference_folder(folder, n=12, seed=7, shape=args.shape, trigger="sks", masks=True)
+    write_reference_folder(folder, n=args.refs, seed=7, shape=args.shape, trigger="sks", masks=True)
     # DreamBooth prior preservation: renders of base shapes, captioned without the trigger, keep the
     # rest of the model where it was (without them the first run lost 28 points of base-shape accuracy)
     reg = folder.parent / "reg"
@@ -146,7 +148,7 @@ def main() -> None:
         rows[name] = {"before": before, "after": after, "train_seconds": seconds,
                       "studio_s_per_step": sorted(step_times)[len(step_times) // 2], "plain_s_per_step": plain}
         print(name, json.dumps(rows[name]), flush=True)
-    print(f"\nHeld-out shape '{args.shape}' taught from 12 renders, {COMMON['steps']} steps; "
+    print(f"\nHeld-out shape '{args.shape}' taught from {args.refs} renders, {overrides.get('steps', COMMON['steps'])} steps; "
           f"{args.n} prompted samples per cell (evaluator shape accuracy)")
     print(f"{'setting':<15} {'concept before':>15} {'concept after':>14} {'base before':>12} {'base after':>11} "
           f"{'drop':>6} {'studio s/step':>14} {'diffusers+PEFT':>15} {'train s':>8}")

@@ -223,7 +223,7 @@ def train(
         help="LoRA+: the output side (B) learns this many times faster than A [default: 1, plain LoRA].")] = None,
     trigger: Annotated[str | None, typer.Option(help="Trigger word (caption of images without one).")] = None,
     concept_seed: Annotated[int | None, typer.Option(help="Orthogonal: which basis columns (one per concept).")] = None,
-    target: Annotated[str | None, typer.Option(help="attention, all-linear, locon, or a regex over module names.")] = None,
+    target: Annotated[str | None, typer.Option(help="attention, blocks, all-linear, locon, or a regex over module names.")] = None,
     text_encoder: Annotated[bool | None, typer.Option(
         "--text-encoder/--no-text-encoder", help="Train the text encoders' attention too.")] = None,
     masked_loss: Annotated[bool | None, typer.Option(

@@ -66,6 +66,20 @@ def encode_text(backbone, component="text_encoder"):
         return getattr(backbone.pipe, component)(ids)[0]
 
 
+@pytest.mark.parametrize("family", ["sd1", "sd3", "flux", "pixart"])
+def test_blocks_target_is_the_transformer_blocks_attention_and_feed_forward(family):
+    backbone = load_backbone(f"tiny-{family}")
+    blocks = set(target_modules(backbone, "blocks"))
+    linear = set(target_modules(backbone, "all-linear"))
+    assert blocks < linear and blocks >= set(target_modules(backbone, "attention"))
+    assert any(".ff." in n or n.endswith("proj_mlp") for n in blocks)  # the feed-forward layers too
+    # not the modulation (adaLN), the timestep/text embedders nor the output layer: every prompt goes through them
+    left = [n.split(".", 1)[1] for n in linear - blocks]
+    assert left and all("transformer_blocks" not in n or ".norm" in n or "time_emb_proj" in n for n in left)
+    assert not any(("norm" in n and "linear" in n) or "embed" in n or n == "proj_out" for n in
+                   (b.split(".", 1)[1] for b in blocks))
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])
 def test_attach_weight_detach_restores_exactly(family):
     backbone = load_backbone(f"tiny-{family}")
