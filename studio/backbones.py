@@ -9,6 +9,7 @@ what to do, and a content fingerprint for recipes.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import warnings
@@ -411,11 +412,8 @@ def _load_folder(location: str, source: str, fam: Family | None, device: str,
     import diffusers
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    if Path(location).is_dir() and not (Path(location) / "model_index.json").is_file():
-        raise NotACheckpointError(
-            f"folder {location!r} has no model_index.json, so it is not a diffusers pipeline folder; "
-            f"point at the folder that holds model_index.json, or at a single .safetensors checkpoint."
-        )
+    if Path(location).is_dir():
+        check_pipeline_folder(Path(location))
     try:
         index = diffusers.DiffusionPipeline.load_config(location)
         # the family before the weights, so they load straight into its dtype (bf16 Flux never via fp16)
@@ -488,6 +486,55 @@ def read_safetensors_header(path: Path) -> tuple[list[str], dict[str, tuple[int,
             f"{path} is not a readable .safetensors file ({error}); check the download is complete."
         ) from None
     return keys, shapes, metadata
+
+
+def check_safetensors_complete(path: Path) -> None:
+    """Refuse a .safetensors file whose header or tensor data ends early (an interrupted copy or
+    download), naming it: diffusers and transformers say only 'Unable to load weights'."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(handle.read(length)) if 0 < length <= size - 8 else None
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise NotACheckpointError(f"{path} is not a readable .safetensors file ({size} bytes, its header is cut "
+                                  f"or damaged); copy or download it again.")
+    end = max((entry["data_offsets"][1] for key, entry in header.items()
+               if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry), default=0)
+    if size < 8 + length + end:
+        raise NotACheckpointError(f"{path} is truncated: {size:,} bytes of the {8 + length + end:,} its header "
+                                  f"promises; copy or download it again.")
+
+
+def check_pipeline_folder(folder: Path) -> dict[str, Any]:
+    """A local diffusers folder's model_index.json, after checking that every component it names is there
+    and every .safetensors file in them is complete; errors name the missing or broken file."""
+    folder = Path(folder)
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise NotACheckpointError(
+            f"folder {str(folder)!r} has no model_index.json, so it is not a diffusers pipeline folder; "
+            f"point at the folder that holds model_index.json, or at a single .safetensors checkpoint.")
+    index = json.loads(index_file.read_text())
+    for name, value in index.items():
+        if not (isinstance(value, list) and len(value) == 2 and value[1]):
+            continue
+        part = folder / name
+        if not part.is_dir() or not any(part.iterdir()):
+            raise NotACheckpointError(f"{index_file} names the component {name!r} ({value[1]}), but {part} is "
+                                      f"missing or empty; restore that folder (or pass {name}=None to "
+                                      f"from_pretrained if the pipeline can run without it).")
+        is_model = not any(word in value[1] for word in ("Tokenizer", "Scheduler", "Processor", "Extractor"))
+        if value[0] in ("diffusers", "transformers") and is_model and not (part / "config.json").is_file():
+            raise NotACheckpointError(f"{part / 'config.json'} is missing: {name} ({value[1]}) cannot be built "
+                                      f"without it; restore the file.")
+        for weights in sorted(part.glob("*.safetensors")):
+            check_safetensors_complete(weights)
+    return index
 
 
 def _load_single_file(path: Path, fam: Family | None, device: str, dtype: Any, config: str | None):

@@ -13,6 +13,7 @@ from studio.backbones import (
     EMBEDDED,
     PICKLE_SUFFIXES,
     _ensure_embedded_registered,
+    check_pipeline_folder,
     detect_family_from_keys,
     family_of_denoiser,
     read_safetensors_header,
@@ -76,10 +77,7 @@ def _inspect_safetensors(path: Path) -> dict[str, Any]:
 
 
 def _inspect_folder(path: Path) -> dict[str, Any]:
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise NotACheckpointError(f"folder {str(path)!r} has no model_index.json: not a diffusers pipeline folder.")
-    index = json.loads(index_file.read_text())
+    index = check_pipeline_folder(path)
     components = {k: v[1] for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[1]}
     info: dict[str, Any] = {"path": str(path), "kind": "diffusers pipeline folder",
                             "pipeline": index.get("_class_name"), "components": components}

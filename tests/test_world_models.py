@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from studio.world.data import render_set
 from studio.world.models import ASSETS
@@ -36,30 +37,94 @@ def test_world_clip_pairs_renders_with_their_captions():
     assert top5 > 0.5, float(top5)
 
 
-def test_world_sd_loads_with_plain_diffusers_and_generates():
+def _prompted(pipe, n: int = 8, **options):
+    """n world prompts through a plain diffusers pipeline at its own defaults, and what the evaluator reads."""
+    import numpy as np
+    import torch
+
+    from studio.world.captions import caption
+    from studio.world.evaluator import evaluate
+    from studio.world.render import sample_labels
+
+    rng = np.random.default_rng(5)
+    expected = [sample_labels(rng) for _ in range(n)]
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe([caption(e) for e in expected], generator=[torch.Generator().manual_seed(i) for i in range(n)],
+                  **options).images
+    return evaluate(images, expected)["accuracy"]
+
+
+def _one_dtype(pipe) -> set:
+    import torch
+
+    return {part.dtype for part in pipe.components.values() if isinstance(part, torch.nn.Module)}
+
+
+def test_world_sd_runs_in_plain_diffusers_with_no_dtype_argument():
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(ASSETS / "world-sd", torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    image = pipe("a large red circle on a plain background, in the centre", num_inference_steps=4,
-                 generator=torch.Generator().manual_seed(0)).images[0]
-    assert image.size == (64, 64)
+    # the README's line: no torch_dtype (an fp16 text encoder beside an fp32 UNet once crashed here)
+    pipe = StableDiffusionPipeline.from_pretrained(ASSETS / "world-sd", safety_checker=None)
+    assert _one_dtype(pipe) == {torch.float32}
+    accuracy = _prompted(pipe, num_inference_steps=25)
+    assert accuracy["shape"] >= 0.75 and accuracy["colour"] >= 0.75, accuracy
 
 
-def test_world_dit_loads_with_plain_diffusers_and_generates():
+def test_world_dit_runs_in_plain_diffusers_with_no_dtype_argument():
     import torch
     from diffusers import StableDiffusion3Pipeline
 
     # diffusers' documented way to load SD3 without its T5 encoder
-    pipe = StableDiffusion3Pipeline.from_pretrained(ASSETS / "world-dit", text_encoder_3=None, tokenizer_3=None,
-                                                    torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = StableDiffusion3Pipeline.from_pretrained(ASSETS / "world-dit", text_encoder_3=None, tokenizer_3=None)
     assert type(pipe.transformer).__name__ == "SD3Transformer2DModel"
-    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
-    image = pipe("a large red circle on a plain background, in the centre", num_inference_steps=4,
-                 max_sequence_length=pipe.tokenizer_max_length, generator=torch.Generator().manual_seed(0)).images[0]
-    assert image.size == (64, 64)
+    assert _one_dtype(pipe) == {torch.float32}
+    accuracy = _prompted(pipe, num_inference_steps=28, max_sequence_length=20)
+    assert accuracy["shape"] >= 0.75 and accuracy["colour"] >= 0.75, accuracy
+
+
+def test_every_world_folder_loads_with_its_plain_class_in_one_dtype():
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    from studio.world.evaluator import WorldEvaluator
+
+    for cls, folder in ((AutoencoderKL, "vae"), (WorldEvaluator, "evaluator"),
+                        (CLIPVisionModelWithProjection, "world-clip"), (CLIPTextModelWithProjection, "world-clip/text")):
+        model = cls.from_pretrained(ASSETS / folder)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}, folder
+
+
+def test_a_broken_world_folder_is_named_by_studio(tmp_path):
+    import shutil
+
+    from studio.backbones import load_backbone
+    from studio.errors import NotACheckpointError
+    from studio.inspection import inspect_path
+
+    truncated, missing = tmp_path / "truncated", tmp_path / "missing"
+    for folder in (truncated, missing):
+        shutil.copytree(ASSETS / "world-sd", folder)
+    weights = truncated / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: 5_000_000])
+    shutil.rmtree(missing / "vae")
+    for folder, said in ((truncated, r"unet/diffusion_pytorch_model.safetensors is truncated: 5,000,000 bytes"),
+                         (missing, r"names the component 'vae' \(AutoencoderKL\), but .*missing/vae is missing")):
+        with pytest.raises(NotACheckpointError, match=said):
+            load_backbone(str(folder))
+        with pytest.raises(NotACheckpointError, match=said):
+            inspect_path(folder)
+    shutil.copytree(ASSETS / "world-sd" / "vae", missing / "vae")
+    (missing / "text_encoder" / "config.json").unlink()
+    with pytest.raises(NotACheckpointError, match=r"text_encoder/config.json is missing"):
+        load_backbone(str(missing))
+    header_cut = tmp_path / "cut.safetensors"
+    header_cut.write_bytes(weights.read_bytes()[:100])
+    from studio.backbones import check_safetensors_complete
+
+    with pytest.raises(NotACheckpointError, match="header is cut"):
+        check_safetensors_complete(header_cut)
 
 
 def test_world_weights_fit_the_budget():

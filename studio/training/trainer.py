@@ -655,7 +655,8 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, progress: 
           log: Callable[[str], None] = print, should_stop: Callable[[], bool] | None = None, **options: Any) -> Path:
     """Train an adapter on a reference folder and write it; `studio.train(folder=..., out=..., kind=...)`.
 
-    With `resume`, a run continues from its last checkpoint and finishes the same number of steps.
+    With `resume`, a run continues from its last checkpoint and finishes the same number of steps; a
+    finished run (its output there, no checkpoint) is left as it is.
     `should_stop` is asked after every step: when it says yes, the run saves a checkpoint and raises
     `TrainingCancelled` (resume it later with `resume=True`)."""
     config = config or TrainConfig(**options)
@@ -663,6 +664,9 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, progress: 
     if not resume and (paths["checkpoint"] / "state.json").is_file():
         raise InvalidArgumentError(f"{str(paths['checkpoint'])!r} holds an unfinished run; continue it with "
                                    f"resume=True (--resume) or delete that folder to start over.")
+    if resume and not (paths["checkpoint"] / "state.json").is_file() and paths["out"].is_file():
+        log(f"{paths['out']} is finished and has no checkpoint to resume; delete it to train again")
+        return paths["out"]
     run = Run(config, log=log)
     if resume and run.load_checkpoint():
         log(f"resumed at step {run.step_done} of {config.steps}")

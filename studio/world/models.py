@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.backbones import EMBEDDED
+from studio.backbones import EMBEDDED, check_pipeline_folder
 from studio.errors import BackboneNotFoundError
 from studio.world import ASSETS
 
@@ -15,6 +15,8 @@ def world_folder(name: str) -> Path:
         raise BackboneNotFoundError(
             f"{name} is not in {ASSETS}; retrain it with `studio world train --model {name} --out {ASSETS.parent}`."
         )
+    if (folder / "model_index.json").is_file():
+        check_pipeline_folder(folder)
     return folder
 
 

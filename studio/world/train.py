@@ -28,6 +28,21 @@ def _part(out: Path, name: str) -> Path:
     return Path(out) / name if (Path(out) / name / "config.json").is_file() else ASSETS / name
 
 
+def save_for_plain_loaders(model_or_pipe, folder: Path) -> None:
+    """Save in the dtypes a plain `from_pretrained` with no dtype argument turns into one: diffusers
+    models in fp16 (diffusers loads them in fp32 unless told otherwise: half the size on disk), transformers
+    models in fp32 (transformers 5 keeps the file's dtype, and an fp16 text encoder beside an fp32 UNet
+    fails with 'mat1 and mat2 must have the same dtype')."""
+    import torch
+    from diffusers import ModelMixin
+
+    parts = getattr(model_or_pipe, "components", None) or {"": model_or_pipe}
+    for part in parts.values():
+        if isinstance(part, torch.nn.Module):
+            part.to(torch.float16 if isinstance(part, ModelMixin) else torch.float32)
+    model_or_pipe.save_pretrained(folder)
+
+
 def _seed_everything(seed: int) -> None:
     import torch
 
@@ -109,7 +124,7 @@ def train_vae(out: Path, *, steps: int = 1500, batch: int = 16, lr: float = 2e-3
                              for i in range(0, 2048, 256)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     folder = Path(out) / "vae"
-    vae.to(torch.float16).save_pretrained(folder)
+    save_for_plain_loaders(vae, folder)
     record(done=str(folder), scaling_factor=vae.config.scaling_factor)
     return folder
 
@@ -236,17 +251,16 @@ def train_clip(out: Path, *, steps: int = 3000, batch: int = 128, lr: float = 2e
 
 def save_clip_parts(clip, tokenizer, folder: Path) -> None:
     """The vision tower as CLIPVisionModelWithProjection (world-clip) and the text tower beside it."""
-    import torch
     from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
     vision = CLIPVisionModelWithProjection(clip.config.vision_config)
     vision.vision_model.load_state_dict(clip.vision_model.state_dict())
     vision.visual_projection.load_state_dict(clip.visual_projection.state_dict())
-    vision.to(torch.float16).save_pretrained(folder)
+    save_for_plain_loaders(vision, folder)
     text = CLIPTextModelWithProjection(clip.config.text_config)
     text.text_model.load_state_dict(clip.text_model.state_dict())
     text.text_projection.load_state_dict(clip.text_projection.state_dict())
-    text.to(torch.float16).save_pretrained(Path(folder) / "text")
+    save_for_plain_loaders(text, Path(folder) / "text")
     tokenizer.save_pretrained(Path(folder) / "text")
 
 
@@ -336,7 +350,7 @@ def train_evaluator(out: Path, *, vae_folder: Path | None = None, steps: int = 2
     for name, images in (("fresh", fresh["images"]), ("roundtrip", fresh_trips)):
         record(final=name, **evaluator_accuracy(model, images, fresh["labels"], fresh["masks"]))
     folder = Path(out) / "evaluator"
-    model.to(torch.float16).save_pretrained(folder)
+    save_for_plain_loaders(model, folder)
     record(done=str(folder))
     return folder
 
@@ -463,7 +477,7 @@ def _train_backbone(out: Path, name: str, build: Callable[[], Any], make_pipelin
                 record(step=step + 1, fidelity_skipped=str(error)[:80])
             model.train()
     folder = Path(out) / name
-    pipe.to(torch.float16).save_pretrained(folder)
+    save_for_plain_loaders(pipe, folder)
     record(done=str(folder))
     return folder
 
@@ -492,15 +506,14 @@ def world_sd_pipeline(unet, out: Path, *, vae=None, text_encoder=None):
 
 
 def save_world_sd(unet, out: Path, checkpoint: Path | None = None) -> Path:
-    """Write `<out>/world-sd` in fp16; with `checkpoint`, from that training checkpoint's UNet."""
-    import torch
+    """Write `<out>/world-sd` (`save_for_plain_loaders`); with `checkpoint`, from that training checkpoint's UNet."""
     from safetensors.torch import load_file
 
     if checkpoint is not None:
         unet = build_world_unet()
         unet.load_state_dict(load_file(Path(checkpoint) / "model.safetensors"))
     folder = Path(out) / "world-sd"
-    world_sd_pipeline(unet, out).to(torch.float16).save_pretrained(folder)
+    save_for_plain_loaders(world_sd_pipeline(unet, out), folder)
     return folder
 
 
