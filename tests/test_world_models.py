@@ -130,3 +130,26 @@ def test_a_broken_world_folder_is_named_by_studio(tmp_path):
 def test_world_weights_fit_the_budget():
     total = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file() and "checkpoint-" not in str(f))
     assert total <= 40 * 2**20, total / 2**20
+
+
+def test_world_training_saves_in_the_dtypes_plain_loaders_join(tmp_path):
+    import json
+    import struct
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from studio.world.models import world_sd
+    from studio.world.train import save_for_plain_loaders
+
+    save_for_plain_loaders(world_sd(), tmp_path / "world-sd")  # what `studio world train` writes
+
+    def dtypes(path):
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+    assert dtypes(tmp_path / "world-sd/unet/diffusion_pytorch_model.safetensors") == {"F16"}
+    assert dtypes(tmp_path / "world-sd/text_encoder/model.safetensors") == {"F32"}
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "world-sd", safety_checker=None)
+    assert _one_dtype(pipe) == {torch.float32}
