@@ -510,6 +510,12 @@ def check_safetensors_complete(path: Path) -> None:
                                   f"promises; copy or download it again.")
 
 
+def pipeline_components(index: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The components a model_index.json names, as name -> (library, class); [null, null] entries left out."""
+    return {name: (value[0], value[1]) for name, value in index.items()
+            if isinstance(value, list) and len(value) == 2 and value[1]}
+
+
 def check_pipeline_folder(folder: Path) -> dict[str, Any]:
     """A local diffusers folder's model_index.json, after checking that every component it names is there
     and every .safetensors file in them is complete; errors name the missing or broken file."""
@@ -520,17 +526,15 @@ def check_pipeline_folder(folder: Path) -> dict[str, Any]:
             f"folder {str(folder)!r} has no model_index.json, so it is not a diffusers pipeline folder; "
             f"point at the folder that holds model_index.json, or at a single .safetensors checkpoint.")
     index = json.loads(index_file.read_text())
-    for name, value in index.items():
-        if not (isinstance(value, list) and len(value) == 2 and value[1]):
-            continue
+    for name, (library, cls) in pipeline_components(index).items():
         part = folder / name
         if not part.is_dir() or not any(part.iterdir()):
-            raise NotACheckpointError(f"{index_file} names the component {name!r} ({value[1]}), but {part} is "
+            raise NotACheckpointError(f"{index_file} names the component {name!r} ({cls}), but {part} is "
                                       f"missing or empty; restore that folder (or pass {name}=None to "
                                       f"from_pretrained if the pipeline can run without it).")
-        is_model = not any(word in value[1] for word in ("Tokenizer", "Scheduler", "Processor", "Extractor"))
-        if value[0] in ("diffusers", "transformers") and is_model and not (part / "config.json").is_file():
-            raise NotACheckpointError(f"{part / 'config.json'} is missing: {name} ({value[1]}) cannot be built "
+        is_model = not any(word in cls for word in ("Tokenizer", "Scheduler", "Processor", "Extractor"))
+        if library in ("diffusers", "transformers") and is_model and not (part / "config.json").is_file():
+            raise NotACheckpointError(f"{part / 'config.json'} is missing: {name} ({cls}) cannot be built "
                                       f"without it; restore the file.")
         for weights in sorted(part.glob("*.safetensors")):
             check_safetensors_complete(weights)

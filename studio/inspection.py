@@ -16,6 +16,7 @@ from studio.backbones import (
     check_pipeline_folder,
     detect_family_from_keys,
     family_of_denoiser,
+    pipeline_components,
     read_safetensors_header,
 )
 from studio.errors import BackboneNotFoundError, NotACheckpointError, StudioError
@@ -78,7 +79,7 @@ def _inspect_safetensors(path: Path) -> dict[str, Any]:
 
 def _inspect_folder(path: Path) -> dict[str, Any]:
     index = check_pipeline_folder(path)
-    components = {k: v[1] for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[1]}
+    components = {name: cls for name, (_, cls) in pipeline_components(index).items()}
     info: dict[str, Any] = {"path": str(path), "kind": "diffusers pipeline folder",
                             "pipeline": index.get("_class_name"), "components": components}
     for name in ("unet", "transformer"):

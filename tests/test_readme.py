@@ -3,8 +3,8 @@
 Blocks run in README order in one scratch folder (so a block may use the files an earlier one made), with
 `assets/` linked there so the README's `assets/world/...` paths resolve, `studio` on PATH and an isolated
 STUDIO_HOME. A block that cannot run here says why in its fence (```bash no-run: needs a download```):
-set-up commands, hub downloads, a user's own checkpoints, servers. The few adapter files the Merging
-examples name are made by `prepare` (quick LoRAs on world-sd), as a user would have their own.
+set-up commands, hub downloads, a user's own checkpoints, servers. The adapters the Merging and API
+examples use are the ones the CLI block trains (short runs on world-sd).
 """
 
 from __future__ import annotations

@@ -39,7 +39,6 @@ def test_world_clip_pairs_renders_with_their_captions():
 
 def _prompted(pipe, n: int = 8, **options):
     """n world prompts through a plain diffusers pipeline at its own defaults, and what the evaluator reads."""
-    import numpy as np
     import torch
 
     from studio.world.captions import caption
