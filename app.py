@@ -214,15 +214,30 @@ def _stack(slots: tuple[Any, ...]) -> list[tuple[str, float]]:
     return stack
 
 
+def use_image_prompt(pipeline: Any, image: str | None, scale: float, routing: str, content: str) -> None:
+    """The Generate tab's image prompt on top of the stack: the backbone's own IP-Adapter with that
+    reference, scale and routing (none when no reference image is given)."""
+    from studio.adapters.ip_adapter import default_ip_adapter
+
+    if image:
+        pipeline.attach(str(default_ip_adapter(pipeline.backbone)), float(scale), image=image,
+                        routing=routing or "all", content=(content or "").strip())
+
+
 @ui_errors
 def generate_images(prompt: str, negative_prompt: str, backbone: str, n: int, seed: int, steps: int,
-                    guidance: float, width: int, height: int, scheduler: str,
+                    guidance: float, width: int, height: int, scheduler: str, ip_image: str | None = None,
+                    ip_scale: float = 1.0, ip_routing: str = "all", ip_content: str = "",
                     *slots: Any) -> tuple[list[tuple[str, str]], list[str], str]:
     """The Generate button: the gallery (path, caption), each image's recipe JSON, and the first
-    image's A1111 parameters. `slots`: (adapter path, weight, on) per stack slot."""
+    image's A1111 parameters. `ip_*`: the image prompt (reference image path, scale, routing, content
+    words to subtract); `slots`: (adapter path, weight, on) per stack slot."""
     pipeline, lock = pipeline_for(backbone or DEFAULT_BACKBONE)
     with lock:
+        if ip_image or any(e["adapter"].kind == "ip_adapter" for e in pipeline.adapters):
+            pipeline.detach()  # an image prompt's inputs change per request: attach the stack afresh
         use_adapters(pipeline, _stack(slots))
+        use_image_prompt(pipeline, ip_image, ip_scale, ip_routing, ip_content)
         result = pipeline.generate(prompt, negative_prompt=negative_prompt or "", n=int(n),
                                    seed=None if seed is None or int(seed) < 0 else int(seed), steps=int(steps),
                                    guidance=float(guidance), width=int(width), height=int(height),
@@ -258,7 +273,14 @@ def reuse_recipe(recipe_json: str | None) -> list[Any]:
     r = Recipe.from_json(recipe_json)
     values: list[Any] = [r.prompt, r.negative_prompt, r.backbone, 1, r.image_seed, r.steps, r.guidance, r.width,
                          r.height, r.scheduler]
-    adapters = [a for a in r.adapters if a.get("path")]
+    image_prompt = next((a for a in r.adapters if a.get("kind") == "ip_adapter"), None)
+    if image_prompt is not None:
+        inputs = image_prompt.get("inputs") or {}
+        values += [(inputs.get("images") or [None])[0], float(image_prompt["weight"]), inputs.get("routing", "all"),
+                   inputs.get("content", "")]
+    else:
+        values += [None, 1.0, "all", ""]
+    adapters = [a for a in r.adapters if a.get("path") and a.get("kind") != "ip_adapter"]
     for i in range(SLOTS):
         if i < len(adapters):
             weight = adapters[i]["weight"]
@@ -663,6 +685,258 @@ def erase_preview(path: str | None, prompts: str, backbone: str, seed: int = 0) 
 
 # ------------------------------------------------------------------------------------------ page
 
+def generate_tab(backbones: list[str]):
+    """The Generate tab: prompt, settings, adapter stack, image prompt; returns the stack's pickers."""
+    import gradio as gr
+
+    with gr.Tab("Generate") as generate_tab:
+        recipes = gr.State([])
+        selected = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=5):
+                with gr.Row():
+                    prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle, large, in the centre",
+                                        scale=5)
+                    button = gr.Button("Generate", variant="primary", scale=1, min_width=110)
+                negative = gr.Textbox(label="Negative prompt")
+                with gr.Row():
+                    backbone = gr.Dropdown(label="Backbone", choices=backbones, value=DEFAULT_BACKBONE,
+                                           allow_custom_value=True,
+                                           info="embedded name, hub id, diffusers folder or .safetensors")
+                    scheduler = gr.Dropdown(label="Scheduler", choices=[""] + list(SCHEDULERS), value="",
+                                            info="empty: the family's default")
+                with gr.Row():
+                    steps = gr.Slider(label="Steps", minimum=1, maximum=100, step=1, value=25)
+                    guidance = gr.Slider(label="Guidance", minimum=0, maximum=20, step=0.5, value=7.0)
+                with gr.Row():
+                    width = gr.Number(label="Width", value=64, precision=0, minimum=8)
+                    height = gr.Number(label="Height", value=64, precision=0, minimum=8)
+                    n = gr.Number(label="Images", value=1, precision=0, minimum=1, maximum=16)
+                    seed = gr.Number(label="Seed", value=-1, precision=0, info="-1: random")
+                    dice = gr.Button("Randomise seed", size="sm")
+                with gr.Accordion("Image prompt (IP-Adapter)", open=False):
+                    with gr.Row():
+                        ip_image = gr.Image(label="Reference image", type="filepath", height=140,
+                                            sources=["upload", "clipboard"], elem_classes="pixelated")
+                        with gr.Column():
+                            ip_scale = gr.Slider(label="Image scale", minimum=0, maximum=1.5, step=0.05, value=1.0,
+                                                 info="1 for the image alone; about 0.6 beside a text prompt")
+                            ip_routing = gr.Radio(label="The image steers", value="all",
+                                                  choices=[("everything", "all"), ("style only", "style"),
+                                                           ("layout only", "layout"),
+                                                           ("style and layout", "style+layout")])
+                            ip_content = gr.Textbox(label="Subtract content (InstantStyle)",
+                                                    placeholder="words naming what the reference shows")
+                with gr.Accordion("Adapters", open=False):
+                    slots: list[Any] = []
+                    pickers = []
+                    for i in range(SLOTS):
+                        with gr.Row():
+                            picker = gr.Dropdown(label=f"Adapter {i + 1}", choices=[], value=None, scale=4)
+                            weight = gr.Slider(label="Weight", minimum=-2, maximum=2, step=0.05, value=1.0,
+                                               scale=3)
+                            on = gr.Checkbox(label="On", value=True, scale=1, min_width=60)
+                        slots += [picker, weight, on]
+                        pickers.append(picker)
+            with gr.Column(scale=4):
+                gallery = gr.Gallery(label="Images", format="png", columns=4, height=300, object_fit="contain",
+                                     elem_classes="pixelated", preview=False)
+                parameters = gr.Textbox(label="Parameters", lines=4, buttons=["copy"])
+                with gr.Row():
+                    reuse = gr.Button("Reuse this recipe")
+                    download = gr.DownloadButton("Download PNG", value=None)
+        inputs = [prompt, negative, backbone, n, seed, steps, guidance, width, height, scheduler, ip_image, ip_scale,
+                  ip_routing, ip_content, *slots]
+        button.click(generate_images, inputs, [gallery, recipes, parameters], concurrency_limit=2)
+        dice.click(random_seed, None, seed)
+
+        def on_select(recipe_list: list[str], evt: gr.SelectData):
+            text, recipe = select_image(recipe_list, evt.index)
+            path = evt.value["image"]["path"] if isinstance(evt.value, dict) and "image" in evt.value else None
+            return text, recipe, gr.update(value=path)
+
+        gallery.select(on_select, recipes, [parameters, selected, download])
+        reuse.click(reuse_recipe, selected, inputs)
+
+        def refresh_pickers():
+            choices = adapter_choices()
+            return [gr.update(choices=choices) for _ in pickers]
+
+        generate_tab.select(refresh_pickers, None, pickers)
+    return pickers
+
+
+def train_tab(backbones: list[str]):
+    """The Train tab: images and captions, options, the live job view; returns (job, timer)."""
+    import gradio as gr
+
+    with gr.Tab("Train"):
+        source = gr.State("")
+        job = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=5):
+                uploads = gr.File(label="Training images (and .txt captions)", file_count="multiple",
+                                  file_types=["image", ".txt"], height=120)
+                with gr.Row():
+                    server_folder = gr.Textbox(label="…or a folder on the server", scale=4)
+                    load_folder = gr.Button("Load folder", scale=1)
+                note = gr.Markdown()
+                captions = gr.Dataframe(label="Captions (edit the right column)", headers=["image", "caption"],
+                                        datatype=["str", "str"], interactive=True, static_columns=[0],
+                                        wrap=True, max_height=260)
+            with gr.Column(scale=4):
+                with gr.Row():
+                    name = gr.Textbox(label="Adapter name", placeholder="my-star")
+                    trigger = gr.Textbox(label="Trigger word", value="sks")
+                with gr.Row():
+                    kind = gr.Dropdown(label="Kind", choices=list(KINDS), value="lora")
+                    train_backbone = gr.Dropdown(label="Backbone", choices=backbones, value=DEFAULT_BACKBONE,
+                                                 allow_custom_value=True)
+                with gr.Row():
+                    train_steps = gr.Number(label="Steps", value=300, precision=0, minimum=1)
+                    rank = gr.Number(label="Rank", value=16, precision=0, minimum=1)
+                    lr = gr.Number(label="Learning rate", value=1e-3)
+                    tokens = gr.Number(label="Trigger tokens (0 = off)", value=0, precision=0, minimum=0,
+                                       info="Learn the trigger as new token vectors (pivotal tuning)")
+                with gr.Row():
+                    start = gr.Button("Start", variant="primary")
+                    cancel = gr.Button("Cancel", variant="stop")
+                    resume = gr.Button("Resume")
+                progress = gr.HTML()
+                loss = gr.Image(label="Loss", type="filepath", height=160, show_label=True)
+                samples = gr.Gallery(label="Samples", columns=1, height=140, object_fit="contain",
+                                     elem_classes="pixelated")
+        uploads.upload(stage_uploads, [uploads, trigger], [source, captions, note])
+        load_folder.click(pick_server_folder, [server_folder, trigger], [source, captions, note])
+        # the live view ticks once a second from page load (so a reloaded page shows a running job at
+        # once, whichever tab is open) until the job it shows is not running; Start and Resume restart
+        # it. Page load starts it with the job it sets, so no tick can see the page before it has one
+        seen = gr.State(None)
+        timer = gr.Timer(1.0, active=False)
+        timer.tick(live_view, [job, seen], [progress, loss, samples, seen, timer], show_progress="hidden")
+
+        def restart_timer():
+            return gr.Timer(active=True)
+
+        start.click(start_training, [source, captions, name, kind, train_backbone, trigger, train_steps, rank, lr,
+                                     tokens],
+                    job).success(restart_timer, None, timer)
+        resume.click(resume_training, job, job).success(restart_timer, None, timer)
+        cancel.click(cancel_training, job, note)
+    return job, timer
+
+
+def merge_tab(backbones: list[str]):
+    """The Merge tab: interference plan, preview, save."""
+    import gradio as gr
+
+    with gr.Tab("Merge") as merge_tab:
+        with gr.Row():
+            with gr.Column(scale=4):
+                merge_sources = gr.Dropdown(label="Adapters to merge", choices=[], multiselect=True)
+                show_plan = gr.Button("Show interference plan")
+                verdict = gr.Markdown()
+                plan_table = gr.Dataframe(label="Interference per block",
+                                          headers=["block", "pair", "modules", "cosine", "overlap", "crosstalk"],
+                                          interactive=False, max_height=240)
+            with gr.Column(scale=4):
+                with gr.Row():
+                    method = gr.Dropdown(label="Method", choices=["linear", "concat", "svd", "orthogonal", "ties",
+                                                                  "dare_linear", "dare_ties", "magnitude_prune"],
+                                         value="linear")
+                    merge_weights = gr.Textbox(label="Weights", placeholder="1,1  or  1;up_blocks.1=0,1")
+                merge_backbone = gr.Dropdown(label="Preview backbone", choices=backbones, value=DEFAULT_BACKBONE,
+                                             allow_custom_value=True)
+                test_prompts = gr.Textbox(label="Test prompts (one per line)", lines=3)
+                preview = gr.Button("Preview")
+                grid = gr.Gallery(label="Preview", columns=4, height=200, object_fit="contain", fit_columns=False,
+                                  elem_classes="pixelated")
+                with gr.Row():
+                    merged_name = gr.Textbox(label="Merged adapter name", scale=3)
+                    save = gr.Button("Save merge", variant="primary", scale=1)
+                merge_note = gr.Markdown()
+        show_plan.click(merge_plan, merge_sources, [plan_table, verdict, method])
+        merge_sources.change(default_prompts, merge_sources, test_prompts)
+        preview.click(merge_preview, [merge_sources, method, merge_weights, test_prompts, merge_backbone], grid)
+        save.click(merge_save, [merge_sources, method, merge_weights, merged_name], merge_note)
+        merge_tab.select(lambda: gr.update(choices=adapter_choices()), None, merge_sources)
+
+
+def erase_tab(backbones: list[str]):
+    """The Erase tab: make an eraser, preview before / after."""
+    import gradio as gr
+
+    with gr.Tab("Erase"):
+        eraser = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=4):
+                concept = gr.Textbox(label="Concept to erase", placeholder="circle   (UCE: circle, ring, square)")
+                with gr.Row():
+                    erase_method = gr.Dropdown(label="Method", choices=["uce", "esd", "spm"], value="uce",
+                                               info="uce: closed form, seconds; esd/spm: trained")
+                    erase_backbone = gr.Dropdown(label="Backbone", choices=backbones, value=DEFAULT_BACKBONE,
+                                                 allow_custom_value=True)
+                preserve = gr.Textbox(label="Keep these (comma-separated)", placeholder="square, triangle")
+                with gr.Row():
+                    erase_steps = gr.Number(label="Training steps (esd/spm)", value=0, precision=0, minimum=0,
+                                            info="0: the method's default")
+                    eraser_name = gr.Textbox(label="Eraser name", placeholder="erase-circle")
+                erase_templates = gr.Textbox(label="Prompts naming the concept (optional)", lines=2,
+                                             placeholder="a small red {} on a plain background\n{} , top left",
+                                             info="one per line, {} where the concept goes; default: generic ones")
+                erase_button = gr.Button("Erase", variant="primary")
+                erase_note = gr.Markdown()
+            with gr.Column(scale=4):
+                erase_tests = gr.Textbox(label="Test prompts (one per line)", lines=3)
+                erase_show = gr.Button("Preview before / after")
+                erase_grid = gr.Gallery(label="Before / after", columns=2, height=260, object_fit="contain",
+                                        fit_columns=False, elem_classes="pixelated")
+        concept.change(erase_prompts, concept, erase_tests)
+        erase_button.click(erase_concept, [concept, erase_method, preserve, erase_backbone, erase_steps,
+                                           eraser_name, erase_templates], [erase_note, eraser],
+                           concurrency_limit=1)
+        erase_show.click(erase_preview, [eraser, erase_tests, erase_backbone], erase_grid)
+
+
+def library_tab():
+    """The Library tab: adapters (search, import) and the history of generations."""
+    import gradio as gr
+
+    with gr.Tab("Library") as library_tab:
+        history_recipes = gr.State([])
+        with gr.Row():
+            with gr.Column(scale=5):
+                search = gr.Textbox(label="Search adapters", placeholder="name, kind, family, trigger word, tag")
+                thumbs = gr.Gallery(label="Adapters", columns=6, height=180, object_fit="contain", fit_columns=False,
+                                    elem_classes="pixelated")
+                adapter_table = gr.Dataframe(label="Adapters",
+                                             headers=["name", "kind", "family", "backbone", "trigger words", "tags", "file"],
+                                             interactive=False, max_height=220)
+            with gr.Column(scale=3):
+                adapter_upload = gr.File(label="Import an adapter (.safetensors)", file_types=[".safetensors"],
+                                         height=100)
+                tags = gr.Textbox(label="Tags for the import", placeholder="character, style")
+                import_note = gr.Markdown()
+        history = gr.Gallery(label="History", columns=10, height=200, object_fit="contain", fit_columns=False,
+                             elem_classes="pixelated")
+        history_parameters = gr.Textbox(label="Recipe of the selected image", lines=3)
+        search.change(library_view, search, [thumbs, adapter_table])
+        adapter_upload.upload(import_adapter, [adapter_upload, tags], import_note).then(
+            library_view, search, [thumbs, adapter_table])
+
+        def on_library():
+            gallery_items, table = library_view("")
+            past, past_recipes = history_view()
+            return gallery_items, table, past, past_recipes
+
+        library_tab.select(on_library, None, [thumbs, adapter_table, history, history_recipes])
+
+        def on_history(recipe_list: list[str], evt: gr.SelectData):
+            return select_image(recipe_list, evt.index)[0]
+
+        history.select(on_history, history_recipes, history_parameters)
+
+
 def build_app():
     import gradio as gr
 
@@ -670,219 +944,14 @@ def build_app():
     backbones = sorted(EMBEDDED)
     with gr.Blocks(title="studio") as demo:
         gr.Markdown("# studio")
-        with gr.Tab("Generate") as generate_tab:
-            recipes = gr.State([])
-            selected = gr.State(None)
-            with gr.Row():
-                with gr.Column(scale=5):
-                    with gr.Row():
-                        prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle, large, in the centre",
-                                            scale=5)
-                        button = gr.Button("Generate", variant="primary", scale=1, min_width=110)
-                    negative = gr.Textbox(label="Negative prompt")
-                    with gr.Row():
-                        backbone = gr.Dropdown(label="Backbone", choices=backbones, value=DEFAULT_BACKBONE,
-                                               allow_custom_value=True,
-                                               info="embedded name, hub id, diffusers folder or .safetensors")
-                        scheduler = gr.Dropdown(label="Scheduler", choices=[""] + list(SCHEDULERS), value="",
-                                                info="empty: the family's default")
-                    with gr.Row():
-                        steps = gr.Slider(label="Steps", minimum=1, maximum=100, step=1, value=25)
-                        guidance = gr.Slider(label="Guidance", minimum=0, maximum=20, step=0.5, value=7.0)
-                    with gr.Row():
-                        width = gr.Number(label="Width", value=64, precision=0, minimum=8)
-                        height = gr.Number(label="Height", value=64, precision=0, minimum=8)
-                        n = gr.Number(label="Images", value=1, precision=0, minimum=1, maximum=16)
-                        seed = gr.Number(label="Seed", value=-1, precision=0, info="-1: random")
-                        dice = gr.Button("Randomise seed", size="sm")
-                    with gr.Accordion("Adapters", open=False):
-                        slots: list[Any] = []
-                        pickers = []
-                        for i in range(SLOTS):
-                            with gr.Row():
-                                picker = gr.Dropdown(label=f"Adapter {i + 1}", choices=[], value=None, scale=4)
-                                weight = gr.Slider(label="Weight", minimum=-2, maximum=2, step=0.05, value=1.0,
-                                                   scale=3)
-                                on = gr.Checkbox(label="On", value=True, scale=1, min_width=60)
-                            slots += [picker, weight, on]
-                            pickers.append(picker)
-                with gr.Column(scale=4):
-                    gallery = gr.Gallery(label="Images", format="png", columns=4, height=300, object_fit="contain",
-                                         elem_classes="pixelated", preview=False)
-                    parameters = gr.Textbox(label="Parameters", lines=4, buttons=["copy"])
-                    with gr.Row():
-                        reuse = gr.Button("Reuse this recipe")
-                        download = gr.DownloadButton("Download PNG", value=None)
-            inputs = [prompt, negative, backbone, n, seed, steps, guidance, width, height, scheduler, *slots]
-            button.click(generate_images, inputs, [gallery, recipes, parameters], concurrency_limit=2)
-            dice.click(random_seed, None, seed)
-
-            def on_select(recipe_list: list[str], evt: gr.SelectData):
-                text, recipe = select_image(recipe_list, evt.index)
-                path = evt.value["image"]["path"] if isinstance(evt.value, dict) and "image" in evt.value else None
-                return text, recipe, gr.update(value=path)
-
-            gallery.select(on_select, recipes, [parameters, selected, download])
-            reuse.click(reuse_recipe, selected, inputs)
-
-            def refresh_pickers():
-                choices = adapter_choices()
-                return [gr.update(choices=choices) for _ in pickers]
-
-            generate_tab.select(refresh_pickers, None, pickers)
-
-        with gr.Tab("Train"):
-            source = gr.State("")
-            job = gr.State(None)
-            with gr.Row():
-                with gr.Column(scale=5):
-                    uploads = gr.File(label="Training images (and .txt captions)", file_count="multiple",
-                                      file_types=["image", ".txt"], height=120)
-                    with gr.Row():
-                        server_folder = gr.Textbox(label="…or a folder on the server", scale=4)
-                        load_folder = gr.Button("Load folder", scale=1)
-                    note = gr.Markdown()
-                    captions = gr.Dataframe(label="Captions (edit the right column)", headers=["image", "caption"],
-                                            datatype=["str", "str"], interactive=True, static_columns=[0],
-                                            wrap=True, max_height=260)
-                with gr.Column(scale=4):
-                    with gr.Row():
-                        name = gr.Textbox(label="Adapter name", placeholder="my-star")
-                        trigger = gr.Textbox(label="Trigger word", value="sks")
-                    with gr.Row():
-                        kind = gr.Dropdown(label="Kind", choices=list(KINDS), value="lora")
-                        train_backbone = gr.Dropdown(label="Backbone", choices=backbones, value=DEFAULT_BACKBONE,
-                                                     allow_custom_value=True)
-                    with gr.Row():
-                        train_steps = gr.Number(label="Steps", value=300, precision=0, minimum=1)
-                        rank = gr.Number(label="Rank", value=16, precision=0, minimum=1)
-                        lr = gr.Number(label="Learning rate", value=1e-3)
-                        tokens = gr.Number(label="Trigger tokens (0 = off)", value=0, precision=0, minimum=0,
-                                           info="Learn the trigger as new token vectors (pivotal tuning)")
-                    with gr.Row():
-                        start = gr.Button("Start", variant="primary")
-                        cancel = gr.Button("Cancel", variant="stop")
-                        resume = gr.Button("Resume")
-                    progress = gr.HTML()
-                    loss = gr.Image(label="Loss", type="filepath", height=160, show_label=True)
-                    samples = gr.Gallery(label="Samples", columns=1, height=140, object_fit="contain",
-                                         elem_classes="pixelated")
-            uploads.upload(stage_uploads, [uploads, trigger], [source, captions, note])
-            load_folder.click(pick_server_folder, [server_folder, trigger], [source, captions, note])
-            # the live view ticks once a second from page load (so a reloaded page shows a running job at
-            # once, whichever tab is open) until the job it shows is not running; Start and Resume restart
-            # it. Page load starts it with the job it sets, so no tick can see the page before it has one
-            seen = gr.State(None)
-            timer = gr.Timer(1.0, active=False)
-            timer.tick(live_view, [job, seen], [progress, loss, samples, seen, timer], show_progress="hidden")
-
-            def restart_timer():
-                return gr.Timer(active=True)
-
-            start.click(start_training, [source, captions, name, kind, train_backbone, trigger, train_steps, rank, lr,
-                                         tokens],
-                        job).success(restart_timer, None, timer)
-            resume.click(resume_training, job, job).success(restart_timer, None, timer)
-            cancel.click(cancel_training, job, note)
-
-        with gr.Tab("Merge") as merge_tab:
-            with gr.Row():
-                with gr.Column(scale=4):
-                    merge_sources = gr.Dropdown(label="Adapters to merge", choices=[], multiselect=True)
-                    show_plan = gr.Button("Show interference plan")
-                    verdict = gr.Markdown()
-                    plan_table = gr.Dataframe(label="Interference per block",
-                                              headers=["block", "pair", "modules", "cosine", "overlap", "crosstalk"],
-                                              interactive=False, max_height=240)
-                with gr.Column(scale=4):
-                    with gr.Row():
-                        method = gr.Dropdown(label="Method", choices=["linear", "concat", "svd", "orthogonal", "ties",
-                                                                      "dare_linear", "dare_ties", "magnitude_prune"],
-                                             value="linear")
-                        merge_weights = gr.Textbox(label="Weights", placeholder="1,1  or  1;up_blocks.1=0,1")
-                    merge_backbone = gr.Dropdown(label="Preview backbone", choices=backbones, value=DEFAULT_BACKBONE,
-                                                 allow_custom_value=True)
-                    test_prompts = gr.Textbox(label="Test prompts (one per line)", lines=3)
-                    preview = gr.Button("Preview")
-                    grid = gr.Gallery(label="Preview", columns=4, height=200, object_fit="contain", fit_columns=False,
-                                      elem_classes="pixelated")
-                    with gr.Row():
-                        merged_name = gr.Textbox(label="Merged adapter name", scale=3)
-                        save = gr.Button("Save merge", variant="primary", scale=1)
-                    merge_note = gr.Markdown()
-            show_plan.click(merge_plan, merge_sources, [plan_table, verdict, method])
-            merge_sources.change(default_prompts, merge_sources, test_prompts)
-            preview.click(merge_preview, [merge_sources, method, merge_weights, test_prompts, merge_backbone], grid)
-            save.click(merge_save, [merge_sources, method, merge_weights, merged_name], merge_note)
-            merge_tab.select(lambda: gr.update(choices=adapter_choices()), None, merge_sources)
-
-        with gr.Tab("Erase"):
-            eraser = gr.State(None)
-            with gr.Row():
-                with gr.Column(scale=4):
-                    concept = gr.Textbox(label="Concept to erase", placeholder="circle   (UCE: circle, ring, square)")
-                    with gr.Row():
-                        erase_method = gr.Dropdown(label="Method", choices=["uce", "esd", "spm"], value="uce",
-                                                   info="uce: closed form, seconds; esd/spm: trained")
-                        erase_backbone = gr.Dropdown(label="Backbone", choices=backbones, value=DEFAULT_BACKBONE,
-                                                     allow_custom_value=True)
-                    preserve = gr.Textbox(label="Keep these (comma-separated)", placeholder="square, triangle")
-                    with gr.Row():
-                        erase_steps = gr.Number(label="Training steps (esd/spm)", value=0, precision=0, minimum=0,
-                                                info="0: the method's default")
-                        eraser_name = gr.Textbox(label="Eraser name", placeholder="erase-circle")
-                    erase_templates = gr.Textbox(label="Prompts naming the concept (optional)", lines=2,
-                                                 placeholder="a small red {} on a plain background\n{} , top left",
-                                                 info="one per line, {} where the concept goes; default: generic ones")
-                    erase_button = gr.Button("Erase", variant="primary")
-                    erase_note = gr.Markdown()
-                with gr.Column(scale=4):
-                    erase_tests = gr.Textbox(label="Test prompts (one per line)", lines=3)
-                    erase_show = gr.Button("Preview before / after")
-                    erase_grid = gr.Gallery(label="Before / after", columns=2, height=260, object_fit="contain",
-                                            fit_columns=False, elem_classes="pixelated")
-            concept.change(erase_prompts, concept, erase_tests)
-            erase_button.click(erase_concept, [concept, erase_method, preserve, erase_backbone, erase_steps,
-                                               eraser_name, erase_templates], [erase_note, eraser],
-                               concurrency_limit=1)
-            erase_show.click(erase_preview, [eraser, erase_tests, erase_backbone], erase_grid)
-
-        with gr.Tab("Library") as library_tab:
-            history_recipes = gr.State([])
-            with gr.Row():
-                with gr.Column(scale=5):
-                    search = gr.Textbox(label="Search adapters", placeholder="name, kind, family, trigger word, tag")
-                    thumbs = gr.Gallery(label="Adapters", columns=6, height=180, object_fit="contain", fit_columns=False,
-                                        elem_classes="pixelated")
-                    adapter_table = gr.Dataframe(label="Adapters",
-                                                 headers=["name", "kind", "family", "backbone", "trigger words", "tags", "file"],
-                                                 interactive=False, max_height=220)
-                with gr.Column(scale=3):
-                    adapter_upload = gr.File(label="Import an adapter (.safetensors)", file_types=[".safetensors"],
-                                             height=100)
-                    tags = gr.Textbox(label="Tags for the import", placeholder="character, style")
-                    import_note = gr.Markdown()
-            history = gr.Gallery(label="History", columns=10, height=200, object_fit="contain", fit_columns=False,
-                                 elem_classes="pixelated")
-            history_parameters = gr.Textbox(label="Recipe of the selected image", lines=3)
-            search.change(library_view, search, [thumbs, adapter_table])
-            adapter_upload.upload(import_adapter, [adapter_upload, tags], import_note).then(
-                library_view, search, [thumbs, adapter_table])
-
-            def on_library():
-                gallery_items, table = library_view("")
-                past, past_recipes = history_view()
-                return gallery_items, table, past, past_recipes
-
-            library_tab.select(on_library, None, [thumbs, adapter_table, history, history_recipes])
-
-            def on_history(recipe_list: list[str], evt: gr.SelectData):
-                return select_image(recipe_list, evt.index)[0]
-
-            history.select(on_history, history_recipes, history_parameters)
+        pickers = generate_tab(backbones)
+        job, timer = train_tab(backbones)
+        merge_tab(backbones)
+        erase_tab(backbones)
+        library_tab()
 
         def on_load():
-            return [latest_job(), restart_timer(), *[gr.update(choices=adapter_choices()) for _ in pickers]]
+            return [latest_job(), gr.Timer(active=True), *[gr.update(choices=adapter_choices()) for _ in pickers]]
 
         demo.load(on_load, None, [job, timer, *pickers])
     return demo

@@ -137,10 +137,13 @@ class StudioPipeline:
             adapter = entry["adapter"]
             path = adapter.path
             weight = entry["weight"]
-            records.append({"name": adapter.name, "kind": adapter.kind,
-                            "weight": weight if isinstance(weight, float) else str(weight),
-                            "path": str(path.resolve()) if path else None,
-                            "sha256": sha256_file(path) if path else None})
+            record = {"name": adapter.name, "kind": adapter.kind,
+                      "weight": weight if isinstance(weight, float) else str(weight),
+                      "path": str(path.resolve()) if path else None,
+                      "sha256": sha256_file(path) if path else None}
+            if hasattr(adapter, "inputs_record"):  # run-time inputs (reference images...) that remake the image
+                record["inputs"] = adapter.inputs_record(self.backbone)
+            records.append(record)
         return records
 
     def _match_adapters(self, recipe: Recipe) -> None:
@@ -158,7 +161,11 @@ class StudioPipeline:
                                   f"{record['sha256'][:10]}); put that file back to remake the image.")
         self.detach()
         for record in recipe.adapters:
-            self.attach(record["path"], record["weight"])
+            inputs = record.get("inputs") or {}
+            if None in inputs.get("images", []):
+                raise RecipeError(f"the recipe's adapter {record.get('name')!r} read a reference image that was never "
+                                  f"a file; it cannot be attached again.")
+            self.attach(record["path"], record["weight"], **inputs)
 
     def recipe(self, prompt: str, *, negative_prompt: str = "", n: int = 1, seed: int | None = None,
                steps: int | None = None, guidance: float | None = None, width: int | None = None,
@@ -221,6 +228,7 @@ class StudioPipeline:
     def run(self, recipe: Recipe, *, progress: Progress | None = None) -> list[Image.Image]:
         """Run a complete recipe through the family's diffusers pipeline (the whole batch)."""
         import torch
+        from studio.adapters.base import adapter_kinds
 
         self._match_adapters(recipe)
         pipe = self.backbone.pipe
@@ -231,11 +239,14 @@ class StudioPipeline:
         prepared = [e["adapter"] for e in self.adapters if hasattr(e["adapter"], "prepare")]
         for adapter in prepared:
             adapter.prepare(self.backbone, [recipe.prompt], recipe.n)
+        extra: dict[str, Any] = {}  # run-time inputs of attention-space adapters (IP-Adapter's image embeddings)
+        for kind in {cls for cls in adapter_kinds().values() if hasattr(cls, "call_arguments")}:
+            extra.update(kind.call_arguments(self.backbone, recipe.guidance))
         try:
             # a trigger learned as several token vectors is written out as that many tokens
             output = pipe(prompt=concept_tokens.expand(self.backbone, recipe.prompt), num_images_per_prompt=recipe.n, generator=generators,
                           num_inference_steps=recipe.steps, guidance_scale=recipe.guidance, width=recipe.width,
-                          height=recipe.height, output_type="pil",
+                          height=recipe.height, output_type="pil", **extra,
                           **CALLS.get_or_raise(self.backbone.family.name)(pipe, recipe, progress))
         finally:
             for adapter in prepared:

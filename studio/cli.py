@@ -66,6 +66,24 @@ def _attach_adapters(pipeline, specs: list[str] | None, allow_partial: bool) -> 
         pipeline.attach(load_adapter(path, pipeline.backbone, allow_partial=allow_partial), weight)
 
 
+def _attach_image_prompt(pipeline, images: list[Path] | None, adapter: Path | None, scale: float, style_only: bool,
+                         layout_only: bool, content: str | None, encoder: str | None) -> None:
+    """--ip-image and its options: the IP-Adapter (given, or the backbone's own) with those references."""
+    from studio.adapters.ip_adapter import default_ip_adapter
+    from studio.errors import InvalidArgumentError
+
+    if not images:
+        if adapter or style_only or layout_only or content:
+            raise InvalidArgumentError("--ip-adapter, --style-only, --layout-only and --ip-content steer an image "
+                                       "prompt: add --ip-image REFERENCE.png.")
+        return
+    routing = "+".join(name for name, on in (("style", style_only), ("layout", layout_only)) if on) or "all"
+    inputs = dict(images=list(images), routing=routing, content=content or "")
+    if encoder:
+        inputs["image_encoder"] = encoder
+    pipeline.attach(str(adapter or default_ip_adapter(pipeline.backbone)), scale, **inputs)
+
+
 def _progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -95,6 +113,19 @@ def generate(
         "--adapter", "-a", help="An adapter file, optionally :WEIGHT (repeatable), e.g. sks.safetensors:0.8 or per block sks.safetensors:1,up_blocks.1=0.")] = None,
     allow_partial: Annotated[bool, typer.Option(
         "--allow-partial", help="Load foreign LoRA files even when some keys match no module.")] = False,
+    ip_image: Annotated[list[Path] | None, typer.Option(
+        "--ip-image", help="Image prompt: a reference image (repeatable: read together) for the IP-Adapter.")] = None,
+    ip_adapter: Annotated[Path | None, typer.Option(
+        "--ip-adapter", help="The IP-Adapter file [default: the backbone's own; world-sd ships one].")] = None,
+    ip_scale: Annotated[float, typer.Option("--ip-scale", help="IP-Adapter scale λ (1 image only, ~0.6 with text).")] = 1.0,
+    style_only: Annotated[bool, typer.Option(
+        "--style-only", help="InstantStyle: the image reaches the style layers only (its look, not its content).")] = False,
+    layout_only: Annotated[bool, typer.Option(
+        "--layout-only", help="The image reaches the layout layers only (with --style-only: both).")] = False,
+    ip_content: Annotated[str | None, typer.Option(
+        "--ip-content", help="Words naming the reference's content, subtracted from it (InstantStyle), e.g. 'a red circle'.")] = None,
+    ip_encoder: Annotated[str | None, typer.Option(
+        "--ip-encoder", help="The IP-Adapter's CLIP image encoder (folder or hub id) [default: the backbone's].")] = None,
     out: Annotated[Path, typer.Option(help="A .png path, or a folder for numbered files.")] = Path("outputs"),
 ) -> None:
     """Generate images; each PNG carries its recipe (A1111 `parameters` + studio JSON)."""
@@ -110,6 +141,7 @@ def generate(
             raise InvalidArgumentError("PROMPT is missing: give a prompt, or --from IMAGE.png to remake an image.")
         pipeline = _load_pipeline(backbone, family, device, dtype, config)
         _attach_adapters(pipeline, adapter, allow_partial)
+        _attach_image_prompt(pipeline, ip_image, ip_adapter, ip_scale, style_only, layout_only, ip_content, ip_encoder)
         recipe = pipeline.recipe(**changes)
         index = None
     else:
@@ -117,11 +149,13 @@ def generate(
         pipeline = _load_pipeline(backbone or original.backbone, family or FamilyName(original.family),
                                   device or original.device, dtype or original.dtype,
                                   config or original.backbone_config)
-        if adapter:
+        if adapter or ip_image:
             _attach_adapters(pipeline, adapter, allow_partial)
+            _attach_image_prompt(pipeline, ip_image, ip_adapter, ip_scale, style_only, layout_only, ip_content,
+                                 ip_encoder)
         elif original.adapters:
             pipeline._match_adapters(original)
-        if changes or adapter:  # a new recipe from the old one
+        if changes or adapter or ip_image:  # a new recipe from the old one
             fields = dict(prompt=original.prompt, negative_prompt=original.negative_prompt, seed=original.image_seed,
                           steps=original.steps, guidance=original.guidance, width=original.width,
                           height=original.height, scheduler=original.scheduler) | changes
@@ -213,7 +247,8 @@ def eval_(
 def train(
     folder: Annotated[Path, typer.Argument(help="Reference images: flat, or kohya `N_words` subfolders; .txt captions.")],
     out: Annotated[Path | None, typer.Option(help="The adapter file [default: <folder name>.safetensors].")] = None,
-    kind: Annotated[str, typer.Option(help="lora, dora, orthogonal, oft or boft.")] = "lora",
+    kind: Annotated[str, typer.Option(help="lora, dora, orthogonal, oft, boft or ip_adapter (image prompt: "
+                                                "each image is its own prompt).")] = "lora",
     backbone: BackboneOpt = None,
     rank: Annotated[int | None, typer.Option(help="Rank [default: 16; orthogonal 20].")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps [default: 300].")] = None,
@@ -241,6 +276,8 @@ def train(
         help="Pivotal tuning: learn the trigger as this many new token vectors, saved in the adapter (the "
              "concept then survives merges better) [default: 0, off].")] = None,
     token_lr: Annotated[float | None, typer.Option(help="Learning rate of those token vectors [default: 1e-3].")] = None,
+    image_encoder: Annotated[str | None, typer.Option(
+        help="ip_adapter: the CLIP image encoder (folder or hub id) [default: the backbone's, world-clip].")] = None,
     recipe: Annotated[Path | None, typer.Option(
         "--config", help="A YAML/TOML recipe with any TrainConfig keys; options given here win.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the unfinished run of the same --out.")] = False,
@@ -258,7 +295,8 @@ def train(
                    steps=steps, batch=batch, lr=lr, loraplus_ratio=loraplus_ratio, trigger=trigger,
                    concept_seed=concept_seed, device=device, dora=dora or None, target=target,
                    text_encoder=text_encoder, masked_loss=masked_loss, flip=flip, timestep_bias=timestep_bias,
-                   anchor_weight=anchor_weight, anchor_phrase=anchor_phrase, tokens=tokens, token_lr=token_lr)
+                   anchor_weight=anchor_weight, anchor_phrase=anchor_phrase, tokens=tokens, token_lr=token_lr,
+                   image_encoder=image_encoder)
     options = {k: v for k, v in options.items() if v is not None}
     config = TrainConfig.from_file(recipe, **options) if recipe else TrainConfig(**options)
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),

@@ -25,8 +25,12 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
+NO_IMAGE_PROMPT = [None, 1.0, "all", ""]  # reference image, scale, routing, content words
+
+
 def empty_slots() -> list:
-    return [None, 1.0, True] * app.SLOTS
+    """The image-prompt controls left empty, then the adapter stack's empty slots."""
+    return NO_IMAGE_PROMPT + [None, 1.0, True] * app.SLOTS
 
 
 def wait_for(job_id: int, timeout: float = 120) -> dict:
@@ -74,7 +78,7 @@ def test_reuse_recipe_fills_the_controls_with_that_image(home):
     gallery, recipes, _ = app.generate_images("a blue circle", "blurry", "tiny-sd1", 2, 40, 2, 4.5, 64, 64, "ddim",
                                               *empty_slots())
     values = app.reuse_recipe(recipes[1])
-    assert values[:10] == ["a blue circle", "blurry", "tiny-sd1", 1, 41, 2, 4.5, 64, 64, "ddim"]
+    assert values[:14] == ["a blue circle", "blurry", "tiny-sd1", 1, 41, 2, 4.5, 64, 64, "ddim", *NO_IMAGE_PROMPT]
     again, _, _ = app.generate_images(*values)
     from conftest import pixels
     from PIL import Image
@@ -155,7 +159,7 @@ def test_training_job_runs_in_a_thread_and_lands_in_the_library(trained, home, t
     assert [row[0] for row in app.library_view("zwx")[1]] == ["heart-adapter"]  # search by trigger word
     # stacked in Generate: the recipe names the adapter at its weight
     gallery, recipes, parameters = app.generate_images(
-        "a red sks star", "", "world-sd", 1, 5, 2, 7.0, 64, 64, "", star, 0.8, True, heart, 1.0, False,
+        "a red sks star", "", "world-sd", 1, 5, 2, 7.0, 64, 64, "", *NO_IMAGE_PROMPT, star, 0.8, True, heart, 1.0, False,
         *([None, 1.0, True] * (app.SLOTS - 2)))
     adapters = json.loads(recipes[0])["adapters"]
     assert [(a["name"], a["weight"]) for a in adapters] == [("star-adapter", 0.8)]
@@ -237,7 +241,7 @@ def test_erase_tab_makes_an_eraser_previews_it_and_stacks_it_in_generate(home):
     before, after = (np.asarray(Image.open(p), dtype=np.int16) for p, _ in grid)
     assert np.abs(before - after).mean() > 5  # the eraser changed the circle's image
     gallery, _, parameters = app.generate_images("a red circle", "", "world-sd", 1, 3, 4, 5.0, 64, 64, "",
-                                                 path, 1.0, True, *[None, 1.0, True] * (app.SLOTS - 1))
+                                                 *NO_IMAGE_PROMPT, path, 1.0, True, *[None, 1.0, True] * (app.SLOTS - 1))
     assert "<lora:no_circle:1>" in parameters
 
 

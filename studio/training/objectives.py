@@ -132,7 +132,11 @@ class NoisePrediction(Objective):
         return reduce(errors, sample_weights)
 
     def predict(self, denoiser: Any, xt: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor):
-        return denoiser(xt, timestep, encoder_hidden_states=conditioning["context"], **self.extra(conditioning)).sample
+        extra = self.extra(conditioning)
+        if "image_embeds" in conditioning:  # IP-Adapter: the UNet projects them into its image tokens
+            extra["added_cond_kwargs"] = {**extra.get("added_cond_kwargs", {}),
+                                          "image_embeds": [conditioning["image_embeds"]]}
+        return denoiser(xt, timestep, encoder_hidden_states=conditioning["context"], **extra).sample
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         import torch

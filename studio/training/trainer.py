@@ -84,6 +84,7 @@ class TrainConfig:
     concept_seed: int = 0  # orthogonal: which basis columns
     concept_slots: int = 0  # orthogonal: per-layer rank min(rank, input size // slots) (OrthogonalConfig.slots)
     oft_block_size: int = 8  # oft/boft
+    image_encoder: str = ""  # ip_adapter: the CLIP vision model (folder or hub id); "" = the backbone's default
     trigger: str = ""
     steps: int = 300
     batch: int = 4
@@ -205,7 +206,8 @@ def kind_config(config: TrainConfig, backbone: Any):
     wanted = dict(family=backbone.family.name, base=backbone.source, name=config.name or Path(config.out).stem,
                   trigger_words=[config.trigger] if config.trigger else [], rank=config.rank, alpha=config.alpha,
                   dora=config.dora, target=config.target, text_encoder=config.text_encoder,
-                  concept_seed=config.concept_seed, slots=config.concept_slots, block_size=config.oft_block_size)
+                  concept_seed=config.concept_seed, slots=config.concept_slots, block_size=config.oft_block_size,
+                  image_encoder=config.image_encoder)
     known = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in wanted.items() if k in known})
 
@@ -259,6 +261,8 @@ class Run:
         self.adapter = adapter_kinds().get_or_raise(config.kind).create(backbone, kind_config(config, backbone),
                                                                  seed=config.seed)
         self.adapter.attach(backbone, 1.0)
+        if hasattr(self.adapter, "embed_images"):  # image-prompt kinds read each training image as its own prompt
+            self._encode_references()
         self.concept = (TrainableTokens(backbone, self.adapter.name, config.trigger, config.tokens)
                         if config.tokens else None)
         if self.anchors:  # the backbone's own prediction, anchoring's target
@@ -308,6 +312,31 @@ class Run:
                     example["latent"] = latent
                     self.cache.put("latent", example["key"], {"latent": latent})
         self.log(f"{len(self.examples)} training examples ({len(self.examples) - len(missing)} latents from the cache)")
+
+    def _encode_references(self) -> None:
+        """Each example's image embedding (the crop and flip its latent has), cached like the latents."""
+        from PIL import Image
+
+        from studio.training.data import fit
+
+        encoder = self.adapter.config.image_encoder or "default"
+        missing = []
+        for example in self.examples:
+            cached = self.cache.get("image", f"{encoder}|{example['key']}")
+            if cached is None:
+                missing.append(example)
+            else:
+                example["image_embeds"] = cached["embeds"]
+        for i in range(0, len(missing), 32):
+            chunk = missing[i : i + 32]
+            images = []
+            for example in chunk:
+                with Image.open(example["item"].path) as image:
+                    images.append(fit(image, example["bucket"], flip=example["flip"]))
+            for example, embeds in zip(chunk, self.adapter.embed_images(self.backbone, images), strict=True):
+                example["image_embeds"] = embeds
+                self.cache.put("image", f"{encoder}|{example['key']}", {"embeds": embeds})
+        self.log(f"{len(self.examples)} image embeddings ({len(self.examples) - len(missing)} from the cache)")
 
     def _mask_weights(self) -> None:
         from studio.training.data import mask_weights
@@ -368,13 +397,20 @@ class Run:
         """Step `step`'s batch: one bucket, `batch` examples, drawn from a generator seeded by the step
         (so a resumed run draws exactly what the uninterrupted one would); `anchor`: of the anchoring
         captions."""
+        import numpy as np
         import torch
 
         drawn = self._draw(step, regularisation, anchor)
         if drawn is None:
             return None
         picked, captions = drawn
+        embeds = None
+        if "image_embeds" in picked[0]:  # an image prompt: the paper's text / image / both dropout
+            rng = np.random.default_rng([self.config.seed, step, 3 + int(regularisation) + 2 * int(anchor)])
+            embeds, captions = self.adapter.drop(rng, torch.stack([e["image_embeds"] for e in picked]), captions)
         conditioning = self._encode(captions)
+        if embeds is not None:
+            conditioning["image_embeds"] = embeds[:, None]  # (batch, 1 image, dim), as the pipeline passes it
         if self.config.masked_loss and not anchor:  # not conditioning: the loss takes it as its own argument
             conditioning["pixel_weights"] = torch.stack([e["pixel_weights"] for e in picked])
         return torch.stack([e["latent"] for e in picked]), conditioning
