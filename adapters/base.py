@@ -113,6 +113,7 @@ class Adapter:
 
     kind: ClassVar[str] = ""
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    weightless: ClassVar[bool] = False  # a kind with no tensors (its manifest says everything)
 
     def __init__(self, config: AdapterConfig, tensors: dict[str, torch.Tensor]):
         if not isinstance(config, self.config_class):

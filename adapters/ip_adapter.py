@@ -436,7 +436,11 @@ def image_encoder(backbone: Backbone, name: str = "") -> Any:
     source = encoder_folder(backbone, name)
     cache = backbone.__dict__.setdefault("_image_encoders", {})
     if source not in cache:
-        cache[source] = CLIPVisionModelWithProjection.from_pretrained(source).to(backbone.device, backbone.dtype).eval()
+        parts = source.split("/")
+        # a hub repo's subfolder ("h94/IP-Adapter/models/image_encoder"): where IP-Adapter repos keep the encoder
+        where = (dict(pretrained_model_name_or_path="/".join(parts[:2]), subfolder="/".join(parts[2:]))
+                 if len(parts) > 2 and not Path(source).exists() else dict(pretrained_model_name_or_path=source))
+        cache[source] = CLIPVisionModelWithProjection.from_pretrained(**where).to(backbone.device, backbone.dtype).eval()
     return cache[source]
 
 

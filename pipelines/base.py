@@ -143,6 +143,8 @@ class StudioPipeline:
                       "sha256": sha256_file(path) if path else None}
             if hasattr(adapter, "inputs_record"):  # run-time inputs (reference images...) that remake the image
                 record["inputs"] = adapter.inputs_record(self.backbone)
+            if path is None and adapter.weightless:  # nothing but its manifest: the recipe can carry it
+                record["manifest"] = adapter.manifest()
             records.append(record)
         return records
 
@@ -153,10 +155,11 @@ class StudioPipeline:
         if recipe.adapters == self._adapter_records():
             return
         for record in recipe.adapters:
-            if not record.get("path"):
+            if not record.get("path") and not record.get("manifest"):
                 raise RecipeError(f"the recipe uses adapter {record.get('name')!r}, which was never saved to a "
                                   f"file; it cannot be attached again.")
-            if not Path(record["path"]).is_file() or sha256_file(Path(record["path"])) != record["sha256"]:
+            if record.get("path") and (not Path(record["path"]).is_file()
+                                       or sha256_file(Path(record["path"])) != record["sha256"]):
                 raise RecipeError(f"the recipe's adapter {record['path']!r} is missing or changed (sha256 "
                                   f"{record['sha256'][:10]}); put that file back to remake the image.")
         self.detach()
@@ -165,7 +168,13 @@ class StudioPipeline:
             if None in inputs.get("images", []):
                 raise RecipeError(f"the recipe's adapter {record.get('name')!r} read a reference image that was never "
                                   f"a file; it cannot be attached again.")
-            self.attach(record["path"], record["weight"], **inputs)
+            if record.get("path"):
+                self.attach(record["path"], record["weight"], **inputs)
+            else:
+                from studio.adapters.base import adapter_kinds
+
+                kind = adapter_kinds().get_or_raise(record["manifest"]["kind"])
+                self.attach(kind.from_manifest(record["manifest"], {}), record["weight"], **inputs)
 
     def recipe(self, prompt: str, *, negative_prompt: str = "", n: int = 1, seed: int | None = None,
                steps: int | None = None, guidance: float | None = None, width: int | None = None,

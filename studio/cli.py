@@ -54,16 +54,20 @@ def _load_pipeline(backbone: str | None, family: Enum | None, device: str | None
 
 
 def _attach_adapters(pipeline, specs: list[str] | None, allow_partial: bool) -> None:
-    """`FILE[:WEIGHT]` specs attached in order; WEIGHT is a number or block weights."""
+    """`FILE[:WEIGHT][@PART]` specs attached in order; WEIGHT is a number or block weights, PART a B-LoRA's
+    half (content or style)."""
     from studio.adapters.base import load_adapter
     from studio.merge.blocks import parse_weight
 
     for spec in specs or []:
+        inputs = {}
+        if "@" in spec and not Path(spec).exists():
+            spec, _, inputs["part"] = spec.rpartition("@")
         path, weight = spec, 1.0
         head, _, tail = spec.rpartition(":")
         if head and not Path(spec).exists():
             path, weight = head, parse_weight(tail, what=f"--adapter {spec!r}: the weight after ':'")
-        pipeline.attach(load_adapter(path, pipeline.backbone, allow_partial=allow_partial), weight)
+        pipeline.attach(load_adapter(path, pipeline.backbone, allow_partial=allow_partial), weight, **inputs)
 
 
 def _attach_image_prompt(pipeline, images: list[Path] | None, adapter: Path | None, scale: float, style_only: bool,
@@ -84,11 +88,75 @@ def _attach_image_prompt(pipeline, images: list[Path] | None, adapter: Path | No
     pipeline.attach(str(adapter or default_ip_adapter(pipeline.backbone)), scale, **inputs)
 
 
-def _progress_bar():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _attach_style_image(pipeline, image: Path | None, weight: float) -> None:
+    """--style-image: a training-free style injection with that reference."""
+    if image is None:
+        return
+    from studio.adapters.style import StyleInjection, StyleInjectionConfig
 
-    return Progress(TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
+    injection = StyleInjection.create(pipeline.backbone, StyleInjectionConfig(family=pipeline.backbone.family.name,
+                                                                              name="style-image"))
+    pipeline.attach(injection, weight, image=image)
+
+
+class JobProgress:
+    """A long job's progress with its ETA: a live bar on a terminal; written to a file or a pipe, one line per
+    10 % (`studio erase ... > log` shows where it is)."""
+
+    def __init__(self, label: str, total: int | None = None, *, fields: tuple[str, ...] = ()):
+        self.label, self.total, self.fields = label, total, fields
+        self.bar = None
+        self.next_tenth = 1
+        self.start = 0.0
+
+    def __enter__(self) -> JobProgress:
+        import time
+
+        self.start = time.monotonic()
+        if console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            columns = [TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                       *(TextColumn(f"{f} {{task.fields[{f}]}}") for f in self.fields), TimeElapsedColumn(),
+                       TextColumn("ETA"), TimeRemainingColumn()]
+            self.bar = Progress(*columns, console=console)
+            self.bar.__enter__()
+            self.task = self.bar.add_task(self.label, total=self.total, **{f: "-" for f in self.fields})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def update(self, done: int, total: int | None = None, **values: float) -> None:
+        import time
+
+        self.total = total or self.total
+        shown = {k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in values.items()}
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=self.total, **shown)
+            return
+        if not self.total or done * 10 < self.next_tenth * self.total:
+            return
+        self.next_tenth = done * 10 // self.total + 1
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / done * (self.total - done) if done else 0.0
+        extra = "".join(f", {k} {v}" for k, v in shown.items())
+        console.print(f"{self.label}: {done}/{self.total} ({100 * done // self.total}%){extra}, "
+                      f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}", highlight=False)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
 
 
 @app.command()
@@ -110,7 +178,8 @@ def generate(
     from_image: Annotated[Path | None, typer.Option(
         "--from", help="A studio PNG: make it again (other options given here change its recipe).")] = None,
     adapter: Annotated[list[str] | None, typer.Option(
-        "--adapter", "-a", help="An adapter file, optionally :WEIGHT (repeatable), e.g. sks.safetensors:0.8 or per block sks.safetensors:1,up_blocks.1=0.")] = None,
+        "--adapter", "-a", help="An adapter file, optionally :WEIGHT (repeatable), e.g. sks.safetensors:0.8 or per block "
+                                "sks.safetensors:1,up_blocks.1=0; a B-LoRA's half: look.safetensors:1@style.")] = None,
     allow_partial: Annotated[bool, typer.Option(
         "--allow-partial", help="Load foreign LoRA files even when some keys match no module.")] = False,
     ip_image: Annotated[list[Path] | None, typer.Option(
@@ -126,6 +195,10 @@ def generate(
         "--ip-content", help="Words naming the reference's content, subtracted from it (InstantStyle), e.g. 'a red circle'.")] = None,
     ip_encoder: Annotated[str | None, typer.Option(
         "--ip-encoder", help="The IP-Adapter's CLIP image encoder (folder or hub id) [default: the backbone's].")] = None,
+    style_image: Annotated[Path | None, typer.Option(
+        "--style-image", help="Training-free style injection: every image's self-attention also reads this "
+                              "reference (StyleAligned, DDIM-inverted reference).")] = None,
+    style_weight: Annotated[float, typer.Option("--style-weight", help="How much the reference is attended to.")] = 1.0,
     out: Annotated[Path, typer.Option(help="A .png path, or a folder for numbered files.")] = Path("outputs"),
 ) -> None:
     """Generate images; each PNG carries its recipe (A1111 `parameters` + studio JSON)."""
@@ -142,6 +215,7 @@ def generate(
         pipeline = _load_pipeline(backbone, family, device, dtype, config)
         _attach_adapters(pipeline, adapter, allow_partial)
         _attach_image_prompt(pipeline, ip_image, ip_adapter, ip_scale, style_only, layout_only, ip_content, ip_encoder)
+        _attach_style_image(pipeline, style_image, style_weight)
         recipe = pipeline.recipe(**changes)
         index = None
     else:
@@ -149,22 +223,22 @@ def generate(
         pipeline = _load_pipeline(backbone or original.backbone, family or FamilyName(original.family),
                                   device or original.device, dtype or original.dtype,
                                   config or original.backbone_config)
-        if adapter or ip_image:
+        if adapter or ip_image or style_image:
             _attach_adapters(pipeline, adapter, allow_partial)
             _attach_image_prompt(pipeline, ip_image, ip_adapter, ip_scale, style_only, layout_only, ip_content,
                                  ip_encoder)
+            _attach_style_image(pipeline, style_image, style_weight)
         elif original.adapters:
             pipeline._match_adapters(original)
-        if changes or adapter or ip_image:  # a new recipe from the old one
+        if changes or adapter or ip_image or style_image:  # a new recipe from the old one
             fields = dict(prompt=original.prompt, negative_prompt=original.negative_prompt, seed=original.image_seed,
                           steps=original.steps, guidance=original.guidance, width=original.width,
                           height=original.height, scheduler=original.scheduler) | changes
             recipe, index = pipeline.recipe(**fields), None
         else:
             recipe, index = original, original.index
-    with _progress_bar() as bar:
-        task = bar.add_task("sampling", total=recipe.steps)
-        progress = lambda done, total: bar.update(task, completed=done)  # noqa: E731
+    with JobProgress("sampling", recipe.steps) as bar:
+        progress = lambda done, total: bar.update(done, total)  # noqa: E731
         if index is None:
             paths = Generation(pipeline.run(recipe, progress=progress), recipe).save(out)
         else:  # the saved PNG holds the very same recipe, batch position included
@@ -247,8 +321,8 @@ def eval_(
 def train(
     folder: Annotated[Path, typer.Argument(help="Reference images: flat, or kohya `N_words` subfolders; .txt captions.")],
     out: Annotated[Path | None, typer.Option(help="The adapter file [default: <folder name>.safetensors].")] = None,
-    kind: Annotated[str, typer.Option(help="lora, dora, orthogonal, oft, boft or ip_adapter (image prompt: "
-                                                "each image is its own prompt).")] = "lora",
+    kind: Annotated[str, typer.Option(help="lora, dora, orthogonal, oft, boft, blora (content and style halves) or "
+                                                "ip_adapter (image prompt: each image is its own prompt).")] = "lora",
     backbone: BackboneOpt = None,
     rank: Annotated[int | None, typer.Option(help="Rank [default: 16; orthogonal 20].")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps [default: 300].")] = None,
@@ -284,8 +358,6 @@ def train(
     device: DeviceOpt = None,
 ) -> None:
     """Train an adapter on a folder of reference images."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from studio.training.trainer import TrainConfig
     from studio.training.trainer import train as run_training
 
@@ -299,18 +371,10 @@ def train(
                    image_encoder=image_encoder)
     options = {k: v for k, v in options.items() if v is not None}
     config = TrainConfig.from_file(recipe, **options) if recipe else TrainConfig(**options)
-    columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-               TextColumn("{task.fields[rate]} it/s"), TimeElapsedColumn())
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("training", total=config.steps, loss="-", rate="-")
-        started: list[float] = []
+    with JobProgress("training", config.steps, fields=("loss",)) as bar:
 
         def progress(step: int, total: int, loss: float) -> None:
-            import time
-
-            started.append(time.monotonic())
-            rate = (len(started) - 1) / (started[-1] - started[0]) if len(started) > 1 else 0.0
-            bar.update(task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:.2f}")
+            bar.update(step, total, loss=loss)
 
         path = run_training(config, resume=resume, progress=progress, log=lambda line: console.print(line))
     out_console.print(str(path), highlight=False)
@@ -466,8 +530,6 @@ def erase(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Make a concept eraser: an adapter that stacks with the others (`generate --adapter FILE`)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from studio.adapters.erase import erase as make
     from studio.backbones import load_backbone
 
@@ -475,13 +537,10 @@ def erase(
     options = {k: v for k, v in dict(variant=variant, eta=eta, push=push, transport=transport).items() if v is not None}
     with console.status(f"loading {backbone or DEFAULT_BACKBONE}..."):
         bb = load_backbone(backbone)
-    columns = (TextColumn(f"[bold]{method}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-               TimeElapsedColumn())
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task(method, total=steps or None, loss="-")
+    with JobProgress(method, steps, fields=("loss",)) as bar:
 
         def progress(step: int, total: int, loss: float) -> None:
-            bar.update(task, completed=step, total=total, loss=f"{loss:.4f}")
+            bar.update(step, total, loss=loss)
 
         adapter = make(concepts if len(concepts) > 1 else concepts[0], method=method, backbone=bb,
                        preserve=preserve or [], templates=template, steps=steps, lr=lr, rank=rank, seed=seed,

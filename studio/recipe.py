@@ -103,15 +103,23 @@ class Recipe:
         }
         if self.n > 1:
             fields |= {"Batch size": self.n, "Batch pos": self.index}
-        if self.adapters:  # A1111's LoRA fields: `<lora:name:weight>` in the prompt, short file hashes
-            fields["Lora hashes"] = '"' + ", ".join(f"{a['name']}: {(a.get('sha256') or '')[:12]}"
-                                                   for a in self.adapters) + '"'
+        loras = [a for a in self.adapters if a.get("kind") not in IMAGE_PROMPT_KINDS]
+        if loras:  # A1111's LoRA fields: `<lora:name:weight>` in the prompt, short file hashes
+            fields["Lora hashes"] = '"' + ", ".join(f"{a['name']}: {(a.get('sha256') or '')[:12]}" for a in loras) + '"'
+        # image prompts as A1111's ControlNet extension writes its IP-Adapter units
+        for i, a in enumerate(a for a in self.adapters if a.get("kind") in IMAGE_PROMPT_KINDS):
+            routing = (a.get("inputs") or {}).get("routing", "all")
+            fields[f"ControlNet {i}"] = (f'"Module: ip-adapter, Model: {a["name"]} [{(a.get("sha256") or "")[:8]}], '
+                                         f'Weight: {_a1111_weight(a["weight"])}, Routing: {routing}"')
         fields["Version"] = f"studio {self.studio_version}".strip()
-        lines = [" ".join([self.prompt, *(f"<lora:{a['name']}:{_a1111_weight(a['weight'])}>" for a in self.adapters)])]
+        lines = [" ".join([self.prompt, *(f"<lora:{a['name']}:{_a1111_weight(a['weight'])}>" for a in loras)])]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
         return "\n".join(lines)
+
+
+IMAGE_PROMPT_KINDS = ("ip_adapter",)
 
 
 def _a1111_weight(weight: float | str) -> str:

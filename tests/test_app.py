@@ -278,3 +278,24 @@ def test_studio_serve_starts_the_ui_on_localhost(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_image_prompt_in_generate_goes_into_the_recipe_and_reuse_brings_it_back(home, tmp_path):
+    import numpy as np
+    from conftest import pixels
+    from PIL import Image
+
+    from studio.world.render import render, sample_labels
+
+    reference = tmp_path / "ref.png"
+    render(sample_labels(np.random.default_rng(3)), seed=3)[0].save(reference)
+    gallery, recipes, parameters = app.generate_images("a green square", "", "world-sd", 1, 8, 4, 7.0, 64, 64, "",
+                                                       str(reference), 0.7, "style", "", *empty_slots()[4:])
+    assert "<lora:" not in parameters and 'ControlNet 0: "Module: ip-adapter, Model: world-sd' in parameters
+    assert "Weight: 0.7, Routing: style" in parameters
+    values = app.reuse_recipe(recipes[0])
+    assert values[10:14] == [str(reference.resolve()), 0.7, "style", ""]
+    again, _, _ = app.generate_images(*values)
+    assert np.abs(pixels(Image.open(again[0][0])) - pixels(Image.open(gallery[0][0]))).max() <= 1
+    plain, _, _ = app.generate_images("a green square", "", "world-sd", 1, 8, 4, 7.0, 64, 64, "", *empty_slots())
+    assert np.abs(pixels(Image.open(plain[0][0])) - pixels(Image.open(gallery[0][0]))).mean() > 1

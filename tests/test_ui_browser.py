@@ -1,5 +1,5 @@
 """The web UI in a real browser: Playwright drives Debian's Chromium (installed by `make test`) against
-the app served on 127.0.0.1. Generate an image; two users at once; train a tiny adapter on uploaded
+the app served on 127.0.0.1. Generate an image; two users at once; an image prompt routed to the style layers; train a tiny adapter on uploaded
 images and watch it reach the end and appear in the library; stack it in Generate; merge two adapters.
 Each test saves a screenshot under out/screenshots/."""
 
@@ -216,3 +216,19 @@ def test_erase_a_shape_preview_and_stack_the_eraser(page):
     generate(page, "a large red circle on a plain background, in the centre")
     gallery_image(page).wait_for(state="visible")
     page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('<lora:no-circle:1>'))")
+
+
+def test_image_prompt_with_style_routing(page, tmp_path):
+    import numpy as np
+
+    from studio.world.render import render, sample_labels
+
+    reference = tmp_path / "reference.png"
+    render(sample_labels(np.random.default_rng(5), background="stripes"), seed=5)[0].save(reference)
+    page.get_by_text("Image prompt (IP-Adapter)", exact=True).click()  # the accordion starts closed
+    page.locator("input[type=file]").first.set_input_files(str(reference))
+    page.get_by_label("style only").check()
+    generate(page, "a blue square")
+    gallery_image(page).wait_for(state="visible")
+    page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('Routing: style'))")
+    shot(page, "image-prompt")
