@@ -35,12 +35,13 @@ if TYPE_CHECKING:
 
 # InstantStyle (Wang et al. 2024, arXiv:2404.02733) block routing, as diffusers' `set_ip_adapter_scale`
 # reads it: which cross-attention layers receive the image tokens. SDXL's are the paper's; SD1.5's style
-# block is the one its code marks experimental; world-sd's were found by the block sweep of
-# bench/image_prompt.py (README, Image prompts and style).
+# block is the one its code marks experimental; world-sd's were found by the layer sweep of
+# bench/image_prompt.py (README, Image prompts and style): the 8x8 decoder block carries the background,
+# the 4x4 encoder block the position, as InstantStyle found for SDXL's.
 ROUTES: dict[str, dict[str, dict[str, Any]]] = {
     "sdxl": {"style": {"up": {"block_0": [0.0, 1.0, 0.0]}}, "layout": {"down": {"block_2": [0.0, 1.0]}}},
     "sd1": {"style": {"up": {"block_1": [0.0, 1.0, 0.0]}}, "layout": {"down": {"block_2": [0.0, 1.0]}}},
-    "world-sd": {"style": {"up": {"block_0": [0.0, 0.0, 1.0]}}, "layout": {"down": {"block_1": [1.0, 1.0]}}},
+    "world-sd": {"style": {"up": {"block_1": [1.0, 1.0, 1.0]}}, "layout": {"down": {"block_2": [1.0, 1.0]}}},
 }
 ROUTINGS = ("all", "style", "layout", "style+layout")
 DEFAULT_ENCODERS = {"world-sd": "world-clip", "world-dit": "world-clip"}

@@ -8,8 +8,8 @@ that style". The file is a standard LoRA (PEFT keys; `pipe.load_lora_weights` re
 manifest names the two blocks, so `attach(..., part="content")` takes one half.
 
 The blocks are the paper's for SDXL (`up_blocks.0.attentions.0` content, `.1` style); for world-sd they
-are the layers bench/image_prompt.py's sweep found carrying shape and background (README, Image prompts
-and style). InstantStyle's routing of an image prompt lives with the IP-Adapter (adapters/ip_adapter.py).
+are the layers bench/image_prompt.py's sweep found carrying shape and colour, and background (README,
+Image prompts and style). InstantStyle's routing of an image prompt lives with the IP-Adapter (adapters/ip_adapter.py).
 """
 
 from __future__ import annotations
@@ -26,17 +26,20 @@ from studio.errors import InvalidArgumentError
 if TYPE_CHECKING:
     from studio.backbones import Backbone
 
-# content and style blocks (diffusers module paths) per backbone name or family
-BLOCKS: dict[str, dict[str, str]] = {
-    "sdxl": {"content": "up_blocks.0.attentions.0", "style": "up_blocks.0.attentions.1"},
-    "world-sd": {"content": "down_blocks.2.attentions.1", "style": "up_blocks.0.attentions.2"},
+# content and style blocks (diffusers module paths) per backbone name or family: SDXL's are the paper's;
+# world-sd's are the layers where an image prompt moved the shape and colour (content) and the
+# background (style) in bench/image_prompt.py's layer sweep
+BLOCKS: dict[str, dict[str, list[str]]] = {
+    "sdxl": {"content": ["up_blocks.0.attentions.0"], "style": ["up_blocks.0.attentions.1"]},
+    "world-sd": {"content": ["up_blocks.0.attentions.2", "up_blocks.1.attentions.2"],
+                 "style": ["up_blocks.1.attentions.0", "up_blocks.1.attentions.1"]},
 }
 PARTS = ("both", "content", "style")
 
 
 @dataclass(kw_only=True)
 class BLoraConfig(LoraConfig):
-    blocks: dict[str, str] = field(default_factory=dict)  # {"content": block, "style": block}
+    blocks: dict[str, list[str]] = field(default_factory=dict)  # {"content": [blocks], "style": [blocks]}
 
     def __post_init__(self):
         super().__post_init__()
@@ -44,7 +47,7 @@ class BLoraConfig(LoraConfig):
             raise InvalidArgumentError(f"blocks={self.blocks!r} must name a 'content' and a 'style' block.")
 
 
-def blocks_of(backbone: Backbone) -> dict[str, str]:
+def blocks_of(backbone: Backbone) -> dict[str, list[str]]:
     blocks = BLOCKS.get(backbone.source) or BLOCKS.get(backbone.family.name)
     if blocks is None:
         raise IncompatibleAdapterError(
@@ -66,10 +69,11 @@ class BLoraAdapter(LoraAdapter):
 
     @classmethod
     def create(cls, backbone: Backbone, config: BLoraConfig, *, seed: int = 0) -> BLoraAdapter:
-        config.blocks = dict(config.blocks or blocks_of(backbone))
-        config.target = _pattern(list(config.blocks.values()))
+        config.blocks = {part: list(blocks) for part, blocks in (config.blocks or blocks_of(backbone)).items()}
+        config.target = _pattern([b for blocks in config.blocks.values() for b in blocks])
         adapter = super().create(backbone, config, seed=seed)
-        missing = [b for b in config.blocks.values() if not any(f"unet.{b}." in t for t in config.targets)]
+        missing = [b for blocks in config.blocks.values() for b in blocks
+                   if not any(f"unet.{b}." in t for t in config.targets)]
         if missing:
             raise IncompatibleAdapterError(f"B-LoRA blocks {missing} have no attention in {backbone.source!r}.")
         return adapter
@@ -79,8 +83,8 @@ class BLoraAdapter(LoraAdapter):
             raise InvalidArgumentError(f"part={part!r}; choose one of {', '.join(PARTS)}.")
         if part == "both":
             return dict(self.tensors)
-        block = self.config.blocks[part]
-        return {k: v for k, v in self.tensors.items() if k.startswith(f"unet.{block}.")}
+        prefixes = tuple(f"unet.{block}." for block in self.config.blocks[part])
+        return {k: v for k, v in self.tensors.items() if k.startswith(prefixes)}
 
     def attach(self, backbone: Backbone, weight: float = 1.0, **inputs: Any) -> None:
         """Attach the content half, the style half or both (`part=`, default both)."""
@@ -104,7 +108,7 @@ class BLoraAdapter(LoraAdapter):
 
 def content_style_targets(backbone: Backbone) -> dict[str, list[str]]:
     """The modules each half changes on this backbone (for inspection and the README)."""
-    return {part: target_modules(backbone, _pattern([block])) for part, block in blocks_of(backbone).items()}
+    return {part: target_modules(backbone, _pattern(blocks)) for part, blocks in blocks_of(backbone).items()}
 
 
 # ------------------------------------------------------------------------------ style injection

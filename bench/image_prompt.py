@@ -7,9 +7,11 @@
 3. Image + text (InstantStyle): the text names another shape and colour; with the image routed to the
    style layers only, the background should follow the image and shape/colour the text (>= 0.80), the
    reference's shape leaking in <= 0.15, beside routing to every layer; with content subtraction too.
-4. `--sweep`: each cross-attention layer alone, to find which carry style (background) and which
+4. B-LoRA: two looks learned by two B-LoRAs, then the content half of one with the style half of the
+   other; training-free style injection with a reference, by weight.
+5. `--sweep`: each cross-attention layer alone, to find which carry style (background) and which
    content (shape): what `ROUTES["world-sd"]` in adapters/ip_adapter.py says.
-5. Speed, side by side in one run: studio's generation against diffusers' own `load_ip_adapter` path on
+6. Speed, side by side in one run: studio's generation against diffusers' own `load_ip_adapter` path on
    the same components, file, reference and seed (time ratio, pixel difference); a training step of
    studio's trainer against a plain diffusers loop (VAE, image and text encoders each step).
 
@@ -35,6 +37,9 @@ from studio.world.folder import write_reference_folder
 from studio.world.render import render, sample_labels
 from studio.world.vocab import Labels, base_values
 
+# with text beside the image: λ 0.8 and half the content words' embedding subtracted (InstantStyle's
+# 0.5-0.8), from the sweeps of λ (0.8-3) and scale (0.3-1) in the README
+TEXT_WEIGHT, CONTENT_SCALE = 0.8, 0.5
 RECIPE = dict(kind="ip_adapter", batch=32, lr=1e-3, weight_decay=0.01, buckets=False, checkpoint_every=10**6)
 
 
@@ -74,12 +79,12 @@ def run_prompts(pipeline: StudioPipeline, adapter: Any, refs: list[tuple[Any, La
     """One image per reference (its own prompt), evaluator's reading of each."""
     images = []
     for i, ((image, _), prompt) in enumerate(zip(refs, prompts, strict=True)):
-        inputs = {"content": content[i], "content_scale": 0.5} if content else {}
+        inputs = {"content": content[i], "content_scale": CONTENT_SCALE} if content else {}
         pipeline.attach(adapter, weight, image=image, routing=routing, **inputs)
         images += pipeline.generate(prompt, seed=seed + i, steps=steps).images
         pipeline.detach(adapter)
     predicted = predict(images, evaluator=EVALUATOR)
-    return [{a: predicted[a][i] for a in ("shape", "colour", "background")} for i in range(len(images))]
+    return [{a: predicted[a][i] for a in ("shape", "colour", "background", "position")} for i in range(len(images))]
 
 
 def rate(pairs: list[tuple[str, str]]) -> float:
@@ -93,12 +98,14 @@ def image_only(pipeline, adapter, refs, **options) -> dict[str, float]:
 
 
 def with_text(pipeline, adapter, refs, *, seed: int, subtract: bool = False, **options) -> dict[str, float]:
+    """The text names another shape and colour than the reference's (and no background or position)."""
     rng = np.random.default_rng(seed)
     wanted = [(other(r.shape, "shape", rng), other(r.colour, "colour", rng)) for _, r in refs]
     prompts = [f"a {colour} {shape}" for shape, colour in wanted]
     content = [f"a {r.colour} {r.shape}" for _, r in refs] if subtract else None
     seen = run_prompts(pipeline, adapter, refs, prompts, content=content, **options)
     return {"background (image)": rate([(s["background"], r.background) for s, (_, r) in zip(seen, refs, strict=True)]),
+            "position (image)": rate([(s["position"], r.position) for s, (_, r) in zip(seen, refs, strict=True)]),
             "shape (text)": rate([(s["shape"], w[0]) for s, w in zip(seen, wanted, strict=True)]),
             "colour (text)": rate([(s["colour"], w[1]) for s, w in zip(seen, wanted, strict=True)]),
             "shape leak": rate([(s["shape"], r.shape) for s, (_, r) in zip(seen, refs, strict=True)]),
@@ -223,6 +230,76 @@ def training_speed(folder: Path, *, steps: int = 20, batch: int = 32) -> None:
           f"(ratio {ours / theirs:.2f})")
 
 
+# two looks for B-LoRA: each adapter learns one from 12 renders captioned only "sks"
+LOOKS = {"a": dict(shape="triangle", colour="green", background="grid"),
+         "b": dict(shape="cross", colour="pink", background="stripes")}
+BLORA = dict(kind="blora", rank=8, steps=300, batch=8, lr=5e-3, lr_schedule="cosine", warmup=20, checkpoint_every=10**6)
+
+
+def blora(out: Path, *, n: int, seed: int) -> None:
+    """Content of one B-LoRA with the style of the other: the content's shape and colour, the style's
+    background (goal >= 0.75 each), beside each B-LoRA whole."""
+    from studio.training.trainer import TrainConfig, train
+
+    paths = {}
+    for name, look in LOOKS.items():
+        folder = out / f"blora-{name}" / "10_sks"
+        if not folder.exists():
+            write_reference_folder(folder, n=12, seed=11, **look)
+            for caption in folder.glob("*.txt"):  # the folder's words ("sks") become every caption
+                caption.unlink()
+        paths[name] = out / f"blora-{name}.safetensors"
+        if not paths[name].exists():
+            train(TrainConfig(folder=str(folder.parent), out=str(paths[name]), **BLORA), log=lambda _: None)
+    pipeline = StudioPipeline("world-sd")
+    rows = []
+    for label, parts in (("a whole", (("a", "both"),)), ("b whole", (("b", "both"),)),
+                         ("content a + style b", (("a", "content"), ("b", "style"))),
+                         ("content b + style a", (("b", "content"), ("a", "style")))):
+        for name, part in parts:
+            pipeline.attach(str(paths[name]), 1.0, part=part)
+        images = pipeline.generate("sks", n=n, seed=seed, steps=20).images
+        pipeline.detach()
+        seen = predict(images, evaluator=EVALUATOR)
+        content = LOOKS[parts[0][0]]
+        style = LOOKS[parts[-1][0]]
+        rows.append((label, {"shape (content)": _share(seen["shape"], content["shape"]),
+                             "colour (content)": _share(seen["colour"], content["colour"]),
+                             "background (style)": _share(seen["background"], style["background"])}))
+    print(f"\nB-LoRA: {LOOKS['a']} and {LOOKS['b']}, 12 renders each captioned 'sks', {BLORA['steps']} steps; "
+          f"prompt 'sks', {n} samples\n")
+    table(rows)
+
+
+def injection(refs: list[tuple[Any, Labels]], *, seed: int) -> None:
+    """Training-free style injection: the text names another shape and colour; how often the reference's
+    background comes through, by weight and layers."""
+    from studio.adapters.style import StyleInjection, StyleInjectionConfig
+
+    pipeline = StudioPipeline("world-sd")
+    rows = []
+    for layers, weight in (("up", 0.0), ("up", 1.0), ("all", 1.0), ("all", 4.0)):
+        injected = StyleInjection.create(pipeline.backbone, StyleInjectionConfig(family="sd1", layers=layers))
+        rng = np.random.default_rng(seed)
+        wanted = [(other(r.shape, "shape", rng), other(r.colour, "colour", rng)) for _, r in refs]
+        images = []
+        for i, ((image, _), (shape, colour)) in enumerate(zip(refs, wanted, strict=True)):
+            pipeline.attach(injected, weight, image=image)
+            images += pipeline.generate(f"a {colour} {shape}", seed=100 + i, steps=20).images
+            pipeline.detach()
+        seen = predict(images, evaluator=EVALUATOR)
+        rows.append((f"layers {layers}, weight {weight:g}",
+                     {"background (image)": rate(list(zip(seen["background"], [r.background for _, r in refs], strict=True))),
+                      "shape (text)": rate(list(zip(seen["shape"], [w[0] for w in wanted], strict=True))),
+                      "colour (text)": rate(list(zip(seen["colour"], [w[1] for w in wanted], strict=True)))}))
+    print("\nstyle injection (DDIM-inverted reference, shared self-attention, AdaIN)\n")
+    table(rows)
+
+
+def _share(values: list[str], wanted: str) -> float:
+    return sum(v == wanted for v in values) / len(values)
+
+
 EVALUATOR = None
 
 
@@ -237,9 +314,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=999)
     parser.add_argument("--sweep", action="store_true", help="each cross-attention layer alone")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--only", choices=["ip", "blora", "injection"], help="one part only")
     args = parser.parse_args()
     torch.set_num_threads(int(__import__("os").environ.get("THREADS", "2")))
     EVALUATOR = load_evaluator()
+    if args.only in (None, "injection"):
+        injection(references(args.n, args.seed), seed=args.seed)
+    if args.only in (None, "blora"):
+        blora(args.out, n=args.n, seed=args.seed)
+    if args.only in ("blora", "injection"):
+        return
     path = args.adapter or train_adapter(args.out, refs=args.refs, steps=args.steps)
     pipeline = StudioPipeline("world-sd")
     from studio.adapters.base import load_adapter
@@ -249,9 +333,10 @@ def main() -> None:
     print(f"\n{args.n} held-out references, one image each, 20 steps, CFG 7\n")
     table([("image only, empty prompt, all layers", image_only(pipeline, adapter, refs))])
     print()
-    rows = [(f"text + image, routing {r}{' + content subtraction' if sub else ''}",
-             with_text(pipeline, adapter, refs, seed=args.seed, routing=r, subtract=sub))
-            for r, sub in (("all", False), ("style", False), ("style", True))]
+    rows = [("text only (λ 0: the base model)", with_text(pipeline, adapter, refs, seed=args.seed, weight=0.0))]
+    rows += [(f"text + image λ {TEXT_WEIGHT}, routing {r}{' + content subtraction' if sub else ''}",
+              with_text(pipeline, adapter, refs, seed=args.seed, routing=r, subtract=sub, weight=TEXT_WEIGHT))
+             for r, sub in (("all", False), ("all", True), ("style", False), ("style", True), ("layout", False))]
     table(rows)
     if args.sweep:
         print("\none layer at a time (text names another shape and colour)\n")

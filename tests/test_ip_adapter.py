@@ -213,8 +213,8 @@ def test_style_routing_reaches_only_the_style_layers_and_two_adapters_stack(worl
     scales = {n.removesuffix(".processor"): list(p.scale) for n, p in world.backbone.denoiser.attn_processors.items()
               if n.endswith("attn2.processor")}
     on = {n for n, s in scales.items() if s[0] > 0}
-    assert on == {"up_blocks.0.attentions.2.transformer_blocks.0.attn2"}  # world-sd's style layer
-    assert scales["up_blocks.0.attentions.2.transformer_blocks.0.attn2"] == [0.8, 0.5]
+    assert on == {f"up_blocks.1.attentions.{i}.transformer_blocks.0.attn2" for i in range(3)}  # world-sd's style block
+    assert scales["up_blocks.1.attentions.2.transformer_blocks.0.attn2"] == [0.8, 0.5]
     assert all(s[1] == 0.5 for s in scales.values())
     world.detach(a)
     assert all(len(p.scale) == 1 for n, p in world.backbone.denoiser.attn_processors.items()
