@@ -720,7 +720,7 @@ def generate_tab(backbones: list[str]):
                                             sources=["upload", "clipboard"], elem_classes="pixelated")
                         with gr.Column():
                             ip_scale = gr.Slider(label="Image scale", minimum=0, maximum=1.5, step=0.05, value=1.0,
-                                                 info="1 for the image alone; about 0.6 beside a text prompt")
+                                                 info="1 for the image alone; about 0.8 beside a text prompt")
                             ip_routing = gr.Radio(label="The image steers", value="all",
                                                   choices=[("everything", "all"), ("style only", "style"),
                                                            ("layout only", "layout"),

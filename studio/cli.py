@@ -186,7 +186,7 @@ def generate(
         "--ip-image", help="Image prompt: a reference image (repeatable: read together) for the IP-Adapter.")] = None,
     ip_adapter: Annotated[Path | None, typer.Option(
         "--ip-adapter", help="The IP-Adapter file [default: the backbone's own; world-sd ships one].")] = None,
-    ip_scale: Annotated[float, typer.Option("--ip-scale", help="IP-Adapter scale λ (1 image only, ~0.6 with text).")] = 1.0,
+    ip_scale: Annotated[float, typer.Option("--ip-scale", help="IP-Adapter scale λ (1 for the image alone, ~0.8 beside text).")] = 1.0,
     style_only: Annotated[bool, typer.Option(
         "--style-only", help="InstantStyle: the image reaches the style layers only (its look, not its content).")] = False,
     layout_only: Annotated[bool, typer.Option(
