@@ -1,7 +1,9 @@
-"""The contract every registered weight-space kind keeps (STYLE.md #12): made non-identity so the
+"""The contract every registered kind keeps (STYLE.md #12). Weight-space kinds: made non-identity so the
 checks can fail, attach -> detach restores outputs and keys exactly, fused == unfused, unfuse is
 exact, save -> load round-trips, another family is refused before any weight changes. The eraser is
-an SPM one, so its transport hooks are attached and removed too."""
+an SPM one, so its transport hooks are attached and removed too. Attention-space kinds (image prompts,
+style injection) take run-time inputs: attach changes the image, detach gives back the same pixels and
+processors, save -> load round-trips, another family is refused before anything changes."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ from studio.backbones import load_backbone
 
 KINDS = {"lora": {}, "dora": {"dora": True}, "orthogonal": {"concept_seed": 3, "rank": 4},
          "oft": {"block_size": 4}, "boft": {"block_size": 4},
-         "erase": {"method": "spm", "concepts": ["cat"], "rank": 1, "transport": True}}
+         "erase": {"method": "spm", "concepts": ["cat"], "rank": 1, "transport": True},
+         # tiny-sd1 has no B-LoRA blocks of its own: name two
+         "blora": {"rank": 2, "blocks": {"content": ["down_blocks.0.attentions.0"], "style": ["up_blocks.1.attentions.1"]}}}
+ATTENTION_KINDS = ("ip_adapter", "style_injection")
 
 
 def make(kind: str, backbone, seed: int = 0):
@@ -31,7 +36,11 @@ def make(kind: str, backbone, seed: int = 0):
 
 
 def test_every_registered_kind_is_covered():
-    assert set(adapter_kinds()) == {k for k in KINDS if k != "dora"}
+    from studio.adapters.base import WeightAdapter
+
+    weight = {k for k, cls in adapter_kinds().items() if issubclass(cls, WeightAdapter)}
+    assert weight == {k for k in KINDS if k != "dora"}
+    assert set(adapter_kinds()) - weight == set(ATTENTION_KINDS)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -62,3 +71,40 @@ def test_contract(kind, tmp_path):
         loaded.fuse(other)
     after = other.denoiser.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_attention_contract(kind, tmp_path):
+    import numpy as np
+    from conftest import pixels
+    from studio.pipelines import StudioPipeline
+    from test_ip_adapter import reference
+
+    backbone = load_backbone("world-sd")  # a trained UNet: tiny-sd1's random one barely moves its pixels
+    pipeline = StudioPipeline(backbone)
+    processors = {n: type(p) for n, p in backbone.denoiser.attn_processors.items()}
+    keys = list(backbone.denoiser.state_dict())
+    base = pixels(pipeline.generate("a cat", seed=3, steps=3).images[0])
+    cls = adapter_kinds()[kind]
+    adapter = cls.create(backbone, cls.config_class(family="sd1", name=kind), seed=1)
+    if kind == "ip_adapter":  # non-identity: a created IP-Adapter reads the image like the text
+        adapter.tensors = {k: v + torch.randn(v.shape, generator=torch.Generator().manual_seed(0)) * 0.2
+                           for k, v in adapter.tensors.items()}
+    image = reference(1)[0]
+    pipeline.attach(adapter, 1.0, image=image)
+    attached = pixels(pipeline.generate("a cat", seed=3, steps=3).images[0])
+    assert np.abs(attached - base).mean() > 1  # non-identity
+    pipeline.detach()
+    assert {n: type(p) for n, p in backbone.denoiser.attn_processors.items()} == processors
+    assert list(backbone.denoiser.state_dict()) == keys
+    assert np.array_equal(pixels(pipeline.generate("a cat", seed=3, steps=3).images[0]), base)
+    loaded = load_adapter(adapter.save(tmp_path / "a.safetensors"), backbone)
+    assert type(loaded) is type(adapter) and loaded.config == adapter.config
+    pipeline.attach(loaded, 1.0, image=image)
+    assert np.array_equal(pixels(pipeline.generate("a cat", seed=3, steps=3).images[0]), attached)
+    pipeline.detach()
+    other = load_backbone("tiny-sdxl")
+    before = {n: type(p) for n, p in other.denoiser.attn_processors.items()}
+    with pytest.raises(IncompatibleAdapterError, match="sd1.*sdxl"):
+        loaded.attach(other, 1.0, image=image)
+    assert {n: type(p) for n, p in other.denoiser.attn_processors.items()} == before

@@ -290,3 +290,19 @@ def test_cli_image_prompt_with_style_routing_and_from_remakes_it(tmp_path):
     assert np.array_equal(pixels(Image.open(tmp_path / "again.png")), pixels(Image.open(tmp_path / "out.png")))
     lost = run_cli("generate", "x", "--style-only", "--out", str(tmp_path / "x.png"))
     assert lost.returncode == 2 and "add --ip-image" in lost.stderr
+
+
+def test_a_mask_limits_the_image_prompt_to_its_white_part(world):
+    """diffusers' IP-Adapter masks: outside the mask the image tokens add nothing."""
+    image, _ = reference(9)
+    adapter = load_adapter(default_ip_adapter(world.backbone))
+    plain = pixels(world.generate("a red circle", seed=6, steps=6).images[0])
+    results = {}
+    for name, mask in (("none", None), ("left", Image.fromarray(np.tile((np.arange(64) < 32) * 255, (64, 1)).astype(np.uint8))),
+                       ("black", Image.new("L", (64, 64), 0))):
+        world.attach(adapter, 1.0, image=image, mask=mask)
+        results[name] = pixels(world.generate("a red circle", seed=6, steps=6).images[0])
+        world.detach()
+    assert np.abs(results["none"] - plain).mean() > 2
+    assert np.abs(results["black"] - plain).max() <= 1  # masked out everywhere: the base model's image
+    assert np.abs(results["left"] - plain).mean() > 1 and np.abs(results["left"] - results["none"]).mean() > 1

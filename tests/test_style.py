@@ -114,6 +114,9 @@ def test_cli_style_image_and_a_blora_half_and_from_remakes_it(tmp_path):
     trained = run_cli("train", str(tmp_path / "refs"), "--kind", "blora", "--rank", "2", "--steps", "2",
                       "--out", str(tmp_path / "b.safetensors"))
     assert trained.returncode == 0, trained.stderr
+    # piped, the progress is a line per 10% with the time left
+    assert "training: 1/2 (50%), loss " in trained.stderr and "training: 2/2 (100%)" in trained.stderr
+    assert "ETA 0:0" in trained.stderr
     first = run_cli("generate", "a blue square", "--style-image", str(tmp_path / "ref.png"), "--adapter",
                     f"{tmp_path / 'b.safetensors'}:0.8@style", "--seed", "2", "--steps", "3",
                     "--out", str(tmp_path / "out.png"))

@@ -284,59 +284,48 @@ class Run:
     # ------------------------------------------------------------------------------------- data
 
     def _encode_latents(self) -> None:
+        from studio.training.data import encode_images
+
+        for example in self.examples:
+            example["key"] = f"{example['item'].sha256}|{example['bucket']}|{example['flip']}"
+        cached = self._fill("latent", "latent", lambda e: e["key"], lambda images: encode_images(self.backbone, images), 8)
+        self.log(f"{len(self.examples)} training examples ({cached} latents from the cache)")
+
+    def _encode_references(self) -> None:
+        """Each example's image embedding (the crop and flip its latent has), cached like the latents."""
+        encoder = self.adapter.config.image_encoder or "default"
+        cached = self._fill("image", "image_embeds", lambda e: f"{encoder}|{e['key']}",
+                            lambda images: self.adapter.embed_images(self.backbone, images), 32)
+        self.log(f"{len(self.examples)} image embeddings ({cached} from the cache)")
+
+    def _fill(self, kind: str, field: str, key_of: Callable[[dict[str, Any]], str],
+              encode: Callable[[list[Any]], Any], chunk: int) -> int:
+        """Set `example[field]` on every example: from the cache, or `encode` of its fitted image (a chunk at a
+        time, one bucket per call) then cached; returns how many came from the cache."""
         from PIL import Image
 
-        from studio.training.data import encode_images, fit
+        from studio.training.data import fit
 
         missing = []
         for example in self.examples:
-            key = f"{example['item'].sha256}|{example['bucket']}|{example['flip']}"
-            example["key"] = key
-            cached = self.cache.get("latent", key)
+            cached = self.cache.get(kind, key_of(example))
             if cached is None:
                 missing.append(example)
             else:
-                example["latent"] = cached["latent"]
-        for i in range(0, len(missing), 8):
-            chunk = missing[i : i + 8]
+                example[field] = cached[field]
+        for i in range(0, len(missing), chunk):
             by_bucket: dict[tuple[int, int], list[dict[str, Any]]] = {}
-            for example in chunk:
+            for example in missing[i : i + chunk]:
                 by_bucket.setdefault(example["bucket"], []).append(example)
             for bucket, group in by_bucket.items():
                 images = []
                 for example in group:
                     with Image.open(example["item"].path) as image:
                         images.append(fit(image, bucket, flip=example["flip"]))
-                latents = encode_images(self.backbone, images)
-                for example, latent in zip(group, latents, strict=True):
-                    example["latent"] = latent
-                    self.cache.put("latent", example["key"], {"latent": latent})
-        self.log(f"{len(self.examples)} training examples ({len(self.examples) - len(missing)} latents from the cache)")
-
-    def _encode_references(self) -> None:
-        """Each example's image embedding (the crop and flip its latent has), cached like the latents."""
-        from PIL import Image
-
-        from studio.training.data import fit
-
-        encoder = self.adapter.config.image_encoder or "default"
-        missing = []
-        for example in self.examples:
-            cached = self.cache.get("image", f"{encoder}|{example['key']}")
-            if cached is None:
-                missing.append(example)
-            else:
-                example["image_embeds"] = cached["embeds"]
-        for i in range(0, len(missing), 32):
-            chunk = missing[i : i + 32]
-            images = []
-            for example in chunk:
-                with Image.open(example["item"].path) as image:
-                    images.append(fit(image, example["bucket"], flip=example["flip"]))
-            for example, embeds in zip(chunk, self.adapter.embed_images(self.backbone, images), strict=True):
-                example["image_embeds"] = embeds
-                self.cache.put("image", f"{encoder}|{example['key']}", {"embeds": embeds})
-        self.log(f"{len(self.examples)} image embeddings ({len(self.examples) - len(missing)} from the cache)")
+                for example, value in zip(group, encode(images), strict=True):
+                    example[field] = value
+                    self.cache.put(kind, key_of(example), {field: value})
+        return len(self.examples) - len(missing)
 
     def _mask_weights(self) -> None:
         from studio.training.data import mask_weights
