@@ -345,15 +345,16 @@ def load_adapter(path: str | Path, backbone: Backbone | None = None, *, allow_pa
         manifest = json.loads(metadata[MANIFEST_KEY])
         adapter = adapter_kinds().get_or_raise(manifest.get("kind", "")).from_manifest(manifest, tensors)
     else:
-        from studio.adapters.ip_adapter import is_ip_adapter_file, load_official
+        from studio.adapters.ip_adapter import IpAdapter, is_ip_adapter_file
         from studio.adapters.lora import LoraAdapter
 
-        if backbone is not None and is_ip_adapter_file(tensors):
-            return load_official(path, backbone, tensors)
         if backbone is None:
             raise AdapterFileError(f"{str(path)!r} has no studio manifest: it was written by another tool, and "
                                    f"reading it needs the backbone it is for (pass backbone=..., --backbone).")
-        adapter = LoraAdapter.from_foreign(tensors, metadata, backbone, allow_partial=allow_partial,
-                                           source=Path(path).name)
+        if is_ip_adapter_file(tensors):  # a published IP-Adapter (h94/IP-Adapter layout)
+            adapter = IpAdapter.from_official(tensors, backbone, source=Path(path).name)
+        else:
+            adapter = LoraAdapter.from_foreign(tensors, metadata, backbone, allow_partial=allow_partial,
+                                               source=Path(path).name)
     adapter.path = Path(path)
     return adapter

@@ -213,12 +213,8 @@ class IpAdapter(Adapter):
                  "content_scale": float(inputs.get("content_scale", 0.5))}
         if images:
             entry["embeds"], entry["references"] = reference_embeds(
-                backbone, images, plus=self.config.plus, content=inputs.get("content") or "",
-                content_scale=float(inputs.get("content_scale", 0.5)), encoder_name=encoder_name)
-            wanted = inputs.get("image_sha256")
-            if wanted and [r.get("sha256") for r in entry["references"]] != list(wanted):
-                raise InvalidArgumentError(f"the reference images {[str(i) for i in images]} are not the ones the recipe "
-                                           f"was made with (sha256 differs); put those files back to remake the image.")
+                backbone, images, plus=self.config.plus, content=entry["content"], content_scale=entry["content_scale"],
+                encoder_name=encoder_name, sha256=inputs.get("image_sha256"))
         stack[self.name] = entry
         _rebuild(backbone)
 
@@ -263,29 +259,27 @@ class IpAdapter(Adapter):
             p.requires_grad_(True)
         return {"ip_adapter": params}
 
-    def sync_from(self, backbone: Backbone) -> None:
-        """The live layers' values back into the file's tensors (official names)."""
+    def _live(self, backbone: Backbone) -> dict[str, torch.Tensor]:
+        """The attached layers' parameters by the file's (official) names."""
         projection, layers = self._layers(backbone)
         ids = official_key_ids(backbone.denoiser)
-        tensors = {f"image_proj.{_official_proj_key(k)}": v.detach().float().cpu().clone()
-                   for k, v in projection.state_dict().items()}
+        live = {f"image_proj.{_official_proj_key(k)}": v for k, v in projection.state_dict(keep_vars=True).items()}
         for name, (k, v) in layers.items():
-            tensors[f"ip_adapter.{ids[name]}.to_k_ip.weight"] = k.weight.detach().float().cpu().clone()
-            tensors[f"ip_adapter.{ids[name]}.to_v_ip.weight"] = v.weight.detach().float().cpu().clone()
-        self.tensors = tensors
+            live[f"ip_adapter.{ids[name]}.to_k_ip.weight"] = k.weight
+            live[f"ip_adapter.{ids[name]}.to_v_ip.weight"] = v.weight
+        return live
+
+    def sync_from(self, backbone: Backbone) -> None:
+        """The live layers' values back into the file's tensors (official names)."""
+        self.tensors = {k: v.detach().float().cpu().clone() for k, v in self._live(backbone).items()}
 
     def load_values(self, backbone: Backbone, tensors: dict[str, torch.Tensor]) -> None:
         """Values into the live layers in place (a resumed run's optimizer holds those very parameters)."""
         import torch
 
-        projection, layers = self._layers(backbone)
-        ids = official_key_ids(backbone.denoiser)
         with torch.no_grad():
-            for key, value in projection.state_dict(keep_vars=True).items():
-                value.copy_(tensors[f"image_proj.{_official_proj_key(key)}"])
-            for name, (k, v) in layers.items():
-                k.weight.copy_(tensors[f"ip_adapter.{ids[name]}.to_k_ip.weight"])
-                v.weight.copy_(tensors[f"ip_adapter.{ids[name]}.to_v_ip.weight"])
+            for key, value in self._live(backbone).items():
+                value.copy_(tensors[key])
         self.tensors = dict(tensors)
 
     def embed_images(self, backbone: Backbone, images: list[Image.Image]) -> torch.Tensor:
@@ -462,9 +456,12 @@ def install_encoder(backbone: Backbone, name: str = "") -> None:
     backbone.pipe.register_modules(image_encoder=encoder, feature_extractor=extractor)
 
 
-def open_reference(image: Any) -> tuple[Image.Image, dict[str, Any]]:
+def open_reference(image: Any, sha256: str | None = None) -> tuple[Image.Image, dict[str, Any]]:
     """A reference image as RGB (alpha composited on white, greyscale and palettes converted), with what the
-    recipe records of it; a path that is missing or not an image gets an error naming it."""
+    recipe records of it; a path that is missing or not an image gets an error naming it, and one whose
+    content is not `sha256` (the recipe's) says so."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
     record: dict[str, Any] = {}
@@ -472,7 +469,7 @@ def open_reference(image: Any) -> tuple[Image.Image, dict[str, Any]]:
         path = Path(image)
         try:
             data = path.read_bytes()
-            with Image.open(path) as opened:
+            with Image.open(io.BytesIO(data)) as opened:
                 opened.load()
                 image = opened.copy()
         except FileNotFoundError as error:
@@ -481,6 +478,10 @@ def open_reference(image: Any) -> tuple[Image.Image, dict[str, Any]]:
             raise InvalidArgumentError(f"reference image {str(path)!r} is not a readable image ({error}); "
                                        f"use a PNG, JPEG or WebP file.") from error
         record = {"path": str(path.resolve()), "sha256": hashlib.sha256(data).hexdigest()}
+    if sha256 and record.get("sha256") != sha256:
+        raise InvalidArgumentError(f"the reference image {record.get('path', '(not a file)')!r} changed: its bytes are "
+                                   f"not the ones the recipe was made with (sha256 differs); put that file back to "
+                                   f"remake the image.")
     if not isinstance(image, Image.Image):
         raise InvalidArgumentError(f"a reference image must be a PIL image or a file path, got {type(image).__name__}.")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -494,13 +495,15 @@ def open_reference(image: Any) -> tuple[Image.Image, dict[str, Any]]:
 
 
 def reference_embeds(backbone: Backbone, images: list[Any], *, plus: bool, content: str = "",
-                     content_scale: float = 0.5, encoder_name: str = "") -> tuple[torch.Tensor, list[dict[str, Any]]]:
+                     content_scale: float = 0.5, encoder_name: str = "",
+                     sha256: list[str] | None = None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """(2, k, D): the unconditional and the reference embeddings of k images, as diffusers'
     `prepare_ip_adapter_image_embeds` makes them, cached per image; `content` words are subtracted
-    (InstantStyle: `img_emb - s * text_emb(content)`)."""
+    (InstantStyle: `img_emb - s * text_emb(content)`); `sha256`: the recipe's hash of each image."""
     import torch
 
-    opened = [open_reference(image) for image in images]
+    opened = [open_reference(image, wanted) for image, wanted in zip(images, sha256 or [None] * len(images),
+                                                                       strict=True)]
     cache = backbone.__dict__.setdefault("_reference_embeds", {})
     key = (encoder_name, plus, tuple(hashlib.sha256(im.tobytes()).hexdigest() + str(im.size) for im, _ in opened))
     if key not in cache:
@@ -546,13 +549,6 @@ def _mask_tensor(backbone: Backbone, mask: Any, count: int) -> torch.Tensor:
     image, _ = open_reference(mask)
     tensor = IPAdapterMaskProcessor().preprocess([image.convert("L")], height=image.size[1], width=image.size[0])
     return tensor.reshape(1, 1, *tensor.shape[-2:]).repeat(1, count, 1, 1)
-
-
-def load_official(path: str | Path, backbone: Backbone, tensors: dict[str, torch.Tensor],
-                  image_encoder_name: str = "") -> IpAdapter:
-    adapter = IpAdapter.from_official(tensors, backbone, source=Path(path).name, image_encoder=image_encoder_name)
-    adapter.path = Path(path)
-    return adapter
 
 
 # the IP-Adapters studio ships, per embedded backbone (trained by bench/image_prompt.py)

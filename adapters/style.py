@@ -121,7 +121,6 @@ class StyleInjectionConfig(AdapterConfig):
 
     layers: str = "up"  # the self-attention layers that read the reference: up (the decoder), all, or a regex
     adain: bool = True  # match each image's queries and keys to the reference's statistics (StyleAligned)
-    seed: int = 0  # the noise the reference latent is noised with
 
     def __post_init__(self):
         super().__post_init__()
@@ -140,7 +139,7 @@ class _Shared:
         self.weight = weight
         self.reference_row = False  # the batch's last row is the reference (image mode)
         self.inverting = False  # the UNet runs the reference's inversion
-        self.shared = False  # the first row of each guidance half is the reference (shared-batch mode)
+        # otherwise (shared-batch mode) the first row of each guidance half is the reference
 
 
 def _adain(x, reference):
@@ -200,8 +199,9 @@ class SharedAttentionProcessor:
 @register("style_injection")
 class StyleInjection(Adapter):
     """Training-free: `attach(backbone, weight, image=REFERENCE)` (the reference's keys and values, from its
-    latent noised to each step's level: A1111 ControlNet's reference-only way) or `shared=True` (the first
-    image of the batch is the reference: StyleAligned's shared batch). The file holds only the manifest."""
+    latent DDIM-inverted along the call's timesteps and run as an extra row of the batch) or `shared=True`
+    (the first image of the batch is the reference: StyleAligned's shared batch). The file holds only the
+    manifest."""
 
     config_class = StyleInjectionConfig
     weightless = True
@@ -246,10 +246,7 @@ class StyleInjection(Adapter):
         record: dict[str, Any] = {"shared": bool(inputs.get("shared"))}
         hooks = []
         if inputs.get("image") is not None:
-            image, reference = open_reference(inputs["image"])
-            if inputs.get("image_sha256") and reference.get("sha256") != inputs["image_sha256"]:
-                raise InvalidArgumentError(f"the reference image {inputs['image']} is not the one the recipe was "
-                                           f"made with (sha256 differs); put that file back to remake the image.")
+            image, reference = open_reference(inputs["image"], inputs.get("image_sha256"))
             record = {"image": reference.get("path"), "image_sha256": reference.get("sha256")}
             latent = _encode_reference(backbone, image)
             trajectory: dict[float, Any] = {}  # timestep -> the reference's DDIM-inverted latent there
@@ -286,8 +283,6 @@ class StyleInjection(Adapter):
 
             hooks = [unet.register_forward_pre_hook(add_reference, with_kwargs=True),
                      unet.register_forward_hook(drop_reference, with_kwargs=True)]
-        else:
-            state.shared = True
         originals = dict(unet.attn_processors)
         names = self.layer_names(backbone)
         unet.set_attn_processor({n: SharedAttentionProcessor(state, self.config.adain) if n in names else p

@@ -135,6 +135,10 @@ class JobProgress:
         if self.bar is not None:
             self.bar.__exit__(*exc)
 
+    def __call__(self, done: int, total: int | None = None, loss: float | None = None) -> None:
+        """The progress callback sampling (done, total) and training (step, total, loss) call."""
+        self.update(done, total, **({"loss": loss} if loss is not None else {}))
+
     def update(self, done: int, total: int | None = None, **values: float) -> None:
         import time
 
@@ -209,13 +213,18 @@ def generate(
     changes = {k: v for k, v in dict(prompt=prompt, negative_prompt=negative, n=n, seed=seed, steps=steps,
                                      guidance=guidance, width=width, height=height,
                                      scheduler=_value(scheduler)).items() if v is not None}
+    attaching = bool(adapter or ip_image or style_image)
+
+    def attach_all(pipeline) -> None:  # the adapters and image inputs named on this command line
+        _attach_adapters(pipeline, adapter, allow_partial)
+        _attach_image_prompt(pipeline, ip_image, ip_adapter, ip_scale, style_only, layout_only, ip_content, ip_encoder)
+        _attach_style_image(pipeline, style_image, style_weight)
+
     if from_image is None:
         if prompt is None:
             raise InvalidArgumentError("PROMPT is missing: give a prompt, or --from IMAGE.png to remake an image.")
         pipeline = _load_pipeline(backbone, family, device, dtype, config)
-        _attach_adapters(pipeline, adapter, allow_partial)
-        _attach_image_prompt(pipeline, ip_image, ip_adapter, ip_scale, style_only, layout_only, ip_content, ip_encoder)
-        _attach_style_image(pipeline, style_image, style_weight)
+        attach_all(pipeline)
         recipe = pipeline.recipe(**changes)
         index = None
     else:
@@ -223,22 +232,18 @@ def generate(
         pipeline = _load_pipeline(backbone or original.backbone, family or FamilyName(original.family),
                                   device or original.device, dtype or original.dtype,
                                   config or original.backbone_config)
-        if adapter or ip_image or style_image:
-            _attach_adapters(pipeline, adapter, allow_partial)
-            _attach_image_prompt(pipeline, ip_image, ip_adapter, ip_scale, style_only, layout_only, ip_content,
-                                 ip_encoder)
-            _attach_style_image(pipeline, style_image, style_weight)
+        if attaching:
+            attach_all(pipeline)
         elif original.adapters:
             pipeline._match_adapters(original)
-        if changes or adapter or ip_image or style_image:  # a new recipe from the old one
+        if changes or attaching:  # a new recipe from the old one
             fields = dict(prompt=original.prompt, negative_prompt=original.negative_prompt, seed=original.image_seed,
                           steps=original.steps, guidance=original.guidance, width=original.width,
                           height=original.height, scheduler=original.scheduler) | changes
             recipe, index = pipeline.recipe(**fields), None
         else:
             recipe, index = original, original.index
-    with JobProgress("sampling", recipe.steps) as bar:
-        progress = lambda done, total: bar.update(done, total)  # noqa: E731
+    with JobProgress("sampling", recipe.steps) as progress:
         if index is None:
             paths = Generation(pipeline.run(recipe, progress=progress), recipe).save(out)
         else:  # the saved PNG holds the very same recipe, batch position included
@@ -371,11 +376,7 @@ def train(
                    image_encoder=image_encoder)
     options = {k: v for k, v in options.items() if v is not None}
     config = TrainConfig.from_file(recipe, **options) if recipe else TrainConfig(**options)
-    with JobProgress("training", config.steps, fields=("loss",)) as bar:
-
-        def progress(step: int, total: int, loss: float) -> None:
-            bar.update(step, total, loss=loss)
-
+    with JobProgress("training", config.steps, fields=("loss",)) as progress:
         path = run_training(config, resume=resume, progress=progress, log=lambda line: console.print(line))
     out_console.print(str(path), highlight=False)
 
@@ -537,11 +538,7 @@ def erase(
     options = {k: v for k, v in dict(variant=variant, eta=eta, push=push, transport=transport).items() if v is not None}
     with console.status(f"loading {backbone or DEFAULT_BACKBONE}..."):
         bb = load_backbone(backbone)
-    with JobProgress(method, steps, fields=("loss",)) as bar:
-
-        def progress(step: int, total: int, loss: float) -> None:
-            bar.update(step, total, loss=loss)
-
+    with JobProgress(method, steps, fields=("loss",)) as progress:
         adapter = make(concepts if len(concepts) > 1 else concepts[0], method=method, backbone=bb,
                        preserve=preserve or [], templates=template, steps=steps, lr=lr, rank=rank, seed=seed,
                        out=str(target), overwrite=overwrite, progress=progress,
