@@ -13,13 +13,21 @@ scales are diffusers' own (`_load_ip_adapter_weights`, `set_ip_adapter_scale`): 
 lack: several adapters attached and detached one at a time, the image encoder of each kind of backbone
 (world-clip for the shapes world), embeddings cached per reference, InstantStyle routing by name
 (`routing="style"`) with content subtraction, masks, and training.
+
+On SD3-class DiTs (SD3/3.5, world-dit) the layout is the one diffusers' `SD3IPAdapterMixin` reads
+(InstantX/SD3.5-Large-IP-Adapter): a timestep-aware resampler (`image_proj.*`, diffusers'
+`IPAdapterTimeImageProjection`) over the encoder's penultimate patch features, and per joint-attention
+layer `ip_adapter.<i>.{norm_ip, to_k_ip, to_v_ip, norm_q, norm_k, norm_ip_k}` (diffusers'
+`SD3IPAdapterJointAttnProcessor2_0`): the image tokens join the image stream's keys and values. diffusers
+runs one such adapter at a time there and has no per-block scale, masks or content subtraction on it;
+studio sets a scale per transformer block (InstantStyle routing) and refuses the other two clearly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,13 +46,22 @@ if TYPE_CHECKING:
 # block is the one its code marks experimental; world-sd's were found by the layer sweep of
 # bench/image_prompt.py (README, Image prompts and style): the 8x8 decoder block carries the background,
 # the 4x4 encoder block the position, as InstantStyle found for SDXL's.
-ROUTES: dict[str, dict[str, dict[str, Any]]] = {
+# world-dit's blocks, from bench/image_prompt.py --backbone world-dit --sweep (README, Image prompts and style)
+# (blocks 2 and 5 carry the background with the least shape leak; no block alone moves the position, so
+# world-dit has no layout route)
+WORLD_DIT_ROUTES: dict[str, dict[int, float]] = {"style": {2: 1.0, 5: 1.0}}
+ROUTES: dict[str, dict[str, Any]] = {
     "sdxl": {"style": {"up": {"block_0": [0.0, 1.0, 0.0]}}, "layout": {"down": {"block_2": [0.0, 1.0]}}},
     "sd1": {"style": {"up": {"block_1": [0.0, 1.0, 0.0]}}, "layout": {"down": {"block_2": [0.0, 1.0]}}},
     "world-sd": {"style": {"up": {"block_1": [1.0, 1.0, 1.0]}}, "layout": {"down": {"block_2": [1.0, 1.0]}}},
+    # a DiT routes by transformer block: {block index: scale}
+    "world-dit": WORLD_DIT_ROUTES,
 }
 ROUTINGS = ("all", "style", "layout", "style+layout")
 DEFAULT_ENCODERS = {"world-sd": "world-clip", "world-dit": "world-clip"}
+# DiT families whose IP-Adapter is diffusers' SD3 kind (joint attention, timestep-aware resampler)
+JOINT_FAMILIES = ("sd3",)
+DEFAULT_TOKENS = {"unet": 4, "joint": 16}  # image tokens: the plain IP-Adapter's 4; a resampler's queries on SD3
 
 
 class IpAdapterError(AdapterFileError):
@@ -53,7 +70,9 @@ class IpAdapterError(AdapterFileError):
 
 @dataclass(kw_only=True)
 class IpAdapterConfig(AdapterConfig):
-    tokens: int = 4  # image tokens per reference (diffusers' loader reads a plain IP-Adapter as 4)
+    # image tokens per reference; 0 = the backbone's default (a plain UNet IP-Adapter has 4, which is what
+    # diffusers' loader reads; an SD3-class DiT's resampler 16 queries)
+    tokens: int = 0
     plus: bool = False  # the "plus" kind: a resampler over the encoder's patch features (published files)
     # the CLIP vision model whose embeddings it reads: a folder or hub id; "" = the backbone's own default
     # (world-clip for the shapes world)
@@ -66,8 +85,9 @@ class IpAdapterConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.tokens, int) or isinstance(self.tokens, bool) or self.tokens < 1:
-            raise InvalidArgumentError(f"tokens={self.tokens!r} must be an integer >= 1 (plain IP-Adapter: 4).")
+        if not isinstance(self.tokens, int) or isinstance(self.tokens, bool) or self.tokens < 0:
+            raise InvalidArgumentError(f"tokens={self.tokens!r} must be an integer >= 1 (plain IP-Adapter: 4), or 0 "
+                                       f"for the backbone's default.")
         drops = (self.text_dropout, self.image_dropout, self.both_dropout)
         if not all(0 <= p < 1 for p in drops) or sum(drops) >= 1:
             raise InvalidArgumentError(f"text/image/both dropout {drops} must each be in [0, 1) and sum below 1.")
@@ -83,6 +103,21 @@ def official_key_ids(unet: Any) -> dict[str, int]:
     """processor name -> n of `ip_adapter.<n>.to_k_ip.weight` (1, 3, 5...: the count runs over every
     attention processor, self-attention included, as the official checkpoints were written)."""
     return {name: 2 * i + 1 for i, name in enumerate(cross_attention_names(unet))}
+
+
+def joint(backbone: Backbone) -> bool:
+    """An SD3-class DiT: image tokens enter the joint attention through diffusers' SD3 IP-Adapter kind."""
+    return backbone.family.name in JOINT_FAMILIES
+
+
+def joint_key_ids(transformer: Any) -> dict[str, int]:
+    """processor name -> i of `ip_adapter.<i>.*`: every attention processor in order, as diffusers counts them."""
+    names = [name for name in transformer.attn_processors if name.startswith("transformer_blocks.")]
+    return {name: i for i, name in enumerate(names)}  # (not the resampler's own attention, once it is installed)
+
+
+def _block_of(processor_name: str) -> int:
+    return int(processor_name.split(".")[1])  # transformer_blocks.<i>.attn(2).processor
 
 
 def _attention(unet: Any, processor_name: str) -> Any:
@@ -117,7 +152,11 @@ class IpAdapter(Adapter):
         `to_k`/`to_v` (the paper's initialisation: at the start the image tokens are read like text)."""
         import torch
 
-        _check_unet(backbone, config.family)
+        _check_family(backbone, config.family)
+        if not config.tokens:
+            config = replace(config, tokens=DEFAULT_TOKENS["joint" if joint(backbone) else "unet"])
+        if joint(backbone):
+            return cls(config, _create_joint(backbone, config, seed))
         unet = backbone.denoiser
         encoder = image_encoder(backbone, config.image_encoder)
         generator = torch.Generator().manual_seed(seed)
@@ -140,6 +179,18 @@ class IpAdapter(Adapter):
     def from_official(cls, tensors: dict[str, torch.Tensor], backbone: Backbone, *, source: str = "",
                       image_encoder: str = "") -> IpAdapter:
         """A published IP-Adapter file (h94/IP-Adapter layout, no studio manifest) for this backbone."""
+        if joint(backbone):
+            if "image_proj.latents" not in tensors or "ip_adapter.0.to_k_ip.weight" not in tensors:
+                raise IpAdapterError(f"{source or 'the IP-Adapter file'} is not an SD3 IP-Adapter (it needs "
+                                     f"image_proj.latents and ip_adapter.0.to_k_ip.weight, the layout of "
+                                     f"InstantX/SD3.5-Large-IP-Adapter); use the IP-Adapter made for "
+                                     f"{backbone.family.title}.")
+            config = IpAdapterConfig(family=backbone.family.name, base=source, name=Path(source).stem if source else "",
+                                     tokens=int(tensors["image_proj.latents"].shape[1]), plus=True,
+                                     image_encoder=image_encoder, source_format="official")
+            adapter = cls(config, tensors)
+            adapter.check_backbone(backbone)
+            return adapter
         plus = "image_proj.latents" in tensors
         if plus:
             tokens = int(tensors["image_proj.latents"].shape[1])
@@ -159,18 +210,15 @@ class IpAdapter(Adapter):
 
     def check_backbone(self, backbone: Backbone) -> None:
         """Refuse another family, a DiT, missing keys or shapes that do not fit, before anything changes."""
-        _check_unet(backbone, self.config.family, self.name)
+        _check_family(backbone, self.config.family, self.name)
         super().check_backbone(backbone)
+        if joint(backbone):
+            return self._check_joint(backbone)
         unet = backbone.denoiser
         ids = official_key_ids(unet)
         wanted = {f"ip_adapter.{n}.{part}.weight" for n in ids.values() for part in ("to_k_ip", "to_v_ip")}
         wanted |= {"image_proj.latents"} if self.config.plus else {"image_proj.proj.weight", "image_proj.norm.weight"}
-        missing = sorted(wanted - set(self.tensors), key=_natural)
-        if missing:
-            raise IpAdapterError(
-                f"IP-Adapter {self.name!r} lacks {len(missing)} of the {len(wanted)} tensors {backbone.source!r} needs "
-                f"(e.g. {', '.join(missing[:3])}): the file is incomplete, or it was made for a UNet with other "
-                f"cross-attention layers; download it again or use the IP-Adapter made for this backbone.")
+        self._refuse_missing(backbone, wanted, "a UNet with other cross-attention layers")
         extra = sorted(k for k in self.tensors if k.startswith("ip_adapter.") and k not in wanted)
         if extra:
             raise IncompatibleAdapterError(
@@ -184,6 +232,30 @@ class IpAdapter(Adapter):
                     f"IP-Adapter {self.name!r}: {name.removesuffix('.processor')} needs to_k_ip of shape {expected}, the "
                     f"file has {found}: it was made for another family; use the IP-Adapter made for "
                     f"{backbone.family.name}.")
+
+    def _refuse_missing(self, backbone: Backbone, wanted: set[str], other: str) -> None:
+        missing = sorted(wanted - set(self.tensors), key=_natural)
+        if missing:
+            raise IpAdapterError(
+                f"IP-Adapter {self.name!r} lacks {len(missing)} of the {len(wanted)} tensors {backbone.source!r} needs "
+                f"(e.g. {', '.join(missing[:3])}): the file is incomplete, or it was made for {other}; download it "
+                f"again or use the IP-Adapter made for this backbone.")
+
+    def _check_joint(self, backbone: Backbone) -> None:
+        transformer = backbone.denoiser
+        parts = ("norm_ip.linear.weight", "to_k_ip.weight", "to_v_ip.weight", "norm_q.weight", "norm_k.weight",
+                 "norm_ip_k.weight")
+        wanted = {f"ip_adapter.{i}.{part}" for i in joint_key_ids(transformer).values() for part in parts}
+        wanted |= {"image_proj.latents", "image_proj.proj_in.weight", "image_proj.proj_out.weight"}
+        self._refuse_missing(backbone, wanted, "a transformer with other attention layers")
+        extra = sorted({k.split(".")[1] for k in self.tensors if k.startswith("ip_adapter.")}
+                       - {str(i) for i in joint_key_ids(transformer).values()}, key=int)
+        width = transformer.config.attention_head_dim * transformer.config.num_attention_heads
+        found = tuple(self.tensors["ip_adapter.0.to_k_ip.weight"].shape)
+        if extra or found != (width, width):
+            raise IncompatibleAdapterError(
+                f"IP-Adapter {self.name!r} was made for another transformer ({len(extra)} extra layers, to_k_ip "
+                f"{found} where {backbone.source!r} has ({width}, {width})); use the IP-Adapter made for this backbone.")
 
     def attach(self, backbone: Backbone, weight: float = 1.0, **inputs: Any) -> None:
         """Attach at scale `weight` (λ; a number). Inputs: `image` or `images` (PIL images or paths: the
@@ -203,6 +275,8 @@ class IpAdapter(Adapter):
         stack = attached(backbone)
         if self.name in stack:
             raise InvalidArgumentError(f"IP-Adapter {self.name!r} is already attached to {backbone.source!r}.")
+        if joint(backbone):
+            _check_joint_inputs(backbone, stack, inputs)
         routing = inputs.get("routing") or "all"
         scale_config(backbone, routing, float(weight))  # checked before anything changes
         images = inputs.get("images") or ([inputs["image"]] if inputs.get("image") is not None else [])
@@ -246,6 +320,10 @@ class IpAdapter(Adapter):
     # ------------------------------------------------------------------------------- training
 
     def _layers(self, backbone: Backbone) -> tuple[Any, dict[str, Any]]:
+        if joint(backbone):  # one adapter: the resampler and each layer's whole processor
+            transformer = backbone.denoiser
+            return transformer.image_proj, {name: transformer.attn_processors[name]
+                                            for name in joint_key_ids(transformer)}
         unet = backbone.denoiser
         index = list(attached(backbone)).index(self.name)
         projection = unet.encoder_hid_proj.image_projection_layers[index]
@@ -253,8 +331,7 @@ class IpAdapter(Adapter):
         return projection, {name: (p.to_k_ip[index], p.to_v_ip[index]) for name, p in processors.items()}
 
     def trainable_parameters(self, backbone: Backbone) -> dict[str, list[torch.nn.Parameter]]:
-        projection, layers = self._layers(backbone)
-        params = list(projection.parameters()) + [p for k, v in layers.values() for p in (k.weight, v.weight)]
+        params = list(self._live(backbone).values())
         for p in params:
             p.requires_grad_(True)
         return {"ip_adapter": params}
@@ -262,8 +339,13 @@ class IpAdapter(Adapter):
     def _live(self, backbone: Backbone) -> dict[str, torch.Tensor]:
         """The attached layers' parameters by the file's (official) names."""
         projection, layers = self._layers(backbone)
-        ids = official_key_ids(backbone.denoiser)
         live = {f"image_proj.{_official_proj_key(k)}": v for k, v in projection.state_dict(keep_vars=True).items()}
+        if joint(backbone):
+            ids = joint_key_ids(backbone.denoiser)
+            for name, processor in layers.items():
+                live |= {f"ip_adapter.{ids[name]}.{k}": v for k, v in processor.state_dict(keep_vars=True).items()}
+            return live
+        ids = official_key_ids(backbone.denoiser)
         for name, (k, v) in layers.items():
             live[f"ip_adapter.{ids[name]}.to_k_ip.weight"] = k.weight
             live[f"ip_adapter.{ids[name]}.to_v_ip.weight"] = v.weight
@@ -283,10 +365,13 @@ class IpAdapter(Adapter):
         self.tensors = dict(tensors)
 
     def embed_images(self, backbone: Backbone, images: list[Image.Image]) -> torch.Tensor:
-        """(n, D) image embeddings of training images, as the pipeline computes them for a reference."""
+        """(n, D) image embeddings of training images, as the pipeline computes them for a reference
+        ((n, patches, D) features on an SD3-class DiT)."""
         import torch
 
         with torch.no_grad():
+            if joint(backbone):
+                return backbone.pipe.encode_image(images, backbone.device).float().cpu()
             embeds, _ = backbone.pipe.encode_image(images, backbone.device, 1, self.config.plus)
         return embeds.float().cpu()
 
@@ -319,6 +404,8 @@ class IpAdapter(Adapter):
                                        f"with image=... (--ip-image) or detach it.")
         cfg = guidance > 1
         embeds = [e["embeds"] if cfg else e["embeds"].chunk(2)[1] for e in stack.values()]
+        if joint(backbone):  # one adapter: one tensor, [negative, positive] along the batch
+            return {"ip_adapter_image_embeds": embeds[0].to(backbone.device, backbone.dtype)}
         arguments: dict[str, Any] = {"ip_adapter_image_embeds": [x.to(backbone.device, backbone.dtype) for x in embeds]}
         if any(e["mask"] is not None for e in stack.values()):
             arguments["cross_attention_kwargs"] = {"ip_adapter_masks": [
@@ -338,15 +425,59 @@ def _official_proj_key(key: str) -> str:
     return key.replace("image_embeds.", "proj.")
 
 
-def _check_unet(backbone: Backbone, family: str, name: str = "") -> None:
+def _check_family(backbone: Backbone, family: str, name: str = "") -> None:
     if backbone.family.name != family:
         raise IncompatibleAdapterError(
             f"IP-Adapter {name or ''!r} was made for {family}, but {backbone.source!r} is {backbone.family.name}; use "
             f"the IP-Adapter made for {backbone.family.name} (IP-Adapter weights are specific to a family).")
-    if backbone.family.arch != "unet":
+    if backbone.family.arch != "unet" and not joint(backbone):
         raise IncompatibleAdapterError(
             f"IP-Adapter on {backbone.family.title} ({backbone.source!r}) is not supported yet: studio attaches and "
-            f"trains IP-Adapters on UNet backbones (SD1.x/2.x, SDXL, world-sd).")
+            f"trains IP-Adapters on UNet backbones (SD1.x/2.x, SDXL, world-sd) and SD3-class DiTs (SD3/3.5, "
+            f"world-dit).")
+
+
+def _check_joint_inputs(backbone: Backbone, stack: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """What diffusers' SD3 IP-Adapter cannot take, refused before anything changes."""
+    if stack:
+        raise InvalidArgumentError(
+            f"{backbone.family.title} runs one IP-Adapter at a time ({next(iter(stack))!r} is attached): detach it "
+            f"first, or give this one several reference images (images=[...]).")
+    for name, why in (("mask", "masks"), ("content", "content subtraction (it needs global image embeddings)")):
+        if inputs.get(name):
+            raise InvalidArgumentError(f"{why} work on UNet IP-Adapters only; {backbone.family.title}'s reads patch "
+                                       f"features. Route it with routing='style' instead, without {name}=.")
+
+
+def _create_joint(backbone: Backbone, config: IpAdapterConfig, seed: int) -> dict[str, torch.Tensor]:
+    """A new SD3 IP-Adapter: diffusers' resampler with a seeded init, and per attention layer its processor
+    with `to_k_ip`/`to_v_ip` copied from the layer's `to_k`/`to_v` and the image-norm modulation zero (a plain
+    layer norm at the start)."""
+    import torch
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    transformer = backbone.denoiser
+    encoder = image_encoder(backbone, config.image_encoder)
+    head, heads = transformer.config.attention_head_dim, transformer.config.num_attention_heads
+    width = head * heads
+    hidden = 64 * max(1, round(width / 64))  # diffusers' loader reads the resampler's heads as width / 64
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        projection = IPAdapterTimeImageProjection(embed_dim=int(encoder.config.hidden_size), output_dim=width,
+                                                  hidden_dim=hidden, heads=hidden // 64, num_queries=config.tokens)
+        tensors = {f"image_proj.{k}": v.detach().float().clone() for k, v in projection.state_dict().items()}
+        for name, i in joint_key_ids(transformer).items():
+            processor = SD3IPAdapterJointAttnProcessor2_0(hidden_size=width, ip_hidden_states_dim=width, head_dim=head,
+                                                          timesteps_emb_dim=hidden)
+            attention = _attention(transformer, name)
+            with torch.no_grad():
+                processor.to_k_ip.weight.copy_(attention.to_k.weight)
+                processor.to_v_ip.weight.copy_(attention.to_v.weight)
+                processor.norm_ip.linear.weight.zero_()
+                processor.norm_ip.linear.bias.zero_()
+            tensors |= {f"ip_adapter.{i}.{k}": v.detach().float().clone() for k, v in processor.state_dict().items()}
+    return tensors
 
 
 def attached(backbone: Backbone) -> dict[str, dict[str, Any]]:
@@ -364,25 +495,34 @@ def _rebuild(backbone: Backbone) -> None:
     pipe, unet = backbone.pipe, backbone.denoiser
     stack = attached(backbone)
     if not stack:
-        if getattr(unet, "encoder_hid_proj", None) is not None:
+        if getattr(unet, "encoder_hid_proj", None) is not None or getattr(unet, "image_proj", None) is not None:
             pipe.unload_ip_adapter()  # the processors and the pipeline as they were before the first attach
         return
     state_dicts = [split_official({k: v.to(backbone.dtype) for k, v in e["adapter"].tensors.items()})
                    for e in stack.values()]
-    with torch.no_grad():
-        unet._load_ip_adapter_weights(state_dicts, low_cpu_mem_usage=False)
+    with torch.no_grad():  # diffusers' SD3 loader takes the one adapter's dict, the UNet's a list of them
+        unet._load_ip_adapter_weights(state_dicts[0] if joint(backbone) else state_dicts, low_cpu_mem_usage=False)
     unet.to(backbone.device)
     _set_scales(backbone)
 
 
 def _set_scales(backbone: Backbone) -> None:
     stack = attached(backbone)
-    if stack:
+    if stack and joint(backbone):  # diffusers' SD3 setter takes one number: studio scales each block's processor
+        entry = next(iter(stack.values()))
+        scales = scale_config(backbone, entry["routing"], entry["weight"])
+        for name, processor in backbone.denoiser.attn_processors.items():
+            if hasattr(processor, "to_k_ip"):
+                processor.scale = scales[_block_of(name)]
+    elif stack:
         backbone.pipe.set_ip_adapter_scale([scale_config(backbone, e["routing"], e["weight"]) for e in stack.values()])
 
 
 def scale_config(backbone: Backbone, routing: Any, weight: float) -> float | dict[str, Any]:
-    """diffusers' per-block scale for a routing name (InstantStyle) at λ = `weight`."""
+    """diffusers' per-block scale for a routing name (InstantStyle) at λ = `weight`; on an SD3-class DiT
+    a list with one scale per transformer block (a routing dict there is {block index: scale})."""
+    if joint(backbone):
+        return _joint_scales(backbone, routing, weight)
     if isinstance(routing, dict):
         return _times(routing, weight)
     if routing not in ROUTINGS:
@@ -399,6 +539,23 @@ def scale_config(backbone: Backbone, routing: Any, weight: float) -> float | dic
         for group, blocks in routes[part].items():
             merged.setdefault(group, {}).update(blocks)
     return _times(merged, weight)
+
+
+def _joint_scales(backbone: Backbone, routing: Any, weight: float) -> list[float]:
+    count = backbone.denoiser.config.num_layers
+    if routing == "all":
+        return [weight] * count
+    if isinstance(routing, str) and routing in ROUTINGS:
+        routes = ROUTES.get(backbone.source, {})
+        unknown = [part for part in routing.split("+") if part not in routes]
+        if unknown:
+            raise InvalidArgumentError(f"routing={routing!r}: studio knows no {unknown[0]} blocks for "
+                                       f"{backbone.source!r}; give a dict {{block index: scale}}, e.g. {{3: 1.0}}.")
+        routing = {k: v for part in routing.split("+") for k, v in routes[part].items()}
+    if not isinstance(routing, dict) or not all(isinstance(k, int) and 0 <= k < count for k in routing):
+        raise InvalidArgumentError(f"routing={routing!r}: on {backbone.family.title} choose one of "
+                                   f"{', '.join(ROUTINGS)} or give {{block index: scale}} with indices 0-{count - 1}.")
+    return [float(routing.get(i, 0.0)) * weight for i in range(count)]
 
 
 def _times(config: Any, weight: float) -> Any:
@@ -425,8 +582,9 @@ def encoder_folder(backbone: Backbone, name: str = "") -> str:
 
 
 def image_encoder(backbone: Backbone, name: str = "") -> Any:
-    """The CLIP vision model (loaded once per backbone and source, offline for the shapes world)."""
-    from transformers import CLIPVisionModelWithProjection
+    """The CLIP (or SigLIP, SD3.5's) vision model, loaded once per backbone and source, offline for the
+    shapes world."""
+    from transformers import AutoConfig, CLIPVisionModelWithProjection, SiglipVisionModel
 
     source = encoder_folder(backbone, name)
     cache = backbone.__dict__.setdefault("_image_encoders", {})
@@ -435,21 +593,23 @@ def image_encoder(backbone: Backbone, name: str = "") -> Any:
         # a hub repo's subfolder ("h94/IP-Adapter/models/image_encoder"): where IP-Adapter repos keep the encoder
         where = (dict(pretrained_model_name_or_path="/".join(parts[:2]), subfolder="/".join(parts[2:]))
                  if len(parts) > 2 and not Path(source).exists() else dict(pretrained_model_name_or_path=source))
-        cache[source] = CLIPVisionModelWithProjection.from_pretrained(**where).to(backbone.device, backbone.dtype).eval()
+        siglip = "siglip" in AutoConfig.from_pretrained(**where).model_type
+        model = (SiglipVisionModel if siglip else CLIPVisionModelWithProjection).from_pretrained(**where)
+        cache[source] = model.to(backbone.device, backbone.dtype).eval()
     return cache[source]
 
 
 def install_encoder(backbone: Backbone, name: str = "") -> None:
     """Put the image encoder and its preprocessing on the pipeline (what `encode_image` uses): the
     encoder folder's own `preprocessor_config.json`, else diffusers' default for its image size."""
-    from transformers import CLIPImageProcessor
+    from transformers import AutoImageProcessor, CLIPImageProcessor
 
     encoder = image_encoder(backbone, name)
     if backbone.pipe.image_encoder is encoder:
         return
     source = Path(encoder_folder(backbone, name))
     if (source / "preprocessor_config.json").is_file():
-        extractor = CLIPImageProcessor.from_pretrained(source)
+        extractor = AutoImageProcessor.from_pretrained(source)
     else:
         size = encoder.config.image_size
         extractor = CLIPImageProcessor(size=size, crop_size=size)
@@ -508,8 +668,12 @@ def reference_embeds(backbone: Backbone, images: list[Any], *, plus: bool, conte
     key = (encoder_name, plus, tuple(hashlib.sha256(im.tobytes()).hexdigest() + str(im.size) for im, _ in opened))
     if key not in cache:
         with torch.no_grad():
-            positive, negative = backbone.pipe.encode_image([im for im, _ in opened], backbone.device, 1, plus)
-        cache[key] = torch.stack([negative, positive])
+            if joint(backbone):  # several images: their patch features side by side, zeros unconditional (diffusers')
+                positive = backbone.pipe.encode_image([im for im, _ in opened], backbone.device).flatten(0, 1)[None]
+                negative = torch.zeros_like(positive)
+            else:
+                positive, negative = backbone.pipe.encode_image([im for im, _ in opened], backbone.device, 1, plus)
+        cache[key] = torch.cat([negative, positive]) if joint(backbone) else torch.stack([negative, positive])
     embeds = cache[key].clone()
     if content:
         if plus:

@@ -9,14 +9,18 @@
    reference's shape leaking in <= 0.15, beside routing to every layer; with content subtraction too.
 4. B-LoRA: two looks learned by two B-LoRAs, then the content half of one with the style half of the
    other; training-free style injection with a reference, by weight.
-5. `--sweep`: each cross-attention layer alone, to find which carry style (background) and which
-   content (shape): what `ROUTES["world-sd"]` in adapters/ip_adapter.py says.
+5. `--sweep`: each cross-attention layer (world-dit: each transformer block) alone, to find which carry
+   style (background) and which content (shape): what `ROUTES` in adapters/ip_adapter.py says.
 6. Speed, side by side in one run: studio's generation against diffusers' own `load_ip_adapter` path on
    the same components, file, reference and seed (time ratio, pixel difference); a training step of
    studio's trainer against a plain diffusers loop (VAE, image and text encoders each step).
 
     .venv/bin/python bench/image_prompt.py --steps 3000          # ~25 min on 2 CPU cores
     .venv/bin/python bench/image_prompt.py --adapter out/ip.safetensors --sweep
+    .venv/bin/python bench/image_prompt.py --backbone world-dit --only ip --sweep   # ~20 min
+
+`--backbone world-dit` runs 1-3, 5 and 6 on world-dit (SD3 IP-Adapter layout; no content subtraction
+there: its adapter reads patch features).
 """
 
 from __future__ import annotations
@@ -43,15 +47,16 @@ TEXT_WEIGHT, CONTENT_SCALE = 0.8, 0.5
 RECIPE = dict(kind="ip_adapter", batch=32, lr=1e-3, weight_decay=0.01, buckets=False, checkpoint_every=10**6)
 
 
-def train_adapter(out: Path, *, refs: int, steps: int, seed: int = 7) -> Path:
+def train_adapter(out: Path, *, refs: int, steps: int, seed: int = 7, backbone: str = "world-sd") -> Path:
     from studio.training.trainer import TrainConfig, train
 
-    folder = out / "refs"
+    folder = out / "refs"  # the same renders for either backbone
     if not folder.exists():
         write_reference_folder(folder, n=refs, seed=seed)
         for caption in folder.glob("*.txt"):  # no captions: the image is the whole prompt
             caption.unlink()
-    config = TrainConfig(folder=str(folder), out=str(out / "ip.safetensors"), steps=steps, **RECIPE)
+    name = "ip.safetensors" if backbone == "world-sd" else f"ip-{backbone}.safetensors"
+    config = TrainConfig(folder=str(folder), out=str(out / name), steps=steps, backbone=backbone, **RECIPE)
     start = time.monotonic()
     path = train(config, progress=lambda s, total, loss: print(f"  step {s}/{total} loss {loss:.4f}", flush=True)
                  if s % max(1, total // 10) == 0 else None)
@@ -112,8 +117,11 @@ def with_text(pipeline, adapter, refs, *, seed: int, subtract: bool = False, **o
             "colour leak": rate([(s["colour"], r.colour) for s, (_, r) in zip(seen, refs, strict=True)])}
 
 
-def layers(unet) -> list[tuple[str, dict[str, Any]]]:
-    """Each cross-attention layer as a diffusers scale dict that routes the image there only."""
+def layers(unet) -> list[tuple[str, Any]]:
+    """Each cross-attention layer as a diffusers scale dict that routes the image there only (a DiT: each
+    transformer block as {index: 1})."""
+    if hasattr(unet, "transformer_blocks"):
+        return [(f"transformer_blocks.{i}", {i: 1.0}) for i in range(len(unet.transformer_blocks))]
     out = []
     for group, blocks in (("down", unet.down_blocks), ("up", unet.up_blocks)):
         for b, block in enumerate(blocks):
@@ -133,20 +141,62 @@ def table(rows: list[tuple[str, dict[str, float]]]) -> None:
         print(f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in columns) + " |")
 
 
-def speed(adapter_path: Path, reference: Any, *, repeats: int = 5, steps: int = 20) -> None:
-    """studio vs diffusers' load_ip_adapter on the same components, file, reference and seed."""
-    from diffusers import StableDiffusionPipeline
+def speed_dit(adapter_path: Path, reference: Any, *, repeats: int = 5, steps: int = 20) -> None:
+    """world-dit: studio vs diffusers' StableDiffusion3Pipeline.load_ip_adapter, same file, reference and
+    seed."""
+    from diffusers import StableDiffusion3Pipeline
+
+    plain = _plain(StableDiffusion3Pipeline, "world-dit", adapter_path, text_encoder_3=None, tokenizer_3=None)
+    pipeline = StudioPipeline("world-dit")
+    pipeline.attach(adapter_path, 1.0, image=reference)
+    side = pipeline.backbone.default_size
+
+    def ours():
+        return pipeline.generate("a red circle", seed=5, steps=steps, guidance=7.0).images[0]
+
+    def theirs():
+        return plain("a red circle", ip_adapter_image=reference, num_inference_steps=steps, guidance_scale=7.0,
+                     width=side, height=side, max_sequence_length=20, generator=[torch.Generator().manual_seed(5)],
+                     negative_prompt="").images[0]
+
+    s, d, a, b = _side_by_side(ours, theirs, repeats)
+    print(f"\nworld-dit generation, {steps} steps, CFG 7, median of {repeats}: studio {s:.3f} s, diffusers "
+          f"load_ip_adapter {d:.3f} s, ratio {s / d:.3f}; max pixel difference {int(np.abs(a - b).max())}")
+
+
+def _plain(cls: Any, backbone: str, adapter_path: Path, **components: Any) -> Any:
+    """A plain diffusers pipeline of a world backbone with world-clip, the adapter file loaded by
+    diffusers' own `load_ip_adapter` at scale 1."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     from studio.world.models import world_folder
 
     clip = world_folder("world-clip")
-    plain = StableDiffusionPipeline.from_pretrained(world_folder("world-sd"), safety_checker=None,
-                                                    image_encoder=CLIPVisionModelWithProjection.from_pretrained(clip),
-                                                    feature_extractor=CLIPImageProcessor.from_pretrained(clip))
+    plain = cls.from_pretrained(world_folder(backbone), image_encoder=CLIPVisionModelWithProjection.from_pretrained(clip),
+                                feature_extractor=CLIPImageProcessor.from_pretrained(clip), **components)
     plain.load_ip_adapter(str(adapter_path.parent), subfolder="", weight_name=adapter_path.name,
                           image_encoder_folder=None)
     plain.set_ip_adapter_scale(1.0)
+    return plain
+
+
+def _side_by_side(ours, theirs, repeats: int) -> tuple[float, float, np.ndarray, np.ndarray]:
+    times: dict[str, list[float]] = {"studio": [], "diffusers": []}
+    images = {}
+    for _ in range(repeats):
+        for name, call in (("studio", ours), ("diffusers", theirs)):
+            start = time.perf_counter()
+            images[name] = call()
+            times[name].append(time.perf_counter() - start)
+    a, b = (np.asarray(images[k], dtype=np.int16) for k in ("studio", "diffusers"))
+    return statistics.median(times["studio"]), statistics.median(times["diffusers"]), a, b
+
+
+def speed(adapter_path: Path, reference: Any, *, repeats: int = 5, steps: int = 20) -> None:
+    """studio vs diffusers' load_ip_adapter on the same components, file, reference and seed."""
+    from diffusers import StableDiffusionPipeline
+
+    plain = _plain(StableDiffusionPipeline, "world-sd", adapter_path, safety_checker=None)
     pipeline = StudioPipeline("world-sd")
     pipeline.attach(adapter_path, 1.0, image=reference)
 
@@ -157,15 +207,7 @@ def speed(adapter_path: Path, reference: Any, *, repeats: int = 5, steps: int = 
         return plain("a red circle", ip_adapter_image=reference, num_inference_steps=steps, guidance_scale=7.0,
                      generator=[torch.Generator("cpu").manual_seed(5)]).images[0]
 
-    times: dict[str, list[float]] = {"studio": [], "diffusers": []}
-    images = {}
-    for _ in range(repeats):
-        for name, call in (("studio", ours), ("diffusers", theirs)):
-            start = time.perf_counter()
-            images[name] = call()
-            times[name].append(time.perf_counter() - start)
-    a, b = (np.asarray(images[k], dtype=np.int16) for k in ("studio", "diffusers"))
-    s, d = statistics.median(times["studio"]), statistics.median(times["diffusers"])
+    s, d, a, b = _side_by_side(ours, theirs, repeats)
     print(f"\ngeneration, {steps} DDIM steps, CFG 7, median of {repeats}: studio {s:.3f} s, diffusers "
           f"load_ip_adapter {d:.3f} s, ratio {s / d:.3f}; max pixel difference {int(np.abs(a - b).max())}")
 
@@ -306,7 +348,8 @@ EVALUATOR = None
 def main() -> None:
     global EVALUATOR
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--adapter", type=Path, help="a trained world-sd IP-Adapter (default: train one)")
+    parser.add_argument("--adapter", type=Path, help="a trained IP-Adapter for --backbone (default: train one)")
+    parser.add_argument("--backbone", choices=["world-sd", "world-dit"], default="world-sd")
     parser.add_argument("--out", type=Path, default=Path("out/bench-image-prompt"))
     parser.add_argument("--refs", type=int, default=2000, help="training renders")
     parser.add_argument("--steps", type=int, default=3000, help="training steps")
@@ -324,25 +367,31 @@ def main() -> None:
         blora(args.out, n=args.n, seed=args.seed)
     if args.only in ("blora", "injection"):
         return
-    path = args.adapter or train_adapter(args.out, refs=args.refs, steps=args.steps)
-    pipeline = StudioPipeline("world-sd")
+    path = args.adapter or train_adapter(args.out, refs=args.refs, steps=args.steps, backbone=args.backbone)
+    pipeline = StudioPipeline(args.backbone)
+    dit = args.backbone == "world-dit"
     from studio.adapters.base import load_adapter
+    from studio.adapters.ip_adapter import ROUTES
 
     adapter = load_adapter(path, pipeline.backbone)
     refs = references(args.n, args.seed)
-    print(f"\n{args.n} held-out references, one image each, 20 steps, CFG 7\n")
+    print(f"\n{args.backbone}: {args.n} held-out references, one image each, 20 steps, CFG "
+          f"{pipeline.backbone.family.guidance:g} (its default)\n")
     table([("image only, empty prompt, all layers", image_only(pipeline, adapter, refs))])
     print()
     rows = [("text only (λ 0: the base model)", with_text(pipeline, adapter, refs, seed=args.seed, weight=0.0))]
     rows += [(f"text + image λ {TEXT_WEIGHT}, routing {r}{' + content subtraction' if sub else ''}",
               with_text(pipeline, adapter, refs, seed=args.seed, routing=r, subtract=sub, weight=TEXT_WEIGHT))
-             for r, sub in (("all", False), ("all", True), ("style", False), ("style", True), ("layout", False))]
+             for r, sub in (("all", False), ("all", True), ("style", False), ("style", True), ("layout", False))
+             if not (sub and dit) and (r == "all" or r in ROUTES.get(args.backbone, ROUTES["sd1"]))]
     table(rows)
     if args.sweep:
         print("\none layer at a time (text names another shape and colour)\n")
         table([(name, with_text(pipeline, adapter, refs, seed=args.seed, routing=route))
                for name, route in layers(pipeline.backbone.denoiser)])
-    if not args.skip_speed:
+    if not args.skip_speed and dit:
+        speed_dit(Path(path), refs[0][0])
+    elif not args.skip_speed:
         speed(Path(path), refs[0][0])
         training_speed(Path(path).parent / "refs" if (Path(path).parent / "refs").is_dir() else _speed_folder(args.out))
 

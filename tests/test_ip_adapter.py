@@ -178,7 +178,7 @@ def test_weights_for_another_family_or_with_missing_keys_are_refused_before_any_
     with pytest.raises(IpAdapterError, match=r"lacks 1 of the 24 tensors .*ip_adapter\.5\.to_v_ip\.weight"):
         world.attach(broken, 1.0, image=reference(0)[0])
     with pytest.raises(IncompatibleAdapterError, match="not supported yet"):
-        IpAdapter.create(backbones("sd3"), IpAdapterConfig(family="sd3"))
+        IpAdapter.create(backbones("pixart"), IpAdapterConfig(family="pixart"))
     assert processors(world.backbone) == before and not attached(world.backbone) and not world.adapters
 
 

@@ -198,8 +198,11 @@ class RectifiedFlow(Objective):
         return (1 - sigma) * x0 + sigma * noise, sigma.flatten() * 1000
 
     def predict(self, denoiser: Any, xt: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor):
+        extra = {}
+        if "image_embeds" in conditioning:  # IP-Adapter: the transformer's resampler reads the patch features
+            extra["joint_attention_kwargs"] = {"ip_adapter_image_embeds": conditioning["image_embeds"]}
         return denoiser(hidden_states=xt, timestep=timestep, encoder_hidden_states=conditioning["context"],
-                        pooled_projections=conditioning["pooled"]).sample
+                        pooled_projections=conditioning["pooled"], **extra).sample
 
 
 def objective_for(backbone: Any, **options: Any) -> Objective:

@@ -399,7 +399,8 @@ class Run:
             embeds, captions = self.adapter.drop(rng, torch.stack([e["image_embeds"] for e in picked]), captions)
         conditioning = self._encode(captions)
         if embeds is not None:
-            conditioning["image_embeds"] = embeds[:, None]  # (batch, 1 image, dim), as the pipeline passes it
+            # (batch, 1 image, dim) as the UNet pipeline passes it; a DiT's patch features are (batch, tokens, dim)
+            conditioning["image_embeds"] = embeds[:, None] if embeds.dim() == 2 else embeds
         if self.config.masked_loss and not anchor:  # not conditioning: the loss takes it as its own argument
             conditioning["pixel_weights"] = torch.stack([e["pixel_weights"] for e in picked])
         return torch.stack([e["latent"] for e in picked]), conditioning
