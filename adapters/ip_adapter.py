@@ -46,16 +46,14 @@ if TYPE_CHECKING:
 # block is the one its code marks experimental; world-sd's were found by the layer sweep of
 # bench/image_prompt.py (README, Image prompts and style): the 8x8 decoder block carries the background,
 # the 4x4 encoder block the position, as InstantStyle found for SDXL's.
-# world-dit's blocks, from bench/image_prompt.py --backbone world-dit --sweep (README, Image prompts and style)
-# (blocks 2 and 5 carry the background with the least shape leak; no block alone moves the position, so
-# world-dit has no layout route)
-WORLD_DIT_ROUTES: dict[str, dict[int, float]] = {"style": {2: 1.0, 5: 1.0}}
 ROUTES: dict[str, dict[str, Any]] = {
     "sdxl": {"style": {"up": {"block_0": [0.0, 1.0, 0.0]}}, "layout": {"down": {"block_2": [0.0, 1.0]}}},
     "sd1": {"style": {"up": {"block_1": [0.0, 1.0, 0.0]}}, "layout": {"down": {"block_2": [0.0, 1.0]}}},
     "world-sd": {"style": {"up": {"block_1": [1.0, 1.0, 1.0]}}, "layout": {"down": {"block_2": [1.0, 1.0]}}},
-    # a DiT routes by transformer block: {block index: scale}
-    "world-dit": WORLD_DIT_ROUTES,
+    # a DiT routes by transformer block, {block index: scale}; world-dit's from bench/image_prompt.py
+    # --backbone world-dit --sweep: blocks 2 and 5 carry the background with the least shape leak, and no
+    # block alone moves the position, so world-dit has no layout route
+    "world-dit": {"style": {2: 1.0, 5: 1.0}},
 }
 ROUTINGS = ("all", "style", "layout", "style+layout")
 DEFAULT_ENCODERS = {"world-sd": "world-clip", "world-dit": "world-clip"}
@@ -179,19 +177,12 @@ class IpAdapter(Adapter):
     def from_official(cls, tensors: dict[str, torch.Tensor], backbone: Backbone, *, source: str = "",
                       image_encoder: str = "") -> IpAdapter:
         """A published IP-Adapter file (h94/IP-Adapter layout, no studio manifest) for this backbone."""
-        if joint(backbone):
-            if "image_proj.latents" not in tensors or "ip_adapter.0.to_k_ip.weight" not in tensors:
-                raise IpAdapterError(f"{source or 'the IP-Adapter file'} is not an SD3 IP-Adapter (it needs "
-                                     f"image_proj.latents and ip_adapter.0.to_k_ip.weight, the layout of "
-                                     f"InstantX/SD3.5-Large-IP-Adapter); use the IP-Adapter made for "
-                                     f"{backbone.family.title}.")
-            config = IpAdapterConfig(family=backbone.family.name, base=source, name=Path(source).stem if source else "",
-                                     tokens=int(tensors["image_proj.latents"].shape[1]), plus=True,
-                                     image_encoder=image_encoder, source_format="official")
-            adapter = cls(config, tensors)
-            adapter.check_backbone(backbone)
-            return adapter
         plus = "image_proj.latents" in tensors
+        if joint(backbone) and not (plus and "ip_adapter.0.to_k_ip.weight" in tensors):
+            raise IpAdapterError(f"{source or 'the IP-Adapter file'} is not an SD3 IP-Adapter (it needs "
+                                 f"image_proj.latents and ip_adapter.0.to_k_ip.weight, the layout of "
+                                 f"InstantX/SD3.5-Large-IP-Adapter); use the IP-Adapter made for "
+                                 f"{backbone.family.title}.")
         if plus:
             tokens = int(tensors["image_proj.latents"].shape[1])
         elif "image_proj.proj.weight" in tensors:
@@ -209,7 +200,8 @@ class IpAdapter(Adapter):
     # ------------------------------------------------------------------------------- the backbone
 
     def check_backbone(self, backbone: Backbone) -> None:
-        """Refuse another family, a DiT, missing keys or shapes that do not fit, before anything changes."""
+        """Refuse another family, a DiT that is not SD3-class, missing keys or shapes that do not fit, before
+        anything changes."""
         _check_family(backbone, self.config.family, self.name)
         super().check_backbone(backbone)
         if joint(backbone):
@@ -511,9 +503,9 @@ def _set_scales(backbone: Backbone) -> None:
     if stack and joint(backbone):  # diffusers' SD3 setter takes one number: studio scales each block's processor
         entry = next(iter(stack.values()))
         scales = scale_config(backbone, entry["routing"], entry["weight"])
-        for name, processor in backbone.denoiser.attn_processors.items():
-            if hasattr(processor, "to_k_ip"):
-                processor.scale = scales[_block_of(name)]
+        processors = backbone.denoiser.attn_processors
+        for name in joint_key_ids(backbone.denoiser):
+            processors[name].scale = scales[_block_of(name)]
     elif stack:
         backbone.pipe.set_ip_adapter_scale([scale_config(backbone, e["routing"], e["weight"]) for e in stack.values()])
 
@@ -670,10 +662,10 @@ def reference_embeds(backbone: Backbone, images: list[Any], *, plus: bool, conte
         with torch.no_grad():
             if joint(backbone):  # several images: their patch features side by side, zeros unconditional (diffusers')
                 positive = backbone.pipe.encode_image([im for im, _ in opened], backbone.device).flatten(0, 1)[None]
-                negative = torch.zeros_like(positive)
+                cache[key] = torch.cat([torch.zeros_like(positive), positive])
             else:
                 positive, negative = backbone.pipe.encode_image([im for im, _ in opened], backbone.device, 1, plus)
-        cache[key] = torch.cat([negative, positive]) if joint(backbone) else torch.stack([negative, positive])
+                cache[key] = torch.stack([negative, positive])
     embeds = cache[key].clone()
     if content:
         if plus:
