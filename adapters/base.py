@@ -323,12 +323,16 @@ MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "s
                   "sd3": "stable-diffusion-3", "flux": "flux-1-dev", "pixart": "pixart-sigma"}
 
 
+MODELSPEC_KIND = {"controlnet": "controlnet", "t2i_adapter": "t2i-adapter", "ip_adapter": "ip-adapter"}
+
+
 def modelspec(manifest: dict[str, Any]) -> dict[str, str]:
     """The Stability AI model-spec keys (what A1111, ComfyUI and kohya show for a file)."""
     kind = manifest["kind"]
     implementation = "https://github.com/huggingface/peft" if kind in ("lora", "dora", "orthogonal") else "studio"
     spec = {"modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": f"{MODELSPEC_ARCH.get(manifest['family'], manifest['family'])}/lora",
+            "modelspec.architecture": f"{MODELSPEC_ARCH.get(manifest['family'], manifest['family'])}/"
+                                      f"{MODELSPEC_KIND.get(kind, 'lora')}",
             "modelspec.implementation": implementation,
             "modelspec.title": manifest.get("name") or kind,
             "modelspec.date": manifest.get("created", "")}
@@ -339,7 +343,11 @@ def modelspec(manifest: dict[str, Any]) -> dict[str, str]:
 
 def load_adapter(path: str | Path, backbone: Backbone | None = None, *, allow_partial: bool = False) -> Adapter:
     """A studio adapter file, or a LoRA / LyCORIS file written by another tool (diffusers/PEFT, kohya,
-    LyCORIS: reading those needs the `backbone` to map its key names)."""
+    LyCORIS: reading those needs the `backbone` to map its key names), or a control model's diffusers folder."""
+    if Path(path).is_dir():  # a diffusers folder: a control model (ControlNet, T2I-Adapter)
+        from studio.adapters.control import ControlAdapter
+
+        return ControlAdapter.from_folder(path, backbone)
     tensors, metadata = read_safetensors(path)
     if MANIFEST_KEY in metadata:
         manifest = json.loads(metadata[MANIFEST_KEY])

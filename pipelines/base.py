@@ -130,7 +130,7 @@ class StudioPipeline:
         raise InvalidArgumentError(f"no attached adapter {adapter!r}; attached: {[e['adapter'].name for e in self.adapters]}.")
 
     def _adapter_records(self) -> list[dict[str, Any]]:
-        from studio.hashing import sha256_file
+        from studio.hashing import hash_files
 
         records = []
         for entry in self.adapters:
@@ -140,7 +140,7 @@ class StudioPipeline:
             record = {"name": adapter.name, "kind": adapter.kind,
                       "weight": weight if isinstance(weight, float) else str(weight),
                       "path": str(path.resolve()) if path else None,
-                      "sha256": sha256_file(path) if path else None}
+                      "sha256": hash_files(path) if path else None}  # a file, or a control model's folder
             if hasattr(adapter, "inputs_record"):  # run-time inputs (reference images...) that remake the image
                 record["inputs"] = adapter.inputs_record(self.backbone)
             if path is None and adapter.weightless:  # nothing but its manifest: the recipe can carry it
@@ -150,7 +150,7 @@ class StudioPipeline:
 
     def _match_adapters(self, recipe: Recipe) -> None:
         """Make the attached adapters those the recipe names (files checked by hash), at its weights."""
-        from studio.hashing import sha256_file
+        from studio.hashing import hash_files
 
         if recipe.adapters == self._adapter_records():
             return
@@ -158,8 +158,8 @@ class StudioPipeline:
             if not record.get("path") and not record.get("manifest"):
                 raise RecipeError(f"the recipe uses adapter {record.get('name')!r}, which was never saved to a "
                                   f"file; it cannot be attached again.")
-            if record.get("path") and (not Path(record["path"]).is_file()
-                                       or sha256_file(Path(record["path"])) != record["sha256"]):
+            if record.get("path") and (not Path(record["path"]).exists()
+                                       or hash_files(Path(record["path"])) != record["sha256"]):
                 raise RecipeError(f"the recipe's adapter {record['path']!r} is missing or changed (sha256 "
                                   f"{record['sha256'][:10]}); put that file back to remake the image.")
         self.detach()

@@ -88,6 +88,32 @@ def _attach_image_prompt(pipeline, images: list[Path] | None, adapter: Path | No
     pipeline.attach(str(adapter or default_ip_adapter(pipeline.backbone)), scale, **inputs)
 
 
+def _attach_controls(pipeline, specs: list[str] | None, preprocess: str | None, end: float) -> None:
+    """--control KIND:IMAGE[:SCALE] specs attached in order: KIND is controlnet or t2i_adapter (the backbone's own
+    model: world-sd ships both) or a control model folder."""
+    from studio.adapters.control import CONTROL_KINDS, default_control
+    from studio.errors import InvalidArgumentError
+
+    for spec in specs or []:
+        parts = spec.split(":")
+        scale = 1.0
+        if len(parts) >= 3:
+            try:
+                scale = float(parts[-1])
+                parts = parts[:-1]
+            except ValueError:
+                pass
+        if len(parts) < 2:
+            raise InvalidArgumentError(f"--control {spec!r} must be KIND:IMAGE[:SCALE] (KIND: controlnet, t2i_adapter "
+                                       f"or a control model folder), e.g. controlnet:edges.png:0.8.")
+        kind, image = parts[0], ":".join(parts[1:])
+        model = default_control(pipeline.backbone, kind) if kind in CONTROL_KINDS else kind
+        inputs = {"image": image, "end": end}
+        if preprocess:
+            inputs["preprocess"] = preprocess
+        pipeline.attach(str(model), scale, **inputs)
+
+
 def _attach_style_image(pipeline, image: Path | None, weight: float) -> None:
     """--style-image: a training-free style injection with that reference."""
     if image is None:
@@ -203,6 +229,16 @@ def generate(
         "--style-image", help="Training-free style injection: every image's self-attention also reads this "
                               "reference (StyleAligned, DDIM-inverted reference).")] = None,
     style_weight: Annotated[float, typer.Option("--style-weight", help="How much the reference is attended to.")] = 1.0,
+    control: Annotated[list[str] | None, typer.Option(
+        "--control", help="Structure control KIND:IMAGE[:SCALE] (repeatable): KIND controlnet or t2i_adapter (the "
+                          "backbone's own; world-sd ships mask models) or a ControlNet / T2I-Adapter folder, e.g. "
+                          "controlnet:mask.png:0.8.")] = None,
+    preprocess: Annotated[str | None, typer.Option(
+        "--preprocess", help="What the control images go through: canny, soft_edge, mask or none [default: each "
+                             "model's own condition].")] = None,
+    control_end: Annotated[float, typer.Option(
+        "--control-end", help="The fraction of the steps the controls act in (T2I-Adapter's paper: early steps "
+                              "suffice).")] = 1.0,
     out: Annotated[Path, typer.Option(help="A .png path, or a folder for numbered files.")] = Path("outputs"),
 ) -> None:
     """Generate images; each PNG carries its recipe (A1111 `parameters` + studio JSON)."""
@@ -213,12 +249,13 @@ def generate(
     changes = {k: v for k, v in dict(prompt=prompt, negative_prompt=negative, n=n, seed=seed, steps=steps,
                                      guidance=guidance, width=width, height=height,
                                      scheduler=_value(scheduler)).items() if v is not None}
-    attaching = bool(adapter or ip_image or style_image)
+    attaching = bool(adapter or ip_image or style_image or control)
 
     def attach_all(pipeline) -> None:  # the adapters and image inputs named on this command line
         _attach_adapters(pipeline, adapter, allow_partial)
         _attach_image_prompt(pipeline, ip_image, ip_adapter, ip_scale, style_only, layout_only, ip_content, ip_encoder)
         _attach_style_image(pipeline, style_image, style_weight)
+        _attach_controls(pipeline, control, preprocess, control_end)
 
     if from_image is None:
         if prompt is None:
@@ -325,9 +362,11 @@ def eval_(
 @app.command()
 def train(
     folder: Annotated[Path, typer.Argument(help="Reference images: flat, or kohya `N_words` subfolders; .txt captions.")],
-    out: Annotated[Path | None, typer.Option(help="The adapter file [default: <folder name>.safetensors].")] = None,
-    kind: Annotated[str, typer.Option(help="lora, dora, orthogonal, oft, boft, blora (content and style halves) or "
-                                                "ip_adapter (image prompt: each image is its own prompt).")] = "lora",
+    out: Annotated[Path | None, typer.Option(help="The adapter file [default: <folder name>.safetensors; a control "
+                                                  "model's folder: <folder name>-<kind>].")] = None,
+    kind: Annotated[str, typer.Option(help="lora, dora, orthogonal, oft, boft, blora (content and style halves), "
+                                                "ip_adapter (image prompt: each image is its own prompt), controlnet or "
+                                                "t2i_adapter (structure control: written as a diffusers folder).")] = "lora",
     backbone: BackboneOpt = None,
     rank: Annotated[int | None, typer.Option(help="Rank [default: 16; orthogonal 20].")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps [default: 300].")] = None,
@@ -357,6 +396,9 @@ def train(
     token_lr: Annotated[float | None, typer.Option(help="Learning rate of those token vectors [default: 1e-3].")] = None,
     image_encoder: Annotated[str | None, typer.Option(
         help="ip_adapter: the CLIP image encoder (folder or hub id) [default: the backbone's, world-clip].")] = None,
+    condition: Annotated[str | None, typer.Option(
+        help="controlnet / t2i_adapter: each image's control map: canny, soft_edge, mask (NAME.mask.png, else "
+             "derived) or paired (conditions/NAME.png beside each image) [default: canny].")] = None,
     recipe: Annotated[Path | None, typer.Option(
         "--config", help="A YAML/TOML recipe with any TrainConfig keys; options given here win.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the unfinished run of the same --out.")] = False,
@@ -367,13 +409,17 @@ def train(
     from studio.training.trainer import train as run_training
 
     dora = kind == "dora"
-    options = dict(folder=str(folder), out=str(out or Path(f"{folder.resolve().name}.safetensors")),
+    from studio.adapters.control import CONTROL_KINDS
+
+    name = folder.resolve().name
+    default_out = Path(f"{name}-{kind}" if kind in CONTROL_KINDS else f"{name}.safetensors")
+    options = dict(folder=str(folder), out=str(out or default_out),
                    kind="lora" if dora else kind, backbone=backbone, rank=rank or (20 if kind == "orthogonal" else None),
                    steps=steps, batch=batch, lr=lr, loraplus_ratio=loraplus_ratio, trigger=trigger,
                    concept_seed=concept_seed, device=device, dora=dora or None, target=target,
                    text_encoder=text_encoder, masked_loss=masked_loss, flip=flip, timestep_bias=timestep_bias,
                    anchor_weight=anchor_weight, anchor_phrase=anchor_phrase, tokens=tokens, token_lr=token_lr,
-                   image_encoder=image_encoder)
+                   image_encoder=image_encoder, condition=condition)
     options = {k: v for k, v in options.items() if v is not None}
     config = TrainConfig.from_file(recipe, **options) if recipe else TrainConfig(**options)
     with JobProgress("training", config.steps, fields=("loss",)) as progress:

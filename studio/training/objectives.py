@@ -136,6 +136,8 @@ class NoisePrediction(Objective):
         if "image_embeds" in conditioning:  # IP-Adapter: the UNet projects them into its image tokens
             extra["added_cond_kwargs"] = {**extra.get("added_cond_kwargs", {}),
                                           "image_embeds": [conditioning["image_embeds"]]}
+        if "control" in conditioning:  # a control model's maps, read (and removed) by its denoiser hook
+            extra["control"] = conditioning["control"]
         return denoiser(xt, timestep, encoder_hidden_states=conditioning["context"], **extra).sample
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +203,8 @@ class RectifiedFlow(Objective):
         extra = {}
         if "image_embeds" in conditioning:  # IP-Adapter: the transformer's resampler reads the patch features
             extra["joint_attention_kwargs"] = {"ip_adapter_image_embeds": conditioning["image_embeds"]}
+        if "control" in conditioning:  # a control model's maps, read (and removed) by its denoiser hook
+            extra["control"] = conditioning["control"]
         return denoiser(hidden_states=xt, timestep=timestep, encoder_hidden_states=conditioning["context"],
                         pooled_projections=conditioning["pooled"], **extra).sample
 

@@ -84,7 +84,10 @@ class TrainConfig:
     concept_seed: int = 0  # orthogonal: which basis columns
     concept_slots: int = 0  # orthogonal: per-layer rank min(rank, input size // slots) (OrthogonalConfig.slots)
     oft_block_size: int = 8  # oft/boft
-    image_encoder: str = ""  # ip_adapter: the CLIP vision model (folder or hub id); "" = the backbone's default
+    image_encoder: str = ""  # ip_adapter: the CLIP image encoder (folder or hub id); "" = the backbone's default
+    # controlnet / t2i_adapter: each image's control map: canny, soft_edge, mask (NAME.mask.png, else derived) or
+    # paired (conditions/NAME.png beside it, as given)
+    condition: str = "canny"
     trigger: str = ""
     steps: int = 300
     batch: int = 4
@@ -106,9 +109,9 @@ class TrainConfig:
     # a mirrored copy's caption says the other side ("left" <-> "right"), so it stays true of its image;
     # False where those words are not sides
     flip_sides: bool = True
-    caption_dropout: float = 0.0
+    caption_dropout: float | None = None  # default: the kind's (ControlNet's paper: 0.5), else 0
     snr_gamma: float | None = None  # Min-SNR-γ loss weighting for noise-prediction families (kohya/diffusers: 5)
-    timestep_bias: str = "none"  # none | content (favour noisy steps: shapes, layout) | style (nearly clean ones)
+    timestep_bias: str | None = None  # default: the kind's (T2I-Adapter: content), else none | content (favour noisy steps: shapes, layout) | style (nearly clean ones)
     # masked loss (kohya's masked_loss, ai-toolkit's masks): the loss is a weighted mean over latent pixels,
     # 1 on each image's mask (NAME.mask.png or its alpha), mask_floor elsewhere, so a small subject is not
     # drowned by its background; images without a mask weigh every pixel the same
@@ -138,7 +141,11 @@ class TrainConfig:
     def __post_init__(self):
         from studio.adapters.base import adapter_kinds
 
-        adapter_kinds().get_or_raise(self.kind)
+        kind = adapter_kinds().get_or_raise(self.kind)
+        defaults = {"caption_dropout": 0.0, "timestep_bias": "none", **getattr(kind, "training_defaults", {})}
+        for name, value in defaults.items():  # resolved here, so a checkpoint records what the run used
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         for name in ("rank", "steps", "batch", "grad_accumulation", "checkpoint_every", "anchor_variants"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -171,7 +178,15 @@ class TrainConfig:
             raise InvalidArgumentError(f"caption_dropout={self.caption_dropout!r} must be in [0, 1).")
         if self.precision not in ("auto", "no", "fp16", "bf16"):
             raise InvalidArgumentError(f"precision={self.precision!r}; choose auto, no, fp16 or bf16.")
-        if not str(self.out).endswith(".safetensors"):
+        if getattr(kind, "folder", False):
+            from studio.adapters.control import CONDITIONS
+
+            if str(self.out).endswith(".safetensors"):
+                raise InvalidArgumentError(f"out={self.out!r}: a {self.kind} is saved as a diffusers folder; give a "
+                                           f"folder name (e.g. {str(self.out).removesuffix('.safetensors')!r}).")
+            if self.condition not in CONDITIONS:
+                raise InvalidArgumentError(f"condition={self.condition!r}; choose one of {', '.join(CONDITIONS)}.")
+        elif not str(self.out).endswith(".safetensors"):
             raise InvalidArgumentError(f"out={self.out!r} must be a .safetensors file name.")
 
     @classmethod
@@ -207,7 +222,7 @@ def kind_config(config: TrainConfig, backbone: Any):
                   trigger_words=[config.trigger] if config.trigger else [], rank=config.rank, alpha=config.alpha,
                   dora=config.dora, target=config.target, text_encoder=config.text_encoder,
                   concept_seed=config.concept_seed, slots=config.concept_slots, block_size=config.oft_block_size,
-                  image_encoder=config.image_encoder)
+                  image_encoder=config.image_encoder, condition=config.condition)
     known = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in wanted.items() if k in known})
 
@@ -263,6 +278,8 @@ class Run:
         self.adapter.attach(backbone, 1.0)
         if hasattr(self.adapter, "embed_images"):  # image-prompt kinds read each training image as its own prompt
             self._encode_references()
+        if hasattr(self.adapter, "condition_tensors"):  # control kinds read each image's control map
+            self._encode_conditions()
         self.concept = (TrainableTokens(backbone, self.adapter.name, config.trigger, config.tokens)
                         if config.tokens else None)
         if self.anchors:  # the backbone's own prediction, anchoring's target
@@ -298,10 +315,36 @@ class Run:
                             lambda images: self.adapter.embed_images(self.backbone, images), 32)
         self.log(f"{len(self.examples)} image embeddings ({cached} from the cache)")
 
+    def _encode_conditions(self) -> None:
+        """Each example's control map (fitted like its latent), as the control model reads it, cached; images
+        without a paired map are left out, and said."""
+        from studio.adapters.control import control_map, training_map
+
+        condition = self.config.condition
+        sources = {id(e): training_map(e["item"], condition) for e in self.examples}
+        unpaired = sorted({str(e["item"].path) for e in self.examples if sources[id(e)][0] is None})
+        if unpaired:
+            self.log(f"skipped {len(unpaired)} images without a map in conditions/ (e.g. {unpaired[0]}): put "
+                     f"conditions/NAME.png beside each image")
+            self.examples = [e for e in self.examples if sources[id(e)][0] is not None]
+            if not self.examples:
+                raise InvalidArgumentError(f"condition=paired but no image in {self.config.folder!r} has its map in a "
+                                           f"conditions/ folder beside it (conditions/NAME.png).")
+
+        def open_map(example: dict[str, Any]) -> Any:
+            path, preprocess = sources[id(example)]
+            return control_map(path, preprocess, what=f"control map of {example['item'].path.name}")[0]
+
+        cached = self._fill("control", "control", lambda e: f"{self.adapter.kind}|{condition}|{e['key']}",
+                            lambda maps: self.adapter.condition_tensors(self.backbone, maps), 32, open_image=open_map)
+        self.log(f"{len(self.examples)} control maps ({condition}; {cached} from the cache)")
+
     def _fill(self, kind: str, field: str, key_of: Callable[[dict[str, Any]], str],
-              encode: Callable[[list[Any]], Any], chunk: int) -> int:
+              encode: Callable[[list[Any]], Any], chunk: int, open_image: Callable[[dict[str, Any]], Any] | None = None
+              ) -> int:
         """Set `example[field]` on every example: from the cache, or `encode` of its fitted image (a chunk at a
-        time, one bucket per call) then cached; returns how many came from the cache."""
+        time, one bucket per call) then cached; returns how many came from the cache. `open_image`: what to fit
+        instead of the example's image (its control map)."""
         from PIL import Image
 
         from studio.training.data import fit
@@ -320,6 +363,9 @@ class Run:
             for bucket, group in by_bucket.items():
                 images = []
                 for example in group:
+                    if open_image is not None:
+                        images.append(fit(open_image(example), bucket, flip=example["flip"]))
+                        continue
                     with Image.open(example["item"].path) as image:
                         images.append(fit(image, bucket, flip=example["flip"]))
                 for example, value in zip(group, encode(images), strict=True):
@@ -401,6 +447,8 @@ class Run:
         if embeds is not None:
             # (batch, 1 image, dim) as the UNet pipeline passes it; a DiT's patch features are (batch, tokens, dim)
             conditioning["image_embeds"] = embeds[:, None] if embeds.dim() == 2 else embeds
+        if "control" in picked[0]:  # a control model's maps: the denoiser hook reads them (studio.adapters.control)
+            conditioning["control"] = torch.stack([e["control"] for e in picked])
         if self.config.masked_loss and not anchor:  # not conditioning: the loss takes it as its own argument
             conditioning["pixel_weights"] = torch.stack([e["pixel_weights"] for e in picked])
         return torch.stack([e["latent"] for e in picked]), conditioning
