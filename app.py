@@ -39,7 +39,9 @@ from studio.schedulers import SCHEDULERS
 log = logging.getLogger("studio.app")
 
 SLOTS = 4  # adapters in the Generate tab's stack
-KINDS = ("lora", "dora", "orthogonal", "oft")
+KINDS = ("lora", "dora", "orthogonal", "oft", "blora", "ip_adapter", "controlnet", "t2i_adapter")
+FOLDER_KINDS = ("controlnet", "t2i_adapter")  # saved as diffusers folders
+CONDITIONS = [("Canny edges", "canny"), ("soft edges (Sobel)", "soft_edge"), ("object mask", "mask")]
 MAX_UPLOAD = "50mb"  # per file (Gradio refuses larger uploads before they reach a handler)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CSS = """
@@ -152,8 +154,12 @@ def adapter_choices(query: str = "") -> list[tuple[str, str]]:
 
 
 def make_thumbnail(adapter_path: Path, backbone: str | None = None) -> str | None:
-    """A 1-image preview of an adapter: its trigger words on the adapter's backbone."""
+    """A 1-image preview of an adapter: its trigger words on the adapter's backbone (none for a control model's
+    folder: it needs a control image)."""
     from studio.adapters.base import MANIFEST_KEY, read_safetensors
+
+    if Path(adapter_path).is_dir():
+        return None
 
     _, metadata = read_safetensors(adapter_path)
     manifest = json.loads(metadata.get(MANIFEST_KEY, "{}"))
@@ -224,20 +230,54 @@ def use_image_prompt(pipeline: Any, image: str | None, scale: float, routing: st
                         routing=routing or "all", content=(content or "").strip())
 
 
+CONTROL_KINDS = [("ControlNet", "controlnet"), ("T2I-Adapter", "t2i_adapter")]
+PREPROCESS = [("the model's own", ""), ("Canny edges", "canny"), ("soft edges (Sobel)", "soft_edge"),
+              ("object mask", "mask"), ("none: the image is the map", "none")]
+INPUT_KINDS = ("ip_adapter", "controlnet", "t2i_adapter")  # adapters with run-time images
+
+
+def use_control(pipeline: Any, image: str | None, kind: str, model: str, preprocess: str, scale: float,
+                end: float) -> None:
+    """The Generate tab's control on top of the stack: `model` (a ControlNet / T2I-Adapter folder) or the backbone's
+    own of `kind`, reading `image` through `preprocess` (empty: the model's own condition)."""
+    from studio.adapters.control import default_control
+
+    if image:
+        inputs: dict[str, Any] = {"image": image, "end": float(end)}
+        if preprocess:
+            inputs["preprocess"] = preprocess
+        path = (model or "").strip() or str(default_control(pipeline.backbone, kind or "controlnet"))
+        pipeline.attach(path, float(scale), **inputs)
+
+
+@ui_errors
+def preview_control(image: str | None, preprocess: str) -> Any:
+    """The control map the model will read: the image through the chosen preprocessor (the model's own
+    condition is shown as the image itself, which is what it reads until generation picks the model)."""
+    from studio.adapters.control import preview
+
+    return preview(image, preprocess or "none") if image else None
+
+
 @ui_errors
 def generate_images(prompt: str, negative_prompt: str, backbone: str, n: int, seed: int, steps: int,
                     guidance: float, width: int, height: int, scheduler: str, ip_image: str | None = None,
                     ip_scale: float = 1.0, ip_routing: str = "all", ip_content: str = "",
+                    control_image: str | None = None, control_kind: str = "controlnet", control_model: str = "",
+                    control_preprocess: str = "", control_scale: float = 1.0, control_end: float = 1.0,
                     *slots: Any) -> tuple[list[tuple[str, str]], list[str], str]:
     """The Generate button: the gallery (path, caption), each image's recipe JSON, and the first
     image's A1111 parameters. `ip_*`: the image prompt (reference image path, scale, routing, content
-    words to subtract); `slots`: (adapter path, weight, on) per stack slot."""
+    words to subtract); `control_*`: a control image, the model's kind or folder, its preprocessor, scale and
+    end; `slots`: (adapter path, weight, on) per stack slot."""
     pipeline, lock = pipeline_for(backbone or DEFAULT_BACKBONE)
     with lock:
-        if ip_image or any(e["adapter"].kind == "ip_adapter" for e in pipeline.adapters):
-            pipeline.detach()  # an image prompt's inputs change per request: attach the stack afresh
+        if ip_image or control_image or any(e["adapter"].kind in INPUT_KINDS for e in pipeline.adapters):
+            pipeline.detach()  # image inputs change per request: attach the stack afresh
         use_adapters(pipeline, _stack(slots))
         use_image_prompt(pipeline, ip_image, ip_scale, ip_routing, ip_content)
+        use_control(pipeline, control_image, control_kind, control_model, control_preprocess, control_scale,
+                    control_end)
         result = pipeline.generate(prompt, negative_prompt=negative_prompt or "", n=int(n),
                                    seed=None if seed is None or int(seed) < 0 else int(seed), steps=int(steps),
                                    guidance=float(guidance), width=int(width), height=int(height),
@@ -280,7 +320,14 @@ def reuse_recipe(recipe_json: str | None) -> list[Any]:
                    inputs.get("content", "")]
     else:
         values += [None, 1.0, "all", ""]
-    adapters = [a for a in r.adapters if a.get("path") and a.get("kind") != "ip_adapter"]
+    control = next((a for a in r.adapters if a.get("kind") in ("controlnet", "t2i_adapter")), None)
+    if control is not None:
+        inputs = control.get("inputs") or {}
+        values += [(inputs.get("images") or [None])[0], control["kind"], control.get("path") or "",
+                   inputs.get("preprocess") or "", float(control["weight"]), float(inputs.get("end", 1.0))]
+    else:
+        values += [None, "controlnet", "", "", 1.0, 1.0]
+    adapters = [a for a in r.adapters if a.get("path") and a.get("kind") not in INPUT_KINDS]
     for i in range(SLOTS):
         if i < len(adapters):
             weight = adapters[i]["weight"]
@@ -420,10 +467,10 @@ JOBS = Jobs()
 
 @ui_errors
 def start_training(source: str, table: Any, name: str, kind: str, backbone: str, trigger: str, steps: int,
-                   rank: int, lr: float, tokens: int = 0) -> int:
+                   rank: int, lr: float, tokens: int = 0, condition: str = "canny") -> int:
     """Start: the images and the table's captions are copied into training/<name>/, then a job
-    trains adapters/<name>.safetensors. `tokens` > 0 learns the trigger as that many token vectors
-    (pivotal tuning). Returns the job id."""
+    trains adapters/<name>.safetensors (a control model: the folder adapters/<name>). `tokens` > 0 learns the
+    trigger as that many token vectors (pivotal tuning); `condition`: a control model's maps. Returns the job id."""
     import gradio as gr
 
     from studio.training.trainer import TrainConfig
@@ -434,7 +481,8 @@ def start_training(source: str, table: Any, name: str, kind: str, backbone: str,
     name = safe_name(name or "", fallback="")
     if not name:
         raise gr.Error("Give the adapter a name (letters, digits, dots, dashes).")
-    out = folder("adapters") / f"{name}.safetensors"
+    kind = kind or "lora"
+    out = folder("adapters") / (name if kind in FOLDER_KINDS else f"{name}.safetensors")
     if out.exists() or JOBS.running_named(name):
         raise gr.Error(f"An adapter named {name!r} exists already or is training; choose another name.")
     target = folder("training") / name
@@ -449,13 +497,14 @@ def start_training(source: str, table: Any, name: str, kind: str, backbone: str,
         copy = free_path(target / safe_name(Path(relative).name))
         shutil.copyfile(image, copy)
         copy.with_suffix(".txt").write_text(text.strip() + "\n", encoding="utf-8")
-    kind = kind or "lora"
     steps = int(steps)
     config = TrainConfig(folder=str(target), out=str(out), kind="lora" if kind == "dora" else kind,
                          dora=kind == "dora", backbone=backbone or DEFAULT_BACKBONE, trigger=trigger or "",
                          steps=steps, rank=int(rank), lr=float(lr), batch=4, tokens=int(tokens or 0),
-                         checkpoint_every=max(1, min(100, steps // 4 or 1)), sample_every=max(1, steps // 4),
-                         sample_prompts=[rows[0][1]], name=name)
+                         checkpoint_every=max(1, min(100, steps // 4 or 1)),
+                         # samples need the adapter's run-time image; kinds without one show theirs while training
+                         sample_every=0 if kind in INPUT_KINDS else max(1, steps // 4),
+                         sample_prompts=[rows[0][1]], name=name, condition=condition or "canny")
     return JOBS.start(config)
 
 
@@ -686,7 +735,7 @@ def erase_preview(path: str | None, prompts: str, backbone: str, seed: int = 0) 
 # ------------------------------------------------------------------------------------------ page
 
 def generate_tab(backbones: list[str]):
-    """The Generate tab: prompt, settings, adapter stack, image prompt; returns the stack's pickers."""
+    """The Generate tab: prompt, settings, adapter stack, image prompt, control; returns the stack's pickers."""
     import gradio as gr
 
     with gr.Tab("Generate") as generate_tab:
@@ -727,6 +776,23 @@ def generate_tab(backbones: list[str]):
                                                            ("style and layout", "style+layout")])
                             ip_content = gr.Textbox(label="Subtract content (InstantStyle)",
                                                     placeholder="words naming what the reference shows")
+                with gr.Accordion("Control (ControlNet / T2I-Adapter)", open=False):
+                    with gr.Row():
+                        control_image = gr.Image(label="Control image", type="filepath", height=140,
+                                                 sources=["upload", "clipboard"], elem_classes="pixelated")
+                        control_map = gr.Image(label="Control map (what the model reads)", type="pil", height=140,
+                                               interactive=False, elem_classes="pixelated")
+                    with gr.Row():
+                        control_kind = gr.Radio(label="Model", choices=CONTROL_KINDS, value="controlnet",
+                                                info="the backbone's own (world-sd ships mask models)")
+                        control_preprocess = gr.Dropdown(label="Preprocessor", choices=PREPROCESS, value="")
+                    control_model = gr.Textbox(label="Control model folder",
+                                               placeholder="empty: the backbone's own; or a diffusers ControlNet / "
+                                                           "T2I-Adapter folder")
+                    with gr.Row():
+                        control_scale = gr.Slider(label="Control scale", minimum=0, maximum=2, step=0.05, value=1.0)
+                        control_end = gr.Slider(label="Acts until", minimum=0.05, maximum=1, step=0.05, value=1.0,
+                                                info="fraction of the steps (T2I-Adapter: early steps suffice)")
                 with gr.Accordion("Adapters", open=False):
                     slots: list[Any] = []
                     pickers = []
@@ -746,7 +812,10 @@ def generate_tab(backbones: list[str]):
                     reuse = gr.Button("Reuse this recipe")
                     download = gr.DownloadButton("Download PNG", value=None)
         inputs = [prompt, negative, backbone, n, seed, steps, guidance, width, height, scheduler, ip_image, ip_scale,
-                  ip_routing, ip_content, *slots]
+                  ip_routing, ip_content, control_image, control_kind, control_model, control_preprocess,
+                  control_scale, control_end, *slots]
+        for trigger in (control_image.change, control_preprocess.change):
+            trigger(preview_control, [control_image, control_preprocess], control_map)
         button.click(generate_images, inputs, [gallery, recipes, parameters], concurrency_limit=2)
         dice.click(random_seed, None, seed)
 
@@ -790,6 +859,8 @@ def train_tab(backbones: list[str]):
                     trigger = gr.Textbox(label="Trigger word", value="sks")
                 with gr.Row():
                     kind = gr.Dropdown(label="Kind", choices=list(KINDS), value="lora")
+                    condition = gr.Dropdown(label="Control maps", choices=CONDITIONS, value="canny",
+                                            info="controlnet / t2i_adapter: made from each image")
                     train_backbone = gr.Dropdown(label="Backbone", choices=backbones, value=DEFAULT_BACKBONE,
                                                  allow_custom_value=True)
                 with gr.Row():
@@ -819,7 +890,7 @@ def train_tab(backbones: list[str]):
             return gr.Timer(active=True)
 
         start.click(start_training, [source, captions, name, kind, train_backbone, trigger, train_steps, rank, lr,
-                                     tokens],
+                                     tokens, condition],
                     job).success(restart_timer, None, timer)
         resume.click(resume_training, job, job).success(restart_timer, None, timer)
         cancel.click(cancel_training, job, note)

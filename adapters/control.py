@@ -53,9 +53,10 @@ if TYPE_CHECKING:
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # the diffusers class of each control kind per family (what a folder's config.json `_class_name` says)
 CLASSES = {"controlnet": {"sd1": "ControlNetModel", "sd2": "ControlNetModel", "sdxl": "ControlNetModel",
-                          "sd3": "SD3ControlNetModel"},
+                          "sd3": "SD3ControlNetModel", "flux": "FluxControlNetModel"},
            "t2i_adapter": {"sd1": "T2IAdapter", "sd2": "T2IAdapter", "sdxl": "T2IAdapter"}}
-KIND_OF_CLASS = {"ControlNetModel": "controlnet", "SD3ControlNetModel": "controlnet", "T2IAdapter": "t2i_adapter"}
+KIND_OF_CLASS = {"ControlNetModel": "controlnet", "SD3ControlNetModel": "controlnet", "FluxControlNetModel": "controlnet",
+                 "T2IAdapter": "t2i_adapter"}
 CONDITIONS = ("canny", "soft_edge", "mask", "paired")  # training: derived from each image, or conditions/NAME.png
 
 
@@ -81,12 +82,14 @@ def _as_given(image: Image.Image) -> Image.Image:
 
 @PREPROCESSORS.register("canny")
 def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
-    """OpenCV's Canny edges (lllyasviel's canny ControlNets' input): white edges on black, RGB."""
+    """OpenCV's Canny edges (lllyasviel's canny ControlNets' input): white edges on black, RGB. Found in each colour
+    channel and joined, so an edge between colours of one brightness (yellow on light grey) is not lost."""
     import cv2
     import numpy as np
     from PIL import Image as PILImage
 
-    edges = cv2.Canny(np.asarray(image.convert("L")), low, high)
+    rgb = np.asarray(image.convert("RGB"))
+    edges = np.maximum.reduce([cv2.Canny(np.ascontiguousarray(rgb[..., c]), low, high) for c in range(3)])
     return PILImage.fromarray(np.stack([edges] * 3, axis=-1))
 
 
@@ -251,6 +254,11 @@ class ControlAdapter(Adapter):
         adapter.path = folder
         return adapter
 
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> ControlAdapter:
+        raise ControlError(f"that file holds the weights of the {manifest.get('kind')} {manifest.get('name')!r}: "
+                           f"load the folder it is in (its config.json says the architecture).")
+
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the diffusers folder (config.json + weights with the manifest), atomically."""
         import shutil
@@ -413,9 +421,15 @@ class ControlNet(ControlAdapter):
     def build(cls, backbone: Backbone, config: ControlConfig) -> Any:
         """From the backbone's own encoder (and middle block): diffusers' `from_unet` / `from_transformer`,
         zero-initialised outputs; the hint encoder has one stride-2 stage per VAE halving."""
-        from diffusers import ControlNetModel, SD3ControlNetModel
+        from diffusers import ControlNetModel, FluxControlNetModel, SD3ControlNetModel
 
         denoiser = backbone.denoiser
+        if backbone.family.name == "flux":  # InstantX's layout: the map's packed latent, the first blocks copied
+            layers = config.layers or max(1, denoiser.config.num_layers // 2)
+            return FluxControlNetModel.from_transformer(
+                denoiser, num_layers=layers, num_single_layers=max(1, denoiser.config.num_single_layers // 4),
+                attention_head_dim=denoiser.config.attention_head_dim,
+                num_attention_heads=denoiser.config.num_attention_heads)
         if backbone.family.name == "sd3":
             layers = config.layers or max(1, denoiser.config.num_layers // 2)
             model = SD3ControlNetModel.from_config({**dict(denoiser.config), "num_layers": layers,
@@ -437,6 +451,8 @@ class ControlNet(ControlAdapter):
         config = backbone.denoiser.config
         keys = (("in_channels", "patch_size", "attention_head_dim", "num_attention_heads", "joint_attention_dim")
                 if backbone.family.name == "sd3" else
+                ("in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+                 "pooled_projection_dim", "axes_dims_rope") if backbone.family.name == "flux" else
                 ("in_channels", "block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim",
                  "addition_embed_type", "transformer_layers_per_block"))
         wanted = {k: config.get(k) for k in keys}
@@ -449,6 +465,20 @@ class ControlNet(ControlAdapter):
         from diffusers.image_processor import VaeImageProcessor
 
         pipe = backbone.pipe
+        if backbone.family.name == "flux" and self.model.input_hint_block is not None:
+            # XLabs' Flux ControlNets read the map itself in [-1, 1]
+            return VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * 2).preprocess(image, height=height,
+                                                                                           width=width)
+        if backbone.family.name == "flux":
+            # FluxControlNetPipeline (InstantX): the map's VAE latent (its mean; diffusers samples it), shifted and
+            # scaled, packed into 2x2 patches like the latents
+            x = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * 2).preprocess(image, height=height,
+                                                                                        width=width)
+            vae = pipe.vae
+            with torch.no_grad():
+                latent = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode()
+            latent = (latent - vae.config.shift_factor) * vae.config.scaling_factor
+            return pipe._pack_latents(latent, 1, latent.shape[1], latent.shape[2], latent.shape[3])
         if backbone.family.name == "sd3":
             # StableDiffusion3ControlNetPipeline: the map in [-1, 1] through the VAE; its latent's mean (diffusers
             # samples it, so its own runs differ from one another), no shift for zero-pooled (InstantX) models
@@ -466,6 +496,16 @@ class ControlNet(ControlAdapter):
                   args: tuple, kwargs: dict[str, Any], training: bool = False) -> dict[str, Any]:
         model = self.model
         condition = condition.to(model.device, model.dtype)
+        if backbone.family.name == "flux":
+            blocks, singles = model(hidden_states=kwargs["hidden_states"], controlnet_cond=condition,
+                                    conditioning_scale=scale, timestep=kwargs["timestep"],
+                                    guidance=kwargs.get("guidance") if model.config.guidance_embeds else None,
+                                    pooled_projections=kwargs["pooled_projections"],
+                                    encoder_hidden_states=kwargs["encoder_hidden_states"], txt_ids=kwargs["txt_ids"],
+                                    img_ids=kwargs["img_ids"], joint_attention_kwargs=kwargs.get("joint_attention_kwargs"),
+                                    return_dict=False)
+            return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": singles,
+                    "controlnet_blocks_repeat": model.input_hint_block is not None}
         if backbone.family.name == "sd3":
             pooled = kwargs["pooled_projections"]
             samples = model(hidden_states=kwargs["hidden_states"], timestep=kwargs["timestep"],
@@ -577,11 +617,11 @@ def _add_controls(backbone: Backbone, args: tuple, kwargs: dict[str, Any]) -> tu
             condition = training
         for key, value in adapter.residuals(backbone, entry, condition, entry["scale"], args, kwargs,
                                               training=training is not None).items():
-            if key not in added:
+            if key not in added or added[key] is None or isinstance(value, bool):
                 added[key] = value
-            elif isinstance(value, list):
+            elif isinstance(value, (list, tuple)):
                 added[key] = [a + b for a, b in zip(added[key], value, strict=True)]
-            else:
+            elif value is not None:
                 added[key] = added[key] + value
     if "down_intrablock_additional_residuals" in added:  # the UNet pops from this list: each call gets a copy
         added["down_intrablock_additional_residuals"] = [r.clone() for r in added["down_intrablock_additional_residuals"]]
@@ -593,7 +633,11 @@ def _condition(backbone: Backbone, entry: dict[str, Any], args: tuple, kwargs: d
     """The entry's map prepared for this call's size and batch, once per generation."""
     sample = _unet_inputs(args, kwargs)[0] if backbone.family.arch == "unet" else kwargs["hidden_states"]
     factor = backbone.pipe.vae_scale_factor
-    height, width = sample.shape[-2] * factor, sample.shape[-1] * factor
+    if backbone.family.name == "flux":  # packed 2x2 latent patches: the size from their positions
+        ids = kwargs["img_ids"]
+        height, width = (int(ids[:, 1].max()) + 1) * 2 * factor, (int(ids[:, 2].max()) + 1) * 2 * factor
+    else:
+        height, width = sample.shape[-2] * factor, sample.shape[-1] * factor
     adapter = entry["adapter"]
     cache = _state(backbone)["cache"]
     key = ("map", adapter.name, height, width, sample.shape[0])
@@ -694,9 +738,24 @@ def folder_class(folder: Path) -> str:
     return name
 
 
-def is_control_folder(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / "config.json").is_file()
+def is_hub_id(text: str) -> bool:
+    """`owner/name` with nothing else: a hub repo, not a relative path."""
+    import re
+
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.endswith(".safetensors")
+
+
+def hub_folder(repo_id: str) -> Path:
+    """A control model's hub repo downloaded (config and safetensors weights only, never pickles) or from the cache."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "diffusion_pytorch_model*.safetensors"]))
+    except Exception as error:  # huggingface_hub raises several types for offline / missing / network
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ControlError(f"{repo_id!r} is not a file or folder here, and the hub did not provide it ({first}); "
+                           f"download it once where the network is reachable (`hf download {repo_id}`) or give "
+                           f"the local folder.") from None
 
 
 def _guess_condition(name: str) -> str:
@@ -727,8 +786,8 @@ def training_map(item: Any, condition: str) -> tuple[Path | None, str]:
 
 
 # the control models studio ships, per (kind, embedded backbone): trained on mask maps by bench/control.py
-SHIPPED = {("controlnet", "world-sd"): "control/world-sd-controlnet-mask",
-           ("t2i_adapter", "world-sd"): "control/world-sd-t2i-adapter-mask"}
+SHIPPED = {("controlnet", "world-sd"): "control/controlnet-world-sd",
+           ("t2i_adapter", "world-sd"): "control/t2i_adapter-world-sd"}
 
 
 def default_control(backbone: Backbone, kind: str) -> Path:

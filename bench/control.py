@@ -12,7 +12,7 @@
    and seed (time ratio, pixel difference); world-dit against `StableDiffusion3ControlNetPipeline` (time only:
    diffusers samples the map's VAE latent, so its own runs differ).
 
-    .venv/bin/python bench/control.py                  # trains all three, then measures (~60 min on 2 cores)
+    .venv/bin/python bench/control.py                  # trains all three, then measures (~45 min on 2 cores)
     .venv/bin/python bench/control.py --reuse          # measure the models in --out again
     .venv/bin/python bench/control.py --ship           # also copy the world-sd models into assets/world/control
 """
@@ -34,7 +34,6 @@ from studio.pipelines import StudioPipeline
 
 from studio.world.captions import BACKGROUND_WORDS
 from studio.world.evaluator import load_evaluator, predict
-from studio.world.folder import write_reference_folder
 from studio.world.render import render, sample_labels
 from studio.world.vocab import Labels
 
@@ -51,7 +50,7 @@ def train_control(out: Path, kind: str, backbone: str, *, refs: int, steps: int)
 
     folder = out / "refs"
     if not folder.exists():
-        write_reference_folder(folder, n=refs, seed=11, masks=True)
+        write_folder(folder, refs, seed=11)
     target = out / f"{kind}-{backbone}"
     config = TrainConfig(folder=str(folder), out=str(target), kind=kind, backbone=backbone, steps=steps,
                          lr=LR[kind], **RECIPE)
@@ -66,6 +65,20 @@ def train_control(out: Path, kind: str, backbone: str, *, refs: int, steps: int)
     path = train(config, progress=progress, resume=(Path(f"{target}.checkpoint") / "state.json").is_file())
     print(f"trained {path} in {(time.monotonic() - start) / 60:.1f} min", flush=True)
     return path
+
+
+def write_folder(folder: Path, n: int, *, seed: int) -> None:
+    """Renders with their exact masks (NAME.mask.png) and captions that name colour, shape and background but not
+    the place or size: the map is what says where, as in the measurement (the world's own captions always say
+    where, which would leave a control nothing to learn)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        labels = sample_labels(rng)
+        image, mask = render(labels, seed=int(rng.integers(2**31)))
+        image.save(folder / f"{i:04d}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / f"{i:04d}.mask.png")
+        (folder / f"{i:04d}.txt").write_text(prompt_of(labels) + "\n", encoding="utf-8")
 
 
 def cases(n: int, seed: int) -> list[tuple[Image.Image, np.ndarray, Labels]]:
@@ -173,7 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/bench-control"))
     parser.add_argument("--refs", type=int, default=1000, help="training renders")
-    parser.add_argument("--steps", type=int, nargs=3, default=[1200, 1200, 1200], metavar=("CN_SD", "T2I_SD", "CN_DIT"),
+    parser.add_argument("--steps", type=int, nargs=3, default=[3000, 3000, 3000], metavar=("CN_SD", "T2I_SD", "CN_DIT"),
                         help="training steps of each model")
     parser.add_argument("--reuse", action="store_true", help="measure the models already in --out")
     parser.add_argument("--ship", action="store_true", help="copy the world-sd models into assets/world/control")

@@ -632,12 +632,14 @@ def world_render(
     size: Annotated[str | None, typer.Option(help="Fixed size (small, large).")] = None,
     trigger: Annotated[str | None, typer.Option(help="Trigger word: captions say '<trigger> <shape>'.")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    masks: Annotated[bool, typer.Option(
+        "--masks", help="Also write NNN.mask.png, the shape's exact mask (masked loss, mask control maps).")] = False,
 ) -> None:
     """Write a reference folder of renders with one caption file per image."""
     from studio.world.folder import write_reference_folder
 
     paths = write_reference_folder(out, n=n, seed=seed, trigger=trigger, shape=shape, colour=colour,
-                                   background=background, position=position, size=size)
+                                   background=background, position=position, size=size, masks=masks)
     out_console.print(f"{len(paths)} images with captions in {out}", highlight=False)
 
 

@@ -51,17 +51,22 @@ class Library:
     # ---------------------------------------------------------------------------------- adapters
 
     def add_adapter(self, path: str | Path, *, tags: list[str] | None = None, thumbnail: str | None = None) -> dict:
-        """Index an adapter file (its manifest's kind, family, trigger words; its hash)."""
+        """Index an adapter file, or a control model's folder (its manifest's kind, family, trigger words; its hash)."""
         from studio.adapters.base import MANIFEST_KEY, read_safetensors
-        from studio.hashing import sha256_file
+        from studio.hashing import hash_files
 
         path = Path(path).resolve()
-        _, metadata = read_safetensors(path)
+        if path.is_dir():
+            from studio.adapters.control import WEIGHTS
+
+            _, metadata = read_safetensors(path / WEIGHTS)
+        else:
+            _, metadata = read_safetensors(path)
         manifest = json.loads(metadata.get(MANIFEST_KEY, "{}"))
         row = {"path": str(path), "name": manifest.get("name") or path.stem, "kind": manifest.get("kind", "lora"),
                "family": manifest.get("family", ""), "base": manifest.get("base", ""),
                "trigger_words": json.dumps(manifest.get("trigger_words", [])), "tags": json.dumps(tags or []),
-               "sha256": sha256_file(path), "thumbnail": thumbnail, "added": time.time()}
+               "sha256": hash_files(path), "thumbnail": thumbnail, "added": time.time()}
         with self._connect() as db:
             db.execute(f"INSERT OR REPLACE INTO adapters ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                        tuple(row.values()))

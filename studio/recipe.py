@@ -103,14 +103,18 @@ class Recipe:
         }
         if self.n > 1:
             fields |= {"Batch size": self.n, "Batch pos": self.index}
-        loras = [a for a in self.adapters if a.get("kind") not in IMAGE_PROMPT_KINDS]
+        loras = [a for a in self.adapters if a.get("kind") not in CONTROLNET_UNIT_KINDS]
         if loras:  # A1111's LoRA fields: `<lora:name:weight>` in the prompt, short file hashes
             fields["Lora hashes"] = '"' + ", ".join(f"{a['name']}: {(a.get('sha256') or '')[:12]}" for a in loras) + '"'
-        # image prompts as A1111's ControlNet extension writes its IP-Adapter units
-        for i, a in enumerate(a for a in self.adapters if a.get("kind") in IMAGE_PROMPT_KINDS):
-            routing = (a.get("inputs") or {}).get("routing", "all")
-            fields[f"ControlNet {i}"] = (f'"Module: ip-adapter, Model: {a["name"]} [{(a.get("sha256") or "")[:8]}], '
-                                         f'Weight: {_a1111_weight(a["weight"])}, Routing: {routing}"')
+        # image prompts and controls as A1111's ControlNet extension writes its units
+        for i, a in enumerate(a for a in self.adapters if a.get("kind") in CONTROLNET_UNIT_KINDS):
+            inputs = a.get("inputs") or {}
+            model = f'Model: {a["name"]} [{(a.get("sha256") or "")[:8]}], Weight: {_a1111_weight(a["weight"])}'
+            if a["kind"] == "ip_adapter":
+                fields[f"ControlNet {i}"] = f'"Module: ip-adapter, {model}, Routing: {inputs.get("routing", "all")}"'
+            else:
+                fields[f"ControlNet {i}"] = (f'"Module: {inputs.get("preprocess", "none")}, {model}, Guidance Start: '
+                                             f'{inputs.get("start", 0):g}, Guidance End: {inputs.get("end", 1):g}"')
         fields["Version"] = f"studio {self.studio_version}".strip()
         lines = [" ".join([self.prompt, *(f"<lora:{a['name']}:{_a1111_weight(a['weight'])}>" for a in loras)])]
         if self.negative_prompt:
@@ -119,7 +123,7 @@ class Recipe:
         return "\n".join(lines)
 
 
-IMAGE_PROMPT_KINDS = ("ip_adapter",)
+CONTROLNET_UNIT_KINDS = ("ip_adapter", "controlnet", "t2i_adapter")  # not LoRAs: A1111 lists them as units
 
 
 def _a1111_weight(weight: float | str) -> str:

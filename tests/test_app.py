@@ -26,11 +26,12 @@ def home(tmp_path, monkeypatch):
 
 
 NO_IMAGE_PROMPT = [None, 1.0, "all", ""]  # reference image, scale, routing, content words
+NO_CONTROL = [None, "controlnet", "", "", 1.0, 1.0]  # control image, kind, model folder, preprocessor, scale, end
 
 
 def empty_slots() -> list:
-    """The image-prompt controls left empty, then the adapter stack's empty slots."""
-    return NO_IMAGE_PROMPT + [None, 1.0, True] * app.SLOTS
+    """The image-prompt and control inputs left empty, then the adapter stack's empty slots."""
+    return NO_IMAGE_PROMPT + NO_CONTROL + [None, 1.0, True] * app.SLOTS
 
 
 def wait_for(job_id: int, timeout: float = 120) -> dict:
@@ -78,7 +79,8 @@ def test_reuse_recipe_fills_the_controls_with_that_image(home):
     gallery, recipes, _ = app.generate_images("a blue circle", "blurry", "tiny-sd1", 2, 40, 2, 4.5, 64, 64, "ddim",
                                               *empty_slots())
     values = app.reuse_recipe(recipes[1])
-    assert values[:14] == ["a blue circle", "blurry", "tiny-sd1", 1, 41, 2, 4.5, 64, 64, "ddim", *NO_IMAGE_PROMPT]
+    assert values[:20] == ["a blue circle", "blurry", "tiny-sd1", 1, 41, 2, 4.5, 64, 64, "ddim", *NO_IMAGE_PROMPT,
+                           *NO_CONTROL]
     again, _, _ = app.generate_images(*values)
     from conftest import pixels
     from PIL import Image
@@ -241,7 +243,7 @@ def test_erase_tab_makes_an_eraser_previews_it_and_stacks_it_in_generate(home):
     before, after = (np.asarray(Image.open(p), dtype=np.int16) for p, _ in grid)
     assert np.abs(before - after).mean() > 5  # the eraser changed the circle's image
     gallery, _, parameters = app.generate_images("a red circle", "", "world-sd", 1, 3, 4, 5.0, 64, 64, "",
-                                                 *NO_IMAGE_PROMPT, path, 1.0, True, *[None, 1.0, True] * (app.SLOTS - 1))
+                                                 *NO_IMAGE_PROMPT, *NO_CONTROL, path, 1.0, True, *[None, 1.0, True] * (app.SLOTS - 1))
     assert "<lora:no_circle:1>" in parameters
 
 
@@ -299,3 +301,67 @@ def test_image_prompt_in_generate_goes_into_the_recipe_and_reuse_brings_it_back(
     assert np.abs(pixels(Image.open(again[0][0])) - pixels(Image.open(gallery[0][0]))).max() <= 1
     plain, _, _ = app.generate_images("a green square", "", "world-sd", 1, 8, 4, 7.0, 64, 64, "", *empty_slots())
     assert np.abs(pixels(Image.open(plain[0][0])) - pixels(Image.open(gallery[0][0]))).mean() > 1
+
+
+def test_control_in_generate_previews_its_map_goes_into_the_recipe_and_reuse_brings_it_back(home, tmp_path):
+    import numpy as np
+    from conftest import pixels
+    from PIL import Image
+
+    from studio.world.render import render, sample_labels
+
+    labels = sample_labels(np.random.default_rng(4), size="large", position="top left")
+    image, mask = render(labels, seed=4)
+    source = tmp_path / "scene.png"
+    image.save(source)
+    edges = np.asarray(app.preview_control(str(source), "canny"))
+    assert edges.shape == (64, 64, 3) and set(np.unique(edges)) == {0, 255}
+    assert np.array_equal(np.asarray(app.preview_control(str(source), "")), np.asarray(image))
+    mask_path = tmp_path / "mask.png"
+    Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+    gallery, recipes, parameters = app.generate_images(
+        "a red square on a plain background", "", "world-sd", 1, 8, 4, 7.0, 64, 64, "", *NO_IMAGE_PROMPT,
+        str(mask_path), "controlnet", "", "none", 0.9, 0.8, *[None, 1.0, True] * app.SLOTS)
+    assert 'Module: none, Model: controlnet-world-sd' in parameters and "Weight: 0.9" in parameters
+    assert "Guidance End: 0.8" in parameters and "<lora:" not in parameters
+    values = app.reuse_recipe(recipes[0])
+    assert values[14:20] == [str(mask_path.resolve()), "controlnet", values[16], "none", 0.9, 0.8]
+    assert values[16].endswith("controlnet-world-sd")
+    again, _, _ = app.generate_images(*values)
+    assert np.abs(pixels(Image.open(again[0][0])) - pixels(Image.open(gallery[0][0]))).max() <= 1
+    with pytest.raises(__import__("gradio").Error, match="all-black"):
+        app.preview_control(str(_black(tmp_path)), "none")
+
+
+def _black(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "black.png"
+    Image.new("RGB", (64, 64)).save(path)
+    return path
+
+
+def test_train_tab_trains_a_controlnet_into_the_library_and_generate_uses_its_folder(home, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from studio.world.folder import write_reference_folder
+
+    refs = tmp_path / "refs"
+    write_reference_folder(refs, n=3, seed=2)
+    source, rows, _ = app.pick_server_folder(str(refs), "")
+    job = app.start_training(source, rows, "edges", "controlnet", "world-sd", "", 2, 4, 1e-4, 0, "soft_edge")
+    row = wait_for(job)
+    assert row["status"] == "done", row["error"]
+    path = Path(json.loads(row["result"])["path"])
+    assert path == home / "adapters" / "edges" and (path / "config.json").is_file()
+    entry = app.library().adapter(path)
+    assert entry["kind"] == "controlnet" and entry["family"] == "sd1"
+    assert str(path) not in {p for _, p in app.adapter_choices()}  # not a stack adapter: it needs a control image
+    with pytest.raises(__import__("gradio").Error, match="exists already"):
+        app.start_training(source, rows, "edges", "controlnet", "world-sd", "", 2, 4, 1e-4, 0, "soft_edge")
+    Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(tmp_path / "blank.png")
+    gallery, _, parameters = app.generate_images(
+        "a red circle", "", "world-sd", 1, 1, 2, 7.0, 64, 64, "", *NO_IMAGE_PROMPT, str(refs / "000.png"),
+        "controlnet", str(path), "", 1.0, 1.0, *[None, 1.0, True] * app.SLOTS)
+    assert 'Module: soft_edge, Model: edges' in parameters

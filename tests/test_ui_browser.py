@@ -232,3 +232,22 @@ def test_image_prompt_with_style_routing(page, tmp_path):
     gallery_image(page).wait_for(state="visible")
     page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('Routing: style'))")
     shot(page, "image-prompt")
+
+
+def test_control_image_with_preprocessor_preview(page, tmp_path):
+    import numpy as np
+
+    from studio.world.render import render, sample_labels
+
+    scene = tmp_path / "scene.png"
+    render(sample_labels(np.random.default_rng(6), size="large", background="plain"), seed=6)[0].save(scene)
+    page.get_by_text("Control (ControlNet / T2I-Adapter)", exact=True).click()  # the accordion starts closed
+    page.locator(".block", has_text="Control image").locator("input[type=file]").set_input_files(str(scene))
+    page.get_by_label("Preprocessor").click()
+    page.get_by_role("option", name="object mask").click()
+    # the map appears beside the image (the mask preprocessor's white object on black) before any generation
+    page.locator(".block", has_text="Control map (what the model reads)").locator("img").first.wait_for(state="visible")
+    generate(page, "a blue square on a plain background")
+    gallery_image(page).wait_for(state="visible")
+    page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('Module: mask'))")
+    shot(page, "control")
