@@ -186,7 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/bench-control"))
     parser.add_argument("--refs", type=int, default=1000, help="training renders")
-    parser.add_argument("--steps", type=int, nargs=3, default=[3000, 3000, 3000], metavar=("CN_SD", "T2I_SD", "CN_DIT"),
+    parser.add_argument("--steps", type=int, nargs=3, default=[3000, 6000, 3000], metavar=("CN_SD", "T2I_SD", "CN_DIT"),
                         help="training steps of each model")
     parser.add_argument("--reuse", action="store_true", help="measure the models already in --out")
     parser.add_argument("--ship", action="store_true", help="copy the world-sd models into assets/world/control")
@@ -222,8 +222,8 @@ def main() -> None:
         print(f"\n{backbone}: {args.n} held-out masks, one image each, 20 steps, CFG "
               f"{pipeline.backbone.family.guidance:g}; the prompt names colour, shape and background, not the place\n")
         rows = [("base model, no control", measure(pipeline, [], scenes))]
-        rows += [(f"{kind} (mask), scale 1", measure(pipeline, [(adapter, 1.0)], scenes))
-                 for kind, adapter in adapters.items()]
+        rows += [(f"{kind} (mask), scale {scale:g}", measure(pipeline, [(adapter, scale)], scenes))
+                 for kind, adapter in adapters.items() for scale in ((1.0, 2.0) if kind == "t2i_adapter" else (1.0,))]
         if len(adapters) > 1:
             rows.append(("controlnet + t2i_adapter, scale 1 each",
                          measure(pipeline, [(a, 1.0) for a in adapters.values()], scenes)))

@@ -38,6 +38,8 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         if str(path) in EMBEDDED:
             return {"path": str(path), "kind": "embedded backbone", "builder": EMBEDDED[str(path)].__doc__}
         raise BackboneNotFoundError(f"{str(path)!r} does not exist (nor is it an embedded backbone name).")
+    if path.is_dir() and not (path / "model_index.json").is_file() and (path / "config.json").is_file():
+        return _inspect_model_folder(path)
     if path.is_dir():
         return _inspect_folder(path)
     if path.suffix.lower() == ".png":
@@ -57,7 +59,7 @@ def _inspect_safetensors(path: Path) -> dict[str, Any]:
     }
     if "studio.manifest" in metadata:
         manifest = json.loads(metadata["studio.manifest"])
-        info |= {"kind": f"studio adapter ({manifest.get('kind', '?')})", "family": manifest.get("base_family"),
+        info |= {"kind": f"studio adapter ({manifest.get('kind', '?')})", "family": manifest.get("family"),
                  "manifest": manifest}
     elif adapter := next((name for name, marks in ADAPTER_MARKERS.items()
                           if any(m in k for k in keys for m in marks)), None):
@@ -91,6 +93,22 @@ def _inspect_folder(path: Path) -> dict[str, Any]:
             except StudioError as error:
                 info["family"] = f"unsupported ({error})"
     weights = [f for f in path.rglob("*") if f.suffix in (".safetensors", ".bin")]
+    info["size_mb"] = round(sum(f.stat().st_size for f in weights) / 2**20, 2)
+    return info
+
+
+def _inspect_model_folder(path: Path) -> dict[str, Any]:
+    """A one-model diffusers folder (a ControlNet, a T2I-Adapter): its class, config and weights."""
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    weights = sorted(path.glob("*.safetensors"))
+    info: dict[str, Any] = {"path": str(path), "kind": f"diffusers model folder ({config.get('_class_name', '?')})",
+                            "config": {k: v for k, v in config.items() if not k.startswith("_")}}
+    if weights:
+        details = _inspect_safetensors(weights[0])
+        info |= {k: details[k] for k in ("tensors", "parameters", "metadata") if k in details}
+        if "manifest" in details:
+            info |= {"kind": details["kind"], "family": details["manifest"].get("family"),
+                     "manifest": details["manifest"]}
     info["size_mb"] = round(sum(f.stat().st_size for f in weights) / 2**20, 2)
     return info
 

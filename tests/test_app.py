@@ -161,7 +161,8 @@ def test_training_job_runs_in_a_thread_and_lands_in_the_library(trained, home, t
     assert [row[0] for row in app.library_view("zwx")[1]] == ["heart-adapter"]  # search by trigger word
     # stacked in Generate: the recipe names the adapter at its weight
     gallery, recipes, parameters = app.generate_images(
-        "a red sks star", "", "world-sd", 1, 5, 2, 7.0, 64, 64, "", *NO_IMAGE_PROMPT, star, 0.8, True, heart, 1.0, False,
+        "a red sks star", "", "world-sd", 1, 5, 2, 7.0, 64, 64, "", *NO_IMAGE_PROMPT, *NO_CONTROL, star, 0.8, True, heart,
+        1.0, False,
         *([None, 1.0, True] * (app.SLOTS - 2)))
     adapters = json.loads(recipes[0])["adapters"]
     assert [(a["name"], a["weight"]) for a in adapters] == [("star-adapter", 0.8)]

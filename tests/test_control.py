@@ -370,3 +370,5 @@ def test_cli_generate_with_the_shipped_controls_and_train_a_control(tmp_path):
                                  "--batch", "2", "--out", str(tmp_path / "t2i")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "t2i" / "config.json").is_file()
+    shown = runner.invoke(app, ["inspect", str(tmp_path / "t2i")])
+    assert shown.exit_code == 0 and "studio adapter (t2i_adapter)" in shown.output and "full_adapter_xl" in shown.output
