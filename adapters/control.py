@@ -260,8 +260,9 @@ class ControlAdapter(Adapter):
         raise ControlError(f"that file holds the weights of the {manifest.get('kind')} {manifest.get('name')!r}: "
                            f"load the folder it is in (its config.json says the architecture).")
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the diffusers folder (config.json + weights with the manifest), atomically."""
+    def save(self, path: str | Path, *, overwrite: bool = False, half: bool = False) -> Path:
+        """Write the diffusers folder (config.json + weights with the manifest), atomically; `half`: the weights in
+        fp16 (half the size; diffusers' `from_pretrained` and studio load them as float32)."""
         import shutil
         import time
 
@@ -277,8 +278,8 @@ class ControlAdapter(Adapter):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.model.save_config(tmp)
-        write_adapter_file(tmp / WEIGHTS, self.tensors, self.manifest(), overwrite=True,
-                           extra_metadata={"format": "pt"})
+        tensors = {k: v.half() if half and v.is_floating_point() else v for k, v in self.tensors.items()}
+        write_adapter_file(tmp / WEIGHTS, tensors, self.manifest(), overwrite=True, extra_metadata={"format": "pt"})
         if path.exists():
             shutil.rmtree(path)
         tmp.replace(path)

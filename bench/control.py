@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -202,18 +201,17 @@ def main() -> None:
         target = args.out / f"{kind}-{backbone}"
         paths[(kind, backbone)] = target if args.reuse else train_control(args.out, kind, backbone, refs=args.refs,
                                                                            steps=steps)
+    from studio.adapters.base import load_adapter
+
     if args.ship:
         from studio.adapters.control import SHIPPED
 
         from studio.world import ASSETS
 
         for (kind, backbone), path in paths.items():
-            if (kind, backbone) in SHIPPED:
-                destination = ASSETS / SHIPPED[(kind, backbone)]
-                shutil.rmtree(destination, ignore_errors=True)
-                shutil.copytree(path, destination)
+            if (kind, backbone) in SHIPPED:  # in fp16: the world's assets stay within their 40 MB
+                destination = load_adapter(path).save(ASSETS / SHIPPED[(kind, backbone)], overwrite=True, half=True)
                 print(f"shipped {destination}")
-    from studio.adapters.base import load_adapter
 
     scenes = cases(args.n, args.seed)
     for backbone in () if args.skip_quality else ("world-sd", "world-dit"):

@@ -3,7 +3,8 @@ checks can fail, attach -> detach restores outputs and keys exactly, fused == un
 exact, save -> load round-trips, another family is refused before any weight changes. The eraser is
 an SPM one, so its transport hooks are attached and removed too. Attention-space kinds (image prompts,
 style injection) take run-time inputs: attach changes the image, detach gives back the same pixels and
-processors, save -> load round-trips, another family is refused before anything changes."""
+processors, save -> load round-trips, another family is refused before anything changes. Residual-space kinds
+(ControlNet, T2I-Adapter) likewise, with a control image, saved as diffusers folders, their hook removed on detach."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ KINDS = {"lora": {}, "dora": {"dora": True}, "orthogonal": {"concept_seed": 3, "
          # tiny-sd1 has no B-LoRA blocks of its own: name two
          "blora": {"rank": 2, "blocks": {"content": ["down_blocks.0.attentions.0"], "style": ["up_blocks.1.attentions.1"]}}}
 ATTENTION_KINDS = ("ip_adapter", "style_injection")
+RESIDUAL_KINDS = ("controlnet", "t2i_adapter")
 
 
 def make(kind: str, backbone, seed: int = 0):
@@ -40,7 +42,7 @@ def test_every_registered_kind_is_covered():
 
     weight = {k for k, cls in adapter_kinds().items() if issubclass(cls, WeightAdapter)}
     assert weight == {k for k in KINDS if k != "dora"}
-    assert set(adapter_kinds()) - weight == set(ATTENTION_KINDS)
+    assert set(adapter_kinds()) - weight == set(ATTENTION_KINDS) | set(RESIDUAL_KINDS)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -108,3 +110,38 @@ def test_attention_contract(kind, tmp_path):
     with pytest.raises(IncompatibleAdapterError, match="sd1.*sdxl"):
         loaded.attach(other, 1.0, image=image)
     assert {n: type(p) for n, p in other.denoiser.attn_processors.items()} == before
+
+
+@pytest.mark.parametrize("kind", RESIDUAL_KINDS)
+def test_residual_contract(kind, tmp_path):
+    import numpy as np
+    from conftest import pixels
+    from studio.pipelines import StudioPipeline
+    from test_control import scene
+
+    backbone = load_backbone("world-sd")
+    pipeline = StudioPipeline(backbone)
+    keys = list(backbone.denoiser.state_dict())
+    base = pixels(pipeline.generate("a cat", seed=3, steps=3).images[0])
+    cls = adapter_kinds()[kind]
+    adapter = cls.create(backbone, cls.config_class(family="sd1", name=kind), seed=1)
+    with torch.no_grad():  # non-identity: a created ControlNet's zero convolutions add nothing
+        for p in adapter.model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.02)
+    adapter.sync_from(backbone)
+    _, control, _ = scene(1)
+    pipeline.attach(adapter, 1.0, image=control)
+    attached = pixels(pipeline.generate("a cat", seed=3, steps=3).images[0])
+    assert np.abs(attached - base).mean() > 1  # non-identity
+    pipeline.detach()
+    assert not backbone.denoiser._forward_pre_hooks and list(backbone.denoiser.state_dict()) == keys
+    assert np.array_equal(pixels(pipeline.generate("a cat", seed=3, steps=3).images[0]), base)
+    loaded = load_adapter(adapter.save(tmp_path / kind), backbone)
+    assert type(loaded) is type(adapter) and loaded.config == adapter.config
+    pipeline.attach(loaded, 1.0, image=control)
+    assert np.array_equal(pixels(pipeline.generate("a cat", seed=3, steps=3).images[0]), attached)
+    pipeline.detach()
+    other = load_backbone("tiny-sdxl")
+    with pytest.raises(IncompatibleAdapterError, match="sd1.*sdxl"):
+        loaded.attach(other, 1.0, image=control)
+    assert not other.denoiser._forward_pre_hooks
