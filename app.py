@@ -553,7 +553,7 @@ def job_view(job_id: int | None) -> tuple[str, str | None, list[str]]:
         status = "interrupted"  # the server restarted under it: resume continues from its checkpoint
     step, total = job["step"] or 0, config["steps"]
     loss = json.loads(job["result"] or "{}").get("loss")
-    words = {"queued": "starting", "running": "training", "done": "done", "failed": "failed",
+    words = {"queued": "starting", "running": "training", "retrying": "retrying", "done": "done", "failed": "failed",
              "cancelled": "cancelled", "interrupted": "interrupted (press Resume)"}[status]
     detail = f", loss {loss:.4f}" if isinstance(loss, float) else ""
     page = (f"<div class='progress-wrap' data-status='{status}'><b>{job['name']}</b>: {words}: "

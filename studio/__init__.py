@@ -24,6 +24,8 @@ _EXPORTS = {
     "StudioError": "studio.errors",
     "train": "studio.training.trainer",
     "TrainConfig": "studio.training.trainer",
+    "train_batch": "studio.training.batch",
+    "Library": "studio.library",
     "load_adapter": "studio.adapters.base",
     "erase": "studio.adapters.erase",
 }

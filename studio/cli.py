@@ -404,8 +404,9 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the unfinished run of the same --out.")] = False,
     device: DeviceOpt = None,
 ) -> None:
-    """Train an adapter on a folder of reference images."""
-    from studio.training.trainer import TrainConfig
+    """Train an adapter on a folder of reference images (on several GPUs: `accelerate launch --multi_gpu
+    --num_processes N -m studio.cli train ...`)."""
+    from studio.training.trainer import TrainConfig, processes
     from studio.training.trainer import train as run_training
 
     dora = kind == "dora"
@@ -424,31 +425,50 @@ def train(
     config = TrainConfig.from_file(recipe, **options) if recipe else TrainConfig(**options)
     with JobProgress("training", config.steps, fields=("loss",)) as progress:
         path = run_training(config, resume=resume, progress=progress, log=lambda line: console.print(line))
-    out_console.print(str(path), highlight=False)
+    if processes()[0] == 0:  # under `accelerate launch`, the first process answers for the run
+        out_console.print(str(path), highlight=False)
 
 
 @app.command("train-batch")
 def train_batch(
     parent: Annotated[Path, typer.Argument(help="A folder with one subfolder of images per concept.")],
     out: Annotated[Path, typer.Option(help="Folder for the adapters (<subfolder>.safetensors).")] = Path("adapters"),
-    kind: Annotated[str, typer.Option(help="lora, orthogonal, oft or boft.")] = "lora",
+    kind: Annotated[str | None, typer.Option(help="lora, orthogonal, oft or boft [default: lora].")] = None,
     backbone: BackboneOpt = None,
     rank: Annotated[int | None, typer.Option(help="Rank.")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps per adapter.")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    recipe: Annotated[Path | None, typer.Option(
+        "--config", help="A YAML/TOML recipe (TrainConfig keys) for every job; options given here win.")] = None,
+    executor: Annotated[str, typer.Option(
+        help="local (one job after another here) or ray (each job a Ray task; pip install 'studio[ray]').")] = "local",
+    address: Annotated[str | None, typer.Option(
+        help="ray: the cluster, e.g. ray://HOST:10001 or auto [default: $RAY_ADDRESS, else a local Ray].")] = None,
+    gpus_per_job: Annotated[float, typer.Option(help="ray: GPUs per job (fractions share a GPU).")] = 0,
+    cpus_per_job: Annotated[float, typer.Option(help="ray: CPUs per job (its torch threads).")] = 1,
+    retries: Annotated[int, typer.Option(help="ray: tries again of a lost job, from its checkpoint.")] = 3,
+    runtime_env: Annotated[Path | None, typer.Option(
+        help="ray: a YAML/JSON runtime env for the workers (pip, env_vars, working_dir).")] = None,
     device: DeviceOpt = None,
 ) -> None:
     """Train one adapter per subfolder; the job list survives crashes (run it again to continue)."""
+    import yaml
     from rich.table import Table
 
     from studio.training.batch import train_batch as run_batch
+    from studio.training.trainer import TrainConfig
 
-    options = {k: v for k, v in dict(kind=kind, backbone=backbone, rank=rank, steps=steps, lr=lr,
-                                     device=device).items() if v is not None}
-    jobs = run_batch(parent, out, log=lambda line: console.print(line, highlight=False), **options)
-    table = Table("job", "status", "adapter or error")
+    options = TrainConfig.read_recipe(recipe) if recipe else {}
+    options.update({k: v for k, v in dict(kind=kind, backbone=backbone, rank=rank, steps=steps, lr=lr,
+                                          device=device).items() if v is not None})
+    environment = yaml.safe_load(runtime_env.read_text(encoding="utf-8")) if runtime_env else None
+    with JobProgress("batch", None, fields=()) as progress:
+        jobs = run_batch(parent, out, log=lambda line: console.print(line, highlight=False), progress=progress,
+                         executor=executor, address=address, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job,
+                         retries=retries, runtime_env=environment, **options)
+    table = Table("job", "status", "attempts", "adapter or error")
     for job in jobs:
-        table.add_row(job["name"], job["status"], job["result"] or job["error"] or "")
+        table.add_row(job["name"], job["status"], str(job["attempts"] or 0), job["result"] or job["error"] or "")
     out_console.print(table)
 
 

@@ -37,3 +37,7 @@ class InvalidArgumentError(StudioError, ValueError):
 
 class RecipeError(StudioError, ValueError):
     """A PNG without a studio recipe, or a recipe that cannot be replayed."""
+
+
+class MissingExtraError(StudioError, ImportError):
+    """An optional feature whose package is not installed; the message names the extra to install."""

@@ -21,11 +21,15 @@ CREATE TABLE IF NOT EXISTS adapters (
     sha256 TEXT, thumbnail TEXT, added REAL);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, batch TEXT, name TEXT, config TEXT, status TEXT, error TEXT,
-    result TEXT, step INTEGER DEFAULT 0, created REAL, updated REAL, UNIQUE (batch, name));
+    result TEXT, step INTEGER DEFAULT 0, created REAL, updated REAL, attempts INTEGER DEFAULT 0, worker TEXT,
+    log TEXT, UNIQUE (batch, name));
 CREATE TABLE IF NOT EXISTS generations (
     id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT, recipe TEXT, created REAL);
 """
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+JOB_STATES = ("queued", "running", "retrying", "done", "failed", "cancelled")
+# columns added since the first schema, given to older databases when they open
+ADDED_COLUMNS = {"jobs": {"attempts": "INTEGER DEFAULT 0", "worker": "TEXT", "log": "TEXT"}}
+JOB_LOG_CHARS = 20_000  # the last lines of each job's log are kept
 
 
 class Library:
@@ -36,6 +40,11 @@ class Library:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(SCHEMA)
+            for table, columns in ADDED_COLUMNS.items():
+                have = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+                for name, declaration in columns.items():
+                    if name not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
     @contextmanager
     def _connect(self):
@@ -122,6 +131,12 @@ class Library:
         with self._connect() as db:
             db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?",
                        (*values.values(), job_id))
+
+    def add_job_log(self, job_id: int, line: str) -> None:
+        """Append a line to a job's log (its last JOB_LOG_CHARS characters are kept)."""
+        with self._connect() as db:
+            db.execute("UPDATE jobs SET log = substr(coalesce(log, '') || ? || char(10), ?), updated = ? WHERE id = ?",
+                       (line, -JOB_LOG_CHARS, time.time(), job_id))
 
     # ------------------------------------------------------------------------------- generations
 

@@ -37,6 +37,25 @@ class Objective:
         self.pipe = pipe
         self.snr_gamma = snr_gamma
         self.timestep_bias = check_timestep_bias(timestep_bias)
+        # (this process, how many) in a multi-process run: the whole batch's noise and levels are drawn as one
+        # process draws them, then each process takes its slice, so its averaged gradient is one process's
+        self.shard = (0, 1)
+
+    def mine(self, *tensors: torch.Tensor | None, conditioning: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+        """This process's slice of each batch-first tensor (None stays None) and of the conditioning."""
+        rank, world = self.shard
+        if world == 1:
+            return (*tensors, conditioning)
+
+        def part(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.chunk(world)[rank]
+
+        return (*map(part, tensors), {k: part(v) for k, v in conditioning.items()})
+
+    def reduce(self, errors: torch.Tensor, sample_weights: torch.Tensor | None) -> torch.Tensor:
+        """The batch's loss from this process's per-example errors: averaged over the processes (as their
+        gradients are), the mean, or Σ wᵢ lossᵢ, of the whole batch."""
+        return reduce(errors, sample_weights) * (self.shard[1] if sample_weights is not None else 1)
 
     def noise_levels(self, n: int, device: Any, base: str = "uniform") -> torch.Tensor:
         """n noise levels in (0, 1), 1 = pure noise: drawn from `base` (uniform or SD3's logit-normal),
@@ -78,6 +97,9 @@ class Objective:
         import torch
 
         xt, timestep = self.noisy(x0)
+        xt, timestep, conditioning = self.mine(xt, timestep, conditioning=conditioning)
+        if reference_conditioning is not None:
+            reference_conditioning = self.mine(conditioning=reference_conditioning)[0]
         with torch.no_grad(), reference:
             target = self.predict(denoiser, xt, timestep, **(reference_conditioning or conditioning))
         return per_sample(self.predict(denoiser, xt, timestep, **conditioning), target, None).mean()
@@ -123,13 +145,15 @@ class NoisePrediction(Objective):
         xt, t = self.noisy(x0, noise)
         a = self.noise_schedule.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
         target = noise if self.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        xt, t, a, target, pixel_weights, sample_weights, conditioning = self.mine(
+            xt, t, a, target, pixel_weights, sample_weights, conditioning=conditioning)
         errors = per_sample(self.predict(denoiser, xt, t, **conditioning), target, pixel_weights)
         if self.snr_gamma:
             # Min-SNR-γ (Hang et al. 2023, arXiv:2303.09556): per-sample weight min(SNR, γ) / SNR for eps,
             # min(SNR, γ) / (SNR + 1) for v, so the near-clean steps stop dominating the gradient
             snr = (a / (1 - a)).flatten()
             errors = errors * snr.clamp(max=self.snr_gamma) / (snr if self.prediction == "epsilon" else snr + 1)
-        return reduce(errors, sample_weights)
+        return self.reduce(errors, sample_weights)
 
     def predict(self, denoiser: Any, xt: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor):
         extra = self.extra(conditioning)
@@ -189,8 +213,10 @@ class RectifiedFlow(Objective):
 
         noise = torch.randn_like(x0)
         xt, timestep = self.noisy(x0, noise)
+        xt, timestep, target, pixel_weights, sample_weights, conditioning = self.mine(
+            xt, timestep, noise - x0, pixel_weights, sample_weights, conditioning=conditioning)
         velocity = self.predict(denoiser, xt, timestep, **conditioning)
-        return reduce(per_sample(velocity, noise - x0, pixel_weights), sample_weights)
+        return self.reduce(per_sample(velocity, target, pixel_weights), sample_weights)
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         import torch

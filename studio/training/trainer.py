@@ -7,12 +7,17 @@ sample images, a JSONL log and a loss plot.
 
 Files beside `out` (e.g. `sks.safetensors`): `sks.checkpoint/` (the resumable state),
 `sks.log.jsonl`, `sks.loss.png` and `sks.samples/`.
+
+Under `accelerate launch` (or torchrun) one run spans the processes: each takes its slice of every batch
+(the noise drawn as one process would draw it), the gradients are averaged, and the first process writes
+the files; the adapter equals the one-process run's (tests/test_scale_out.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -58,6 +63,27 @@ def mirrored(caption: str) -> str:
         return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
 
     return SIDES.sub(swap, caption)
+
+
+def processes() -> tuple[int, int]:
+    """(this process's rank, how many processes) of a run started by `accelerate launch` or torchrun (they set
+    RANK and WORLD_SIZE); (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _quiet(line: str) -> None:
+    """The log of every process but the first."""
+
+
+def _first_process_first(world: int):
+    """The first process runs the block, then the others (accelerate's barrier); nothing to wait for alone."""
+    if world == 1:
+        from contextlib import nullcontext
+
+        return nullcontext()
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
 
 
 class TrainingError(StudioError, RuntimeError):
@@ -192,6 +218,11 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """A YAML or TOML recipe (keys = these fields), with `overrides` on top."""
+        return cls(**{**cls.read_recipe(path), **{k: v for k, v in overrides.items() if v is not None}})
+
+    @classmethod
+    def read_recipe(cls, path: str | Path) -> dict[str, Any]:
+        """A YAML or TOML recipe's options (unknown keys raise)."""
         import tomllib
         import yaml
 
@@ -204,7 +235,7 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InvalidArgumentError(f"recipe {str(path)!r} has unknown keys {unknown}; known keys: {sorted(known)}.")
-        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+        return data
 
     def paths(self) -> dict[str, Path]:
         out = Path(self.out)
@@ -236,50 +267,48 @@ class Run:
         from studio.adapters.base import adapter_kinds
         from studio.adapters.lora import without
         from studio.backbones import load_backbone
-        from studio.concept_tokens import TrainableTokens, word
-        from studio.training.data import LatentCache, bucket_of, buckets, check_size, scan_folder
+        from studio.concept_tokens import TrainableTokens
+        from studio.training.data import LatentCache, buckets, check_size, scan_folder
         from studio.training.objectives import objective_for
 
-        self.config, self.log = config, log
+        self.config = config
+        self.rank, self.world = processes()
+        self.log = log if self.rank == 0 else _quiet  # one process speaks for the run
         self.paths = config.paths()
-        self.backbone = load_backbone(config.backbone, device=config.device)
+        device = config.device
+        if self.world > 1:
+            from accelerate import PartialState
+
+            if config.batch % self.world:
+                raise InvalidArgumentError(f"batch={config.batch} does not split over {self.world} processes; use a "
+                                           f"multiple of {self.world} (each process trains on batch / {self.world}).")
+            device = device or str(PartialState().device)  # joins the process group: gloo on CPUs, NCCL on GPUs
+        self.backbone = load_backbone(config.backbone, device=device)
         backbone = self.backbone
         size = check_size(config.size or backbone.default_size, backbone.size_factor)
         self.scan = scan_folder(config.folder, trigger=config.trigger, min_size=size)
         for path, why in self.scan.skipped:
-            log(f"skipped {path}: {why}")
+            self.log(f"skipped {path}: {why}")
         self.reg = scan_folder(config.reg_folder, min_size=size, regularisation=True) if config.reg_folder else None
         sided = [i.caption for i in self.scan.items if SIDES.search(i.caption)] if config.flip else []
         if sided:
-            log(f"flip: {len(sided)} captions name a side (e.g. {sided[0]!r}); " +
+            self.log(f"flip: {len(sided)} captions name a side (e.g. {sided[0]!r}); " +
                 ("their mirrored copies say the other side" if config.flip_sides else
                  "flip_sides is off, so their mirrored copies contradict them"))
         choices = buckets(size, backbone.size_factor) if config.buckets else [(size, size)]
         self.objective = objective_for(backbone, snr_gamma=config.snr_gamma, timestep_bias=config.timestep_bias)
+        self.objective.shard = (self.rank, self.world)
         self.cache = LatentCache(backbone)
-        items = self.scan.items + (self.reg.items if self.reg else [])
-        self.examples: list[dict[str, Any]] = []  # one per (item, flip)
-        for item in items:
-            bucket = bucket_of(item.size, choices)
-            for flip in (False, True) if config.flip else (False,):
-                caption = mirrored(item.caption) if flip and config.flip_sides else item.caption
-                self.examples.append({"item": item, "bucket": bucket, "flip": flip, "caption": caption})
-        self._encode_latents()
-        if config.masked_loss:
-            self._mask_weights()
-        self.anchors = self._anchor_examples() if config.anchor_weight else []
-        # fixed conditioning is cached; captions with a trigger that trains as tokens are encoded each step
-        self.learned = word(config.trigger) if config.tokens else None
-        captions = sorted({e["caption"] for e in self.examples + self.anchors} | {""})
-        self.conditioning = ({c: self._conditioning(c) for c in captions if not self._live([c])}
-                             if not config.text_encoder else {})
+        with _first_process_first(self.world):  # the others then read its latent cache instead of racing it
+            self._prepare_data(config, size, choices)
         self.adapter = adapter_kinds().get_or_raise(config.kind).create(backbone, kind_config(config, backbone),
                                                                  seed=config.seed)
         self.adapter.attach(backbone, 1.0)
-        if hasattr(self.adapter, "embed_images"):  # image-prompt kinds read each training image as its own prompt
-            self._encode_references()
-        if hasattr(self.adapter, "condition_tensors"):  # control kinds read each image's control map
-            self._encode_conditions()
+        with _first_process_first(self.world):
+            if hasattr(self.adapter, "embed_images"):  # image-prompt kinds read each training image as its own prompt
+                self._encode_references()
+            if hasattr(self.adapter, "condition_tensors"):  # control kinds read each image's control map
+                self._encode_conditions()
         self.concept = (TrainableTokens(backbone, self.adapter.name, config.trigger, config.tokens)
                         if config.tokens else None)
         if self.anchors:  # the backbone's own prediction, anchoring's target
@@ -297,6 +326,28 @@ class Run:
         self.step_done = 0
         self.losses: list[float] = []
         torch.manual_seed(config.seed)
+
+    def _prepare_data(self, config: TrainConfig, size: int, choices: list[tuple[int, int]]) -> None:
+        """The examples with their latents (and masks), the anchoring captions and the fixed conditioning."""
+        from studio.concept_tokens import word
+        from studio.training.data import bucket_of
+
+        items = self.scan.items + (self.reg.items if self.reg else [])
+        self.examples: list[dict[str, Any]] = []  # one per (item, flip)
+        for item in items:
+            bucket = bucket_of(item.size, choices)
+            for flip in (False, True) if config.flip else (False,):
+                caption = mirrored(item.caption) if flip and config.flip_sides else item.caption
+                self.examples.append({"item": item, "bucket": bucket, "flip": flip, "caption": caption})
+        self._encode_latents()
+        if config.masked_loss:
+            self._mask_weights()
+        self.anchors = self._anchor_examples() if config.anchor_weight else []
+        # fixed conditioning is cached; captions with a trigger that trains as tokens are encoded each step
+        self.learned = word(config.trigger) if config.tokens else None
+        captions = sorted({e["caption"] for e in self.examples + self.anchors} | {""})
+        self.conditioning = ({c: self._conditioning(c) for c in captions if not self._live([c])}
+                             if not config.text_encoder else {})
 
     # ------------------------------------------------------------------------------------- data
 
@@ -557,6 +608,8 @@ class Run:
                                     f"(lr={self.config.lr}) or use precision='no'.")
             self.accelerator.backward(loss / self.config.grad_accumulation)
             total += float(loss.detach()) / self.config.grad_accumulation
+        if self.world > 1:
+            total = self._average_gradients(total)
         if self.config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
@@ -565,6 +618,23 @@ class Run:
         self.step_done += 1
         self.losses.append(total)
         return total
+
+    def _average_gradients(self, loss: float) -> float:
+        """Every process's gradients (and loss) averaged in one all-reduce, so each takes the step one process
+        would take on the whole batch. By hand rather than DDP's wrapper: the trained tensors sit in the denoiser,
+        the text encoders, the token table or a control model run from a hook, which no one module holds."""
+        import torch
+        import torch.distributed as dist
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flat = torch.cat([g.flatten().float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+        return float(flat[-1])
 
     def _anchoring(self, denoiser: Any, step: int) -> Any:
         """The anchoring captions' distance, on noised training latents, to the backbone's own prediction."""
@@ -689,6 +759,8 @@ class Run:
             self.concept.close()
         self.adapter.detach(self.backbone)
         self.adapter.config.training = {k: v for k, v in asdict(self.config).items() if k not in ("device",)}
+        if self.rank:  # the first process writes the run's files
+            return self.paths["out"]
         path = self.adapter.save(self.paths["out"], overwrite=True)
         loss_plot(self.losses, self.paths["plot"])
         return path
@@ -743,10 +815,12 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, progress: 
         return paths["out"]
     run = Run(config, log=log)
     if resume and run.load_checkpoint():
-        log(f"resumed at step {run.step_done} of {config.steps}")
-    paths["log"].parent.mkdir(parents=True, exist_ok=True)
+        run.log(f"resumed at step {run.step_done} of {config.steps}")
+    main = run.rank == 0  # in a multi-process run the others train their slices and write nothing
+    if main:
+        paths["log"].parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    with open(paths["log"], "a") as handle:
+    with open(paths["log"] if main else os.devnull, "a") as handle:
         while run.step_done < config.steps:
             loss = run.step()
             step = run.step_done
@@ -754,6 +828,8 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, progress: 
                       "seconds": round(time.monotonic() - start, 2)}
             handle.write(json.dumps(record) + "\n")
             handle.flush()
+            if not main:
+                continue
             if progress is not None:
                 progress(step, config.steps, loss)
             if config.sample_every and step % config.sample_every == 0:
@@ -765,8 +841,9 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, progress: 
                 raise TrainingCancelled(f"training of {str(paths['out'])!r} cancelled at step {step} of {config.steps}; "
                                         f"continue it with resume=True (--resume)")
     path = run.finish()
-    import shutil
+    if main:
+        import shutil
 
-    shutil.rmtree(paths["checkpoint"], ignore_errors=True)
-    log(f"wrote {path}")
+        shutil.rmtree(paths["checkpoint"], ignore_errors=True)
+        log(f"wrote {path}")
     return path
