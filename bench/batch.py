@@ -116,7 +116,7 @@ def main() -> None:
     parallel = int(args.cpus // args.cpus_per_job)
     print(f"| ray ({parallel} tasks at a time, {args.cpus_per_job:g} CPU each) | {ray_wall:.0f} | "
           f"{3600 * args.jobs / ray_wall:.0f} |")
-    print(f"\nA Ray job: {fixed:.1f} s fixed (worker, backbone, latents) + {per_step:.3f} s per step = "
+    print(f"\nA Ray job: {fixed:.1f} s fixed (backbone load, latents; after its worker started) + {per_step:.3f} s per step = "
           f"{job_seconds:.0f} s per adapter\n")
     serial = statistics.median(DRIVER) if DRIVER else 0.0
     print(f"The driver's own work per finished adapter (landing its file, library rows, hashing): {serial:.3f} s "
