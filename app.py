@@ -32,7 +32,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Any
 
-from studio.backbones import DEFAULT_BACKBONE, EMBEDDED, _ensure_embedded_registered
+from studio.backbones import DEFAULT_BACKBONE
 from studio.home import studio_home
 from studio.schedulers import SCHEDULERS
 
@@ -1011,7 +1011,8 @@ def library_tab():
 def build_app():
     import gradio as gr
 
-    _ensure_embedded_registered()
+    from studio.embedded import EMBEDDED
+
     backbones = sorted(EMBEDDED)
     with gr.Blocks(title="studio") as demo:
         gr.Markdown("# studio")

@@ -300,13 +300,15 @@ def erase(concepts: str | list[str], *, method: str = "esd", backbone: Backbone 
           preserve: list[str] | str = (), templates: list[str] | None = None, steps: int | None = None,
           lr: float | None = None, rank: int | None = None, out: str | None = None, overwrite: bool = False,
           seed: int = 0, name: str = "", progress: Callable[[int, int, float], None] | None = None,
-          warn: Callable[[str], None] | None = None, **options: Any) -> EraseAdapter:
+          bank_progress: Callable[[int, int], None] | None = None, warn: Callable[[str], None] | None = None,
+          **options: Any) -> EraseAdapter:
     """Make an eraser for `concepts` (one for ESD/SPM, several for UCE) and save it to `out` when given.
 
         studio.erase("circle", method="uce", preserve=["square", "ring"], out="no-circle.safetensors")
 
     `options` are other EraseConfig fields (eta, variant, anchor_weight, transport, destination, lam,
-    preserve_scale, push)."""
+    preserve_scale, push). `progress(step, steps, loss)` follows ESD/SPM training, `bank_progress(step, steps)`
+    the sampling of their trajectory bank before it."""
     from pathlib import Path
 
     from studio.backbones import Backbone as BackboneClass
@@ -324,7 +326,8 @@ def erase(concepts: str | list[str], *, method: str = "esd", backbone: Backbone 
                          preserve=list(preserve) if not isinstance(preserve, str) else preserve,
                          rank=rank or 1, **({"templates": list(templates)} if templates else {}),
                          **{**defaults, **options})
-    adapter = make_eraser(backbone, config, steps=steps, lr=lr, rank=rank, seed=seed, progress=progress, warn=warn)
+    adapter = make_eraser(backbone, config, steps=steps, lr=lr, rank=rank, seed=seed, progress=progress,
+                          bank_progress=bank_progress, warn=warn)
     if out is not None:
         adapter.save(out, overwrite=overwrite)
     return adapter
@@ -333,6 +336,7 @@ def erase(concepts: str | list[str], *, method: str = "esd", backbone: Backbone 
 def make_eraser(backbone: Backbone, config: EraseConfig, *, steps: int | None = None, lr: float | None = None,
                 rank: int | None = None, batch: int = 2, bank_images: int = 8, bank_steps: int = 20, seed: int = 0,
                 progress: Callable[[int, int, float], None] | None = None,
+                bank_progress: Callable[[int, int], None] | None = None,
                 warn: Callable[[str], None] | None = None) -> EraseAdapter:
     """An eraser for `config.concepts` on `backbone`: UCE in closed form (exact, or SVD-truncated to
     `rank`), ESD/SPM trained for `steps` at `config.rank`."""
@@ -357,7 +361,8 @@ def make_eraser(backbone: Backbone, config: EraseConfig, *, steps: int | None = 
         return uce(backbone, config, rank=rank)
     defaults = METHOD_DEFAULTS[config.method]  # one place for them: `erase` reads the same table
     return train_eraser(backbone, config, steps=steps or defaults["steps"], lr=lr or defaults["lr"], batch=batch,
-                        bank_images=bank_images, bank_steps=bank_steps, seed=seed, progress=progress)
+                        bank_images=bank_images, bank_steps=bank_steps, seed=seed, progress=progress,
+                        bank_progress=bank_progress)
 
 
 def encode(objective, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -447,8 +452,8 @@ def uce(backbone: Backbone, config: EraseConfig, *, rank: int | None = None) -> 
 # ------------------------------------------------------------------------------------ ESD / SPM
 
 
-def trajectory_bank(backbone: Backbone, prompts: list[str], *, images: int, steps: int, seed: int
-                    ) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+def trajectory_bank(backbone: Backbone, prompts: list[str], *, images: int, steps: int, seed: int,
+                    progress: Callable[[int, int], None] | None = None) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
     """(x_t, timestep, prompt index) along the base model's own sampling of the concept prompts with
     classifier-free guidance: the states an eraser must change. ESD and SPM sample them with the model
     being trained at every step; a bank sampled once from the base model costs one generation instead
@@ -463,6 +468,8 @@ def trajectory_bank(backbone: Backbone, prompts: list[str], *, images: int, step
 
     def keep(pipeline, step, timestep, tensors):
         states.append(tensors["latents"].detach().clone())
+        if progress is not None:
+            progress(step + 1, steps)
         return tensors
 
     generators = [torch.Generator().manual_seed(seed + i) for i in range(images)]
@@ -497,7 +504,8 @@ def random_anchors(backbone: Backbone, config: EraseConfig, count: int, rng: ran
 
 
 def train_eraser(backbone: Backbone, config: EraseConfig, *, steps: int, lr: float, batch: int, bank_images: int,
-                 bank_steps: int, seed: int, progress: Callable[[int, int, float], None] | None) -> EraseAdapter:
+                 bank_steps: int, seed: int, progress: Callable[[int, int, float], None] | None,
+                 bank_progress: Callable[[int, int], None] | None = None) -> EraseAdapter:
     """ESD / SPM: the erase target on bank states, plus anchoring to the base model on the anchors."""
     import torch
 
@@ -507,7 +515,7 @@ def train_eraser(backbone: Backbone, config: EraseConfig, *, steps: int, lr: flo
     rng = random.Random(seed)
     objective = objective_for(backbone)
     prompts = config.prompts(config.concepts)
-    bank = trajectory_bank(backbone, prompts, images=bank_images, steps=bank_steps, seed=seed)
+    bank = trajectory_bank(backbone, prompts, images=bank_images, steps=bank_steps, seed=seed, progress=bank_progress)
     cond = encode(objective, prompts)
     null = encode(objective, [""])
     anchor_prompts = config.prompts(config.preserve) if config.preserve else []

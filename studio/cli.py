@@ -132,8 +132,20 @@ class JobProgress:
     def __init__(self, label: str, total: int | None = None, *, fields: tuple[str, ...] = ()):
         self.label, self.total, self.fields = label, total, fields
         self.bar = None
+        self.task = None
         self.next_tenth = 1
         self.start = 0.0
+        self.first: tuple[float, int] | None = None  # (when, done) of the first update: the ETA's rate starts there
+
+    def stage(self, label: str) -> JobProgress:
+        """The progress of another stage of the same job (e.g. an eraser's trajectory bank before its training):
+        a second bar on a terminal, its own lines in a file."""
+        import time
+
+        stage = JobProgress(label, fields=self.fields)
+        stage.start = time.monotonic()
+        stage.bar = self.bar
+        return stage
 
     def __enter__(self) -> JobProgress:
         import time
@@ -170,14 +182,22 @@ class JobProgress:
 
         self.total = total or self.total
         shown = {k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in values.items()}
+        now = time.monotonic()
         if self.bar is not None:
+            if self.task is None:  # a stage's bar, added when it starts
+                self.task = self.bar.add_task(self.label, total=self.total, **{f: "-" for f in self.fields})
             self.bar.update(self.task, completed=done, total=self.total, **shown)
             return
+        if self.first is None:
+            self.first = (now, done)
         if not self.total or done * 10 < self.next_tenth * self.total:
             return
         self.next_tenth = done * 10 // self.total + 1
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / done * (self.total - done) if done else 0.0
+        elapsed = now - self.start
+        since, first_done = self.first
+        # the rate since the first update: what came before it (loading, an earlier stage) is not a step
+        rate = (now - since) / (done - first_done) if done > first_done else elapsed / max(done, 1)
+        eta = rate * (self.total - done)
         extra = "".join(f", {k} {v}" for k, v in shown.items())
         console.print(f"{self.label}: {done}/{self.total} ({100 * done // self.total}%){extra}, "
                       f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}", highlight=False)
@@ -608,6 +628,7 @@ def erase(
         adapter = make(concepts if len(concepts) > 1 else concepts[0], method=method, backbone=bb,
                        preserve=preserve or [], templates=template, steps=steps, lr=lr, rank=rank, seed=seed,
                        out=str(target), overwrite=overwrite, progress=progress,
+                       bank_progress=progress.stage("trajectory bank"),
                        warn=lambda message: console.print(f"[yellow]warning:[/] {message}", highlight=False),
                        **options)
     console.print(f"{method} eraser of {', '.join(adapter.config.concepts)}: {len(adapter.config.targets)} modules, "

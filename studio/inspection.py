@@ -10,16 +10,13 @@ from typing import Any
 
 from studio import concept_tokens
 from studio.backbones import (
-    EMBEDDED,
     PICKLE_SUFFIXES,
-    _ensure_embedded_registered,
-    check_pipeline_folder,
     detect_family_from_keys,
     family_of_denoiser,
-    pipeline_components,
     read_safetensors_header,
 )
 from studio.errors import BackboneNotFoundError, NotACheckpointError, StudioError
+from studio.folders import check_pipeline_folder, pipeline_components
 
 ADAPTER_MARKERS = {
     "kohya LoRA (A1111/ComfyUI)": ("lora_unet_", "lora_te", "lora_transformer_"),
@@ -34,7 +31,8 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     """A description of `path`: its kind, family, tensors and metadata."""
     path = Path(path).expanduser()
     if not path.exists():
-        _ensure_embedded_registered()
+        from studio.embedded import EMBEDDED
+
         if str(path) in EMBEDDED:
             return {"path": str(path), "kind": "embedded backbone", "builder": EMBEDDED[str(path)].__doc__}
         raise BackboneNotFoundError(f"{str(path)!r} does not exist (nor is it an embedded backbone name).")

@@ -2,7 +2,7 @@
 
 They run each family's real code path (text encoders, added conditions, latent packing, schedulers)
 in seconds on a CPU. Their weights are random: they prove that loading, generation and adapters work,
-never image quality (the shapes world does that). Registered as embedded backbones `tiny-<family>`.
+never image quality (the shapes world does that). Embedded backbones `tiny-<family>` (studio.embedded).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from studio.backbones import EMBEDDED
 from studio.tokenizer import clip_tokenizer
 
 if TYPE_CHECKING:
@@ -80,14 +79,12 @@ def _sd_pipeline(*, unet_options: dict, scheduler_options: dict) -> DiffusionPip
                                    feature_extractor=None, image_encoder=None, requires_safety_checker=False)
 
 
-@EMBEDDED.register("tiny-sd1")
 @_seeded
 def tiny_sd1() -> DiffusionPipeline:
     """SD1.x layout: CLIP text encoder, conv projections in the transformers, eps-prediction."""
     return _sd_pipeline(unet_options={"attention_head_dim": 8}, scheduler_options={})
 
 
-@EMBEDDED.register("tiny-sd2")
 @_seeded
 def tiny_sd2() -> DiffusionPipeline:
     """SD2.x layout: linear projections in the transformers, v-prediction as SD 2.1-768."""
@@ -95,7 +92,6 @@ def tiny_sd2() -> DiffusionPipeline:
                         scheduler_options={"prediction_type": "v_prediction"})
 
 
-@EMBEDDED.register("tiny-sdxl")
 @_seeded
 def tiny_sdxl() -> DiffusionPipeline:
     """SDXL layout: two text encoders of different widths (hidden states concatenated, as CLIP-L's 768
@@ -120,7 +116,6 @@ def tiny_sdxl() -> DiffusionPipeline:
                                      image_encoder=None, feature_extractor=None)
 
 
-@EMBEDDED.register("tiny-sd3")
 @_seeded
 def tiny_sd3() -> DiffusionPipeline:
     """SD3 MMDiT with its two CLIP text encoders and no T5 (the T5 slot is zeros, as diffusers allows)."""
@@ -139,7 +134,6 @@ def tiny_sd3() -> DiffusionPipeline:
         text_encoder_3=None, tokenizer_3=None)
 
 
-@EMBEDDED.register("tiny-flux")
 @_seeded
 def tiny_flux() -> DiffusionPipeline:
     """Flux.1 layout: CLIP pooled + T5 tokens, double- and single-stream blocks, guidance embedding.
@@ -162,7 +156,6 @@ def tiny_flux() -> DiffusionPipeline:
     return pipe
 
 
-@EMBEDDED.register("tiny-pixart")
 @_seeded
 def tiny_pixart() -> DiffusionPipeline:
     """PixArt-Σ layout: T5 text tokens, adaLN-single, learned sigma (8 output channels)."""
@@ -175,3 +168,7 @@ def tiny_pixart() -> DiffusionPipeline:
     scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
     return PixArtSigmaPipeline(tokenizer=clip_tokenizer(300), text_encoder=_t5(), vae=_vae(),
                                transformer=transformer, scheduler=scheduler)
+
+
+BUILDERS = {"tiny-sd1": tiny_sd1, "tiny-sd2": tiny_sd2, "tiny-sdxl": tiny_sdxl, "tiny-sd3": tiny_sd3,
+            "tiny-flux": tiny_flux, "tiny-pixart": tiny_pixart}

@@ -228,3 +228,24 @@ def test_cli_erase_writes_a_loadable_eraser(tmp_path):
     adapter = load_adapter(out)
     assert adapter.config.preserve == ["square"] and adapter.config.templates == ["a {}"]
     assert adapter.config.transport and 0 < adapter.config.transport_floor < 1
+
+
+def test_cli_erase_to_a_file_shows_each_stage_with_an_eta(tmp_path):
+    """`studio erase ... > log`: the trajectory bank's sampling and the training each write a line per 10%."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "no-circle.safetensors"
+    log = tmp_path / "erase.log"
+    with open(log, "w") as handle:
+        result = subprocess.run([sys.executable, "-m", "studio.cli", "erase", "circle", "--method", "esd",
+                                 "--steps", "10", "--out", str(out)], stdout=handle, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = log.read_text()
+    assert result.returncode == 0, text[-2000:]
+    bank = [line for line in text.splitlines() if line.startswith("trajectory bank: ")]
+    training = [line for line in text.splitlines() if line.startswith("esd: ")]
+    assert len(bank) == 10 and bank[-1].startswith("trajectory bank: 20/20 (100%)") and "ETA" in bank[0]
+    assert len(training) == 10 and training[-1].startswith("esd: 10/10 (100%)") and "ETA" in training[0]
+    assert text.index(bank[-1]) < text.index(training[0])

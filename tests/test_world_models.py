@@ -120,7 +120,7 @@ def test_a_broken_world_folder_is_named_by_studio(tmp_path):
         load_backbone(str(missing))
     header_cut = tmp_path / "cut.safetensors"
     header_cut.write_bytes(weights.read_bytes()[:100])
-    from studio.backbones import check_safetensors_complete
+    from studio.folders import check_safetensors_complete
 
     with pytest.raises(NotACheckpointError, match="header is cut"):
         check_safetensors_complete(header_cut)

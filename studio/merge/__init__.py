@@ -16,7 +16,7 @@ import sys
 import types
 from typing import Any
 
-_EXPORTS = {"merge": "studio.merge.engine", "bake": "studio.merge.engine", "load_sources": "studio.merge.engine",
+_EXPORTS = {"merge": "studio.merge.api", "bake": "studio.merge.engine", "load_sources": "studio.merge.engine",
             "MergeResult": "studio.merge.engine", "plan": "studio.merge.interference",
             "MergePlan": "studio.merge.interference", "METHODS": "studio.merge.methods"}
 

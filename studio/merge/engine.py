@@ -145,24 +145,24 @@ def store(delta: Delta, limit: int, *, fast: bool = False) -> tuple[LowRank, flo
     return low, cut / total
 
 
+def check_out(out: str | Path | None, overwrite: bool) -> None:
+    if out is not None and Path(out).exists() and not overwrite:
+        raise InvalidArgumentError(f"{str(out)!r} exists; choose another --out or pass --overwrite.")
+
+
 def merge(sources: list[str | Path | Adapter], *, method: str = "linear",
           weights: list[float | str | BlockWeights] | None = None, rank: int | None = None,
           density: float | None = None, seed: int | None = None, max_overlap: float | None = None,
           backbone: Backbone | None = None, name: str = "", out: str | Path | None = None,
-          overwrite: bool = False, reference: str | Path | None = None, evaluations: int = 40) -> MergeResult:
-    """Merge adapters into one LoRA; with `out`, write it (atomically, refusing an existing path
-    unless `overwrite`). `weights`: one per source, a number or a block spec ("1,up_blocks.1=0").
-    `method="learned"` searches the weights on the `reference` folder instead (needs the backbone)."""
+          overwrite: bool = False) -> MergeResult:
+    """Merge adapters into one LoRA with the given weights; with `out`, write it (atomically, refusing an
+    existing path unless `overwrite`). `weights`: one per source, a number or a block spec
+    ("1,up_blocks.1=0"). The learned merge, which searches the weights, is `studio.merge(method="learned")`
+    (studio.merge.api)."""
     from studio.adapters.lora import LoraAdapter, LoraConfig
     from studio.hashing import sha256_file
 
-    if out is not None and Path(out).exists() and not overwrite:
-        raise InvalidArgumentError(f"{str(out)!r} exists; choose another --out or pass --overwrite.")
-    if method == "learned":
-        from studio.merge.learned import learned_merge
-
-        return learned_merge(sources, backbone, reference, evaluations=evaluations, seed=seed or 0, rank=rank,
-                             out=out, overwrite=overwrite)
+    check_out(out, overwrite)
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise InvalidArgumentError(f"rank={rank!r} must be an integer >= 1.")
     adapters = load_sources(sources, backbone)

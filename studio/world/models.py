@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.backbones import EMBEDDED, check_pipeline_folder
 from studio.errors import BackboneNotFoundError
+from studio.folders import check_pipeline_folder
 from studio.world import ASSETS
 
 
@@ -20,7 +20,6 @@ def world_folder(name: str) -> Path:
     return folder
 
 
-@EMBEDDED.register("world-sd")
 def world_sd():
     """The shapes-world UNet backbone (SD1.x layout, world-clip text tower, f=4 VAE)."""
     import torch
@@ -31,7 +30,6 @@ def world_sd():
                                                    requires_safety_checker=False)
 
 
-@EMBEDDED.register("world-dit")
 def world_dit():
     """The shapes-world DiT backbone (SD3 layout: world-clip's text tower in both CLIP slots, no T5)."""
     import torch
@@ -39,3 +37,6 @@ def world_dit():
 
     return StableDiffusion3Pipeline.from_pretrained(world_folder("world-dit"), torch_dtype=torch.float32,
                                                     text_encoder_3=None, tokenizer_3=None)
+
+
+BUILDERS = {"world-sd": world_sd, "world-dit": world_dit}

@@ -1,0 +1,31 @@
+"""`studio.merge(...)`: every merge method, the learned one included.
+
+The imports run one way: this module -> learned -> engine (the learned merge searches weights, then merges
+with the engine at them), so the engine knows nothing of the search.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from studio.merge.engine import MergeResult, check_out
+from studio.merge.engine import merge as merge_at_weights
+
+if TYPE_CHECKING:
+    from studio.adapters.base import Adapter
+
+
+def merge(sources: list[str | Path | Adapter], *, method: str = "linear", reference: str | Path | None = None,
+          evaluations: int = 40, **options: Any) -> MergeResult:
+    """Merge adapters into one LoRA (studio.merge.engine.merge: weights, rank, density, seed, max_overlap,
+    backbone, name, out, overwrite). `method="learned"` searches the weights on the `reference` folder's images
+    first, `evaluations` candidates (needs the backbone)."""
+    if method != "learned":
+        return merge_at_weights(sources, method=method, **options)
+    from studio.merge.learned import learned_merge
+
+    check_out(options.get("out"), options.get("overwrite", False))  # before the search, not after it
+    return learned_merge(sources, options.get("backbone"), reference, evaluations=evaluations,
+                         seed=options.get("seed") or 0, rank=options.get("rank"), out=options.get("out"),
+                         overwrite=options.get("overwrite", False))
