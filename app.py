@@ -32,6 +32,8 @@ from functools import wraps
 from pathlib import Path
 from typing import Any
 
+from studio.adapters.control import CONTROL_KINDS
+
 from studio.backbones import DEFAULT_BACKBONE
 from studio.home import studio_home
 from studio.schedulers import SCHEDULERS
@@ -40,7 +42,6 @@ log = logging.getLogger("studio.app")
 
 SLOTS = 4  # adapters in the Generate tab's stack
 KINDS = ("lora", "dora", "orthogonal", "oft", "blora", "ip_adapter", "controlnet", "t2i_adapter")
-FOLDER_KINDS = ("controlnet", "t2i_adapter")  # saved as diffusers folders
 CONDITIONS = [("Canny edges", "canny"), ("soft edges (Sobel)", "soft_edge"), ("object mask", "mask")]
 MAX_UPLOAD = "50mb"  # per file (Gradio refuses larger uploads before they reach a handler)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -230,24 +231,21 @@ def use_image_prompt(pipeline: Any, image: str | None, scale: float, routing: st
                         routing=routing or "all", content=(content or "").strip())
 
 
-CONTROL_KINDS = [("ControlNet", "controlnet"), ("T2I-Adapter", "t2i_adapter")]
+CONTROL_CHOICES = [("ControlNet", "controlnet"), ("T2I-Adapter", "t2i_adapter")]
 PREPROCESS = [("the model's own", ""), ("Canny edges", "canny"), ("soft edges (Sobel)", "soft_edge"),
               ("object mask", "mask"), ("none: the image is the map", "none")]
-INPUT_KINDS = ("ip_adapter", "controlnet", "t2i_adapter")  # adapters with run-time images
+INPUT_KINDS = ("ip_adapter", *CONTROL_KINDS)  # adapters with run-time images
 
 
 def use_control(pipeline: Any, image: str | None, kind: str, model: str, preprocess: str, scale: float,
                 end: float) -> None:
     """The Generate tab's control on top of the stack: `model` (a ControlNet / T2I-Adapter folder) or the backbone's
     own of `kind`, reading `image` through `preprocess` (empty: the model's own condition)."""
-    from studio.adapters.control import default_control
+    from studio.adapters.control import attach_control
 
     if image:
-        inputs: dict[str, Any] = {"image": image, "end": float(end)}
-        if preprocess:
-            inputs["preprocess"] = preprocess
-        path = (model or "").strip() or str(default_control(pipeline.backbone, kind or "controlnet"))
-        pipeline.attach(path, float(scale), **inputs)
+        attach_control(pipeline, (model or "").strip() or kind or "controlnet", image, scale, preprocess=preprocess,
+                       end=end)
 
 
 @ui_errors
@@ -320,7 +318,7 @@ def reuse_recipe(recipe_json: str | None) -> list[Any]:
                    inputs.get("content", "")]
     else:
         values += [None, 1.0, "all", ""]
-    control = next((a for a in r.adapters if a.get("kind") in ("controlnet", "t2i_adapter")), None)
+    control = next((a for a in r.adapters if a.get("kind") in CONTROL_KINDS), None)
     if control is not None:
         inputs = control.get("inputs") or {}
         values += [(inputs.get("images") or [None])[0], control["kind"], control.get("path") or "",
@@ -482,7 +480,7 @@ def start_training(source: str, table: Any, name: str, kind: str, backbone: str,
     if not name:
         raise gr.Error("Give the adapter a name (letters, digits, dots, dashes).")
     kind = kind or "lora"
-    out = folder("adapters") / (name if kind in FOLDER_KINDS else f"{name}.safetensors")
+    out = folder("adapters") / (name if kind in CONTROL_KINDS else f"{name}.safetensors")  # a control model: a folder
     if out.exists() or JOBS.running_named(name):
         raise gr.Error(f"An adapter named {name!r} exists already or is training; choose another name.")
     target = folder("training") / name
@@ -783,7 +781,7 @@ def generate_tab(backbones: list[str]):
                         control_map = gr.Image(label="Control map (what the model reads)", type="pil", height=140,
                                                interactive=False, elem_classes="pixelated")
                     with gr.Row():
-                        control_kind = gr.Radio(label="Model", choices=CONTROL_KINDS, value="controlnet",
+                        control_kind = gr.Radio(label="Model", choices=CONTROL_CHOICES, value="controlnet",
                                                 info="the backbone's own (world-sd ships mask models)")
                         control_preprocess = gr.Dropdown(label="Preprocessor", choices=PREPROCESS, value="")
                     control_model = gr.Textbox(label="Control model folder",

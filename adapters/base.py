@@ -344,11 +344,13 @@ def modelspec(manifest: dict[str, Any]) -> dict[str, str]:
 def load_adapter(path: str | Path, backbone: Backbone | None = None, *, allow_partial: bool = False) -> Adapter:
     """A studio adapter file, or a LoRA / LyCORIS file written by another tool (diffusers/PEFT, kohya,
     LyCORIS: reading those needs the `backbone` to map its key names), or a control model's diffusers folder."""
-    from studio.adapters.control import ControlAdapter, hub_folder, is_hub_id
+    from studio.adapters.control import ControlAdapter, hub_folder
+
+    from studio.backbones import is_hub_id
 
     if Path(path).is_dir():  # a diffusers folder: a control model (ControlNet, T2I-Adapter)
         return ControlAdapter.from_folder(path, backbone)
-    if not Path(path).exists() and is_hub_id(str(path)):  # a control model's hub repo (lllyasviel/sd-controlnet-canny)
+    if not Path(path).exists() and is_hub_id(str(path)) and not str(path).endswith(".safetensors"):  # a control model's hub repo (lllyasviel/sd-controlnet-canny)
         return ControlAdapter.from_folder(hub_folder(str(path)), backbone)
     tensors, metadata = read_safetensors(path)
     if MANIFEST_KEY in metadata:

@@ -26,6 +26,7 @@ the same backbone: the hook composes with all of them.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -445,7 +446,7 @@ class ControlNet(ControlAdapter):
             for p in model.pos_embed_input.parameters():
                 p.data.zero_()
             return model
-        halvings = int(round(_log2(backbone.pipe.vae_scale_factor)))
+        halvings = int(round(math.log2(backbone.pipe.vae_scale_factor)))
         channels = (16, 32, 96, 256)[: halvings + 1]
         return ControlNetModel.from_unet(denoiser, conditioning_embedding_out_channels=channels)
 
@@ -678,19 +679,11 @@ def _state_dict(model: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def _log2(value: float) -> float:
-    import math
-
-    return math.log2(value)
-
-
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
 def _check_scale(weight: Any) -> None:
-    import math
-
     if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
         raise InvalidArgumentError(f"a control's weight is its conditioning scale, one number (e.g. 1.0); got {weight!r}.")
 
@@ -747,13 +740,6 @@ def folder_class(folder: Path) -> str:
     return name
 
 
-def is_hub_id(text: str) -> bool:
-    """`owner/name` with nothing else: a hub repo, not a relative path."""
-    import re
-
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.endswith(".safetensors")
-
-
 def hub_folder(repo_id: str) -> Path:
     """A control model's hub repo downloaded (config and safetensors weights only, never pickles) or from the cache."""
     from huggingface_hub import snapshot_download
@@ -797,6 +783,17 @@ def training_map(item: Any, condition: str) -> tuple[Path | None, str]:
 # the control models studio ships, per (kind, embedded backbone): trained on mask maps by bench/control.py
 SHIPPED = {("controlnet", "world-sd"): "control/controlnet-world-sd",
            ("t2i_adapter", "world-sd"): "control/t2i_adapter-world-sd"}
+
+
+def attach_control(pipeline: Any, model: str, image: Any, scale: float = 1.0, *, preprocess: str | None = None,
+                   end: float = 1.0) -> None:
+    """Attach a control reading `image` to a StudioPipeline: `model` is a control model's folder or hub id, or a kind
+    (controlnet, t2i_adapter) for the backbone's own; no `preprocess`: the model's own condition."""
+    path = default_control(pipeline.backbone, model) if model in CONTROL_KINDS else model
+    inputs: dict[str, Any] = {"image": image, "end": float(end)}
+    if preprocess:
+        inputs["preprocess"] = preprocess
+    pipeline.attach(str(path), float(scale), **inputs)
 
 
 def default_control(backbone: Backbone, kind: str) -> Path:

@@ -336,6 +336,11 @@ def quiet_libraries() -> None:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def is_hub_id(text: str) -> bool:
+    """`owner/name` and nothing else: a hub repo id, not a path."""
+    return _HUB_ID.match(text) is not None
+
+
 def load_backbone(source: str | None = None, *, family: str | None = None, device: str | None = None,
                   dtype: Any = None, config: str | None = None) -> Backbone:
     """Load a backbone from a hub id, a diffusers folder, a single-file checkpoint or an embedded name.
@@ -360,7 +365,7 @@ def load_backbone(source: str | None = None, *, family: str | None = None, devic
     elif path.is_file():
         pipe, fam = _load_single_file(path, fam, device, dtype, config)
         origin = "single_file"
-    elif _HUB_ID.match(source):
+    elif is_hub_id(source):
         pipe, fam = _load_folder(source, source, fam, device, dtype)
         origin = "hub"
         path = _hub_snapshot(source)

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from studio.backbones import DEFAULT_BACKBONE, FAMILIES
 from studio.errors import StudioError
+from studio.progress import clock
 from studio.schedulers import SCHEDULERS
 
 app = typer.Typer(name="studio", help="Teach, steer, erase and merge diffusion-model adapters.",
@@ -91,7 +92,7 @@ def _attach_image_prompt(pipeline, images: list[Path] | None, adapter: Path | No
 def _attach_controls(pipeline, specs: list[str] | None, preprocess: str | None, end: float) -> None:
     """--control KIND:IMAGE[:SCALE] specs attached in order: KIND is controlnet or t2i_adapter (the backbone's own
     model: world-sd ships both) or a control model folder."""
-    from studio.adapters.control import CONTROL_KINDS, default_control
+    from studio.adapters.control import attach_control
     from studio.errors import InvalidArgumentError
 
     for spec in specs or []:
@@ -106,12 +107,7 @@ def _attach_controls(pipeline, specs: list[str] | None, preprocess: str | None, 
         if len(parts) < 2:
             raise InvalidArgumentError(f"--control {spec!r} must be KIND:IMAGE[:SCALE] (KIND: controlnet, t2i_adapter "
                                        f"or a control model folder), e.g. controlnet:edges.png:0.8.")
-        kind, image = parts[0], ":".join(parts[1:])
-        model = default_control(pipeline.backbone, kind) if kind in CONTROL_KINDS else kind
-        inputs = {"image": image, "end": end}
-        if preprocess:
-            inputs["preprocess"] = preprocess
-        pipeline.attach(str(model), scale, **inputs)
+        attach_control(pipeline, parts[0], ":".join(parts[1:]), scale, preprocess=preprocess, end=end)
 
 
 def _attach_style_image(pipeline, image: Path | None, weight: float) -> None:
@@ -200,13 +196,7 @@ class JobProgress:
         eta = rate * (self.total - done)
         extra = "".join(f", {k} {v}" for k, v in shown.items())
         console.print(f"{self.label}: {done}/{self.total} ({100 * done // self.total}%){extra}, "
-                      f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}", highlight=False)
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
+                      f"{clock(elapsed)} elapsed, ETA {clock(eta)}", highlight=False)
 
 
 @app.command()

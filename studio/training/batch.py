@@ -22,6 +22,7 @@ from typing import Any
 
 from studio.errors import InvalidArgumentError, StudioError
 from studio.library import Library
+from studio.progress import clock
 from studio.training.data import DatasetError
 from studio.training.trainer import TrainConfig, train
 
@@ -81,7 +82,7 @@ class Recorder:
             self.library.update_job(job.id, step=step)
             since, first = self.started.get(job.id, (time.monotonic(), step))
             eta = (time.monotonic() - since) / max(1, step - first) * (total - step)
-            self._say(job, f"step {step}/{total} ({100 * step // total}%), loss {event['loss']:.4f}, ETA {_clock(eta)}")
+            self._say(job, f"step {step}/{total} ({100 * step // total}%), loss {event['loss']:.4f}, ETA {clock(eta)}")
             self._advance(job, step)
         if self.on_event is not None:
             self.on_event(job, event)
@@ -109,11 +110,6 @@ class Recorder:
 
     def _say(self, job: BatchJob, line: str) -> None:
         self.log(f"[{job.name}] {line}")
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def batch_jobs(parent: str | Path, out_dir: str | Path, library: Library, **options: Any) -> list[BatchJob]:
