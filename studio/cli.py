@@ -361,10 +361,13 @@ def eval_(
         metrics = fidelity(pipeline.pipe, n=n, seed=seed, steps=steps, guidance=guidance, held_out=held_out,
                            scheduler=sampler, **fixed)
     json_path, png_path = write_report(metrics, out, title=pipeline.backbone.source)
-    table = Table("attribute", "accuracy", title=f"{pipeline.backbone.source}: {n} prompted samples")
+    table = Table("attribute", "evaluator", "geometry", "agreement", title=f"{pipeline.backbone.source}: {n} prompted "
+                  f"samples (a '!' where the two instruments disagree on over 10% of them)")
     for attribute, value in metrics["accuracy"].items():
-        table.add_row(attribute, f"{value:.3f}")
-    table.add_row("all correct", f"{metrics['all_correct']:.3f}")
+        flag = " !" if attribute in metrics["flagged"] else ""
+        table.add_row(attribute, f"{value:.3f}", f"{metrics['geometric']['accuracy'][attribute]:.3f}",
+                      f"{metrics['agreement'][attribute]:.3f}{flag}")
+    table.add_row("all correct", f"{metrics['all_correct']:.3f}", f"{metrics['geometric']['all_correct']:.3f}", "")
     out_console.print(table)
     out_console.print(f"{json_path}\n{png_path}", highlight=False)
 

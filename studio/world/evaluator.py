@@ -1,7 +1,9 @@
 """The instrument: a small CNN that reads every attribute and the object mask of a 64x64 image.
 
-It is trained on renders, half of them passed through the world VAE and all with light noise, so it
-judges generated images by what they show rather than by VAE artefacts.
+It is trained on renders made to look generated (blurred, bent, thickened or thinned, ragged, unevenly
+coloured: `studio.world.augment`), half of them passed through the world VAE, and on images with no single
+clear shape, which it reads as shape "none". It is checked against an eye-labelled set of generated images
+(`studio.world.labelled`) and read beside a second instrument that needs no training (`studio.world.geometry`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from studio.world import ASSETS
-from studio.world.vocab import ATTRIBUTES, VALUES, Labels
+from studio.world.vocab import ATTRIBUTES, NO_SHAPE, VALUES, Labels
+
+# what the evaluator can read: every value, and for the shape also that there is none
+OUTCOMES = {**{a: list(v) for a, v in VALUES.items()}, "shape": [*VALUES["shape"], NO_SHAPE]}
 
 
 def _block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -26,12 +31,14 @@ def _block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
 
 
 class WorldEvaluator(ModelMixin, ConfigMixin):
-    """Image (B, 3, 64, 64) in [-1, 1] -> logits per attribute and mask logits (B, 64, 64)."""
+    """Image (B, 3, 64, 64) in [-1, 1] -> logits per attribute and mask logits (B, 64, 64). `values` names each
+    head's outcomes (`OUTCOMES`; an evaluator saved before there was a "none" outcome has only `classes`)."""
 
     @register_to_config
-    def __init__(self, width: int = 32, classes: dict[str, int] | None = None):
+    def __init__(self, width: int = 32, classes: dict[str, int] | None = None,
+                 values: dict[str, list[str]] | None = None):
         super().__init__()
-        classes = classes or {a: len(v) for a, v in VALUES.items()}
+        classes = {a: len(v) for a, v in values.items()} if values else classes or {a: len(v) for a, v in VALUES.items()}
         self.stem = _block(3, width, 2)  # 32x32
         self.down1 = _block(width, 2 * width, 2)  # 16x16
         self.down2 = _block(2 * width, 4 * width, 2)  # 8x8
@@ -48,6 +55,10 @@ class WorldEvaluator(ModelMixin, ConfigMixin):
         out["mask"] = mask[:, 0]  # (B, 64, 64)
         return out
 
+    @property
+    def outcomes(self) -> dict[str, list[str]]:
+        return dict(self.config.values) if self.config.values else {a: list(v) for a, v in VALUES.items()}
+
 
 @lru_cache(maxsize=2)
 def load_evaluator(folder: str | None = None) -> WorldEvaluator:
@@ -60,14 +71,47 @@ def load_evaluator(folder: str | None = None) -> WorldEvaluator:
     return WorldEvaluator.from_pretrained(path, torch_dtype=torch.float32).eval()
 
 
+def as_pixels(image: Any) -> "np.ndarray":
+    """A PIL image, a uint8 array (H, W, 3) or a float tensor (3, H, W) in [-1, 1] as uint8 (64, 64, 3);
+    another size is resized (a note on the log), anything that is not an image is refused by name."""
+    import numpy as np
+
+    from studio.errors import InvalidArgumentError
+
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).numpy()
+    if hasattr(image, "convert"):
+        image = image.convert("RGB")
+        if image.size != (64, 64):
+            _note_resize(image.size)
+            image = image.resize((64, 64))
+        return np.asarray(image)
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+        raise InvalidArgumentError(f"cannot read an image from {type(image).__name__} of shape "
+                                   f"{getattr(array, 'shape', None)} and dtype {array.dtype}; give PIL images or "
+                                   f"uint8 arrays (H, W, 3).")
+    if array.shape[:2] != (64, 64):
+        from PIL import Image
+
+        _note_resize(array.shape[1::-1])
+        return np.asarray(Image.fromarray(array).resize((64, 64)))
+    return array
+
+
+def _note_resize(size: tuple[int, int]) -> None:
+    import logging
+
+    logging.getLogger("studio.world").info("the instruments read 64x64 images: resizing one of %dx%d", *size)
+
+
 def images_to_tensor(images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
     """PIL images or uint8 arrays (H, W, 3), or a float tensor in [-1, 1] -> (B, 3, 64, 64) in [-1, 1]."""
     import numpy as np
 
     if isinstance(images, torch.Tensor):
         return images.float()
-    arrays = np.stack([np.asarray(im.convert("RGB").resize((64, 64)) if hasattr(im, "convert") else im)
-                       for im in images])
+    arrays = np.stack([as_pixels(im) for im in images])
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
@@ -78,32 +122,63 @@ def predict(images: Sequence[Any] | torch.Tensor, *, evaluator: WorldEvaluator |
     model = evaluator or load_evaluator()
     x = images_to_tensor(images)
     outs = [model(x[i : i + batch]) for i in range(0, len(x), batch)]
-    result: dict[str, Any] = {a: [VALUES[a][int(k)] for o in outs for k in o[a].argmax(-1)] for a in ATTRIBUTES}
+    names = model.outcomes
+    result: dict[str, Any] = {a: [names[a][int(k)] for o in outs for k in o[a].argmax(-1)] for a in ATTRIBUTES}
     result["mask"] = torch.cat([o["mask"] for o in outs]) > 0
     return result
 
 
+DISAGREEMENT = 0.10  # a row whose two readings disagree on more of its images than this is flagged
+
+
+def _scores(predicted: dict[str, Any], wanted: list[dict[str, str]]) -> dict[str, Any]:
+    accuracy: dict[str, float] = {}
+    for attribute in ATTRIBUTES:
+        pairs = [(p, w[attribute]) for p, w in zip(predicted[attribute], wanted, strict=True) if attribute in w]
+        if pairs:
+            accuracy[attribute] = sum(p == w for p, w in pairs) / len(pairs)
+    return {"accuracy": accuracy,
+            "all_correct": sum(all(predicted[a][i] == w[a] for a in w) for i, w in enumerate(wanted)) / len(wanted),
+            "predicted": [{a: predicted[a][i] for a in ATTRIBUTES} for i in range(len(wanted))]}
+
+
 def evaluate(images: Sequence[Any] | torch.Tensor, expected: Sequence[Labels | dict[str, str]], *,
-             masks: torch.Tensor | None = None, evaluator: WorldEvaluator | None = None) -> dict[str, Any]:
-    """Accuracy per attribute named in `expected` (all five for Labels) and, with true `masks`, mask IoU."""
+             masks: torch.Tensor | None = None, evaluator: WorldEvaluator | None = None,
+             second: bool = True) -> dict[str, Any]:
+    """Accuracy per attribute named in `expected` (all five for Labels) and, with true `masks`, mask IoU.
+
+    With `second` (the default) the images are also read by the geometric instrument (`geometry`): its
+    accuracy, and per attribute the `agreement`, the share of images on which both instruments agree that the
+    expected value is (or is not) there; attributes agreeing on less than 1 - DISAGREEMENT are `flagged`."""
     if len(expected) != len(images):
         from studio.errors import InvalidArgumentError
 
         raise InvalidArgumentError(f"{len(images)} images but {len(expected)} expected labels; give one per image.")
     wanted = [e.as_dict() if isinstance(e, Labels) else dict(e) for e in expected]
     predicted = predict(images, evaluator=evaluator)
-    accuracy: dict[str, float] = {}
-    for attribute in ATTRIBUTES:
-        pairs = [(p, w[attribute]) for p, w in zip(predicted[attribute], wanted, strict=True) if attribute in w]
-        if pairs:
-            accuracy[attribute] = sum(p == w for p, w in pairs) / len(pairs)
-    metrics: dict[str, Any] = {"n": len(images), "accuracy": accuracy,
-                               "all_correct": sum(all(predicted[a][i] == w[a] for a in w)
-                                                  for i, w in enumerate(wanted)) / len(wanted),
-                               "predicted": [{a: predicted[a][i] for a in ATTRIBUTES} for i in range(len(wanted))]}
+    metrics: dict[str, Any] = {"n": len(images), **_scores(predicted, wanted)}
     if masks is not None:
         truth = torch.as_tensor(masks).bool()
         inter = (predicted["mask"] & truth).flatten(1).sum(1).float()
         union = (predicted["mask"] | truth).flatten(1).sum(1).clamp(min=1).float()
         metrics["mask_iou"] = float((inter / union).mean())
+    if second:
+        from studio.world import geometry
+
+        seen = geometry.predict([images[i] for i in range(len(images))])
+        metrics["geometric"] = _scores(seen, wanted)
+        metrics["agreement"] = {
+            a: sum((predicted[a][i] == w[a]) == (seen[a][i] == w[a]) for i, w in enumerate(wanted) if a in w)
+            / max(1, sum(a in w for w in wanted)) for a in metrics["accuracy"]}
+        metrics["flagged"] = [a for a, v in metrics["agreement"].items() if v < 1 - DISAGREEMENT]
     return metrics
+
+
+def readings(metrics: dict[str, Any], attribute: str) -> str:
+    """One table cell with both readings of `attribute`: "0.81 / 0.78" (evaluator / geometry), with a "!"
+    when the two disagree on more than DISAGREEMENT of the images."""
+    first = metrics["accuracy"][attribute]
+    if "geometric" not in metrics:
+        return f"{first:.2f}"
+    flag = " !" if attribute in metrics["flagged"] else ""
+    return f"{first:.2f} / {metrics['geometric']['accuracy'][attribute]:.2f}{flag}"

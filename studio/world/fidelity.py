@@ -56,28 +56,37 @@ def fidelity(pipe, *, n: int = 200, seed: int = 1234, steps: int = 25, guidance:
 
 
 def write_report(metrics: dict[str, Any], out: Path, *, title: str, columns: int = 10) -> tuple[Path, Path]:
-    """`out/fidelity.json` (accuracy per attribute, per-image predictions) and `out/fidelity.png` (a grid)."""
+    """`out/fidelity.json` (accuracy per attribute by both instruments, per-image readings) and `out/fidelity.png`
+    (a numbered grid: a red frame where the evaluator misreads an image, a blue tag where the geometric reader does)."""
     from PIL import Image, ImageDraw
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    second = metrics.get("geometric")
     report = {"title": title, "n": metrics["n"], "accuracy": metrics["accuracy"], "all_correct": metrics["all_correct"],
-              "samples": [{"expected": e, "predicted": p} for e, p in zip(metrics["expected"], metrics["predicted"],
-                                                                         strict=True)]}
+              "geometric": {k: second[k] for k in ("accuracy", "all_correct")} if second else None,
+              "agreement": metrics.get("agreement"), "flagged": metrics.get("flagged"),
+              "samples": [{"expected": e, "predicted": p, **({"geometric": g} if second else {})}
+                          for e, p, g in zip(metrics["expected"], metrics["predicted"],
+                                             second["predicted"] if second else metrics["predicted"], strict=True)]}
     json_path = out / "fidelity.json"
     json_path.write_text(json.dumps(report, indent=1))
     images = metrics["images"]
     rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * 66, rows * 66 + 20), "white")
+    grid = Image.new("RGB", (columns * 66, rows * 78 + 20), "white")
     draw = ImageDraw.Draw(grid)
-    summary = "  ".join(f"{a} {metrics['accuracy'][a]:.2f}" for a in ATTRIBUTES if a in metrics["accuracy"])
+    from studio.world.evaluator import readings
+
+    summary = "  ".join(f"{a} {readings(metrics, a)}" for a in ATTRIBUTES if a in metrics["accuracy"])
     draw.text((4, 4), f"{title}: {summary}", fill="black")
-    for i, (image, expected, predicted) in enumerate(zip(images, metrics["expected"], metrics["predicted"],
-                                                         strict=True)):
-        x, y = (i % columns) * 66 + 1, (i // columns) * 66 + 21
+    for i, (image, sample) in enumerate(zip(images, report["samples"], strict=True)):
+        x, y = (i % columns) * 66 + 1, (i // columns) * 78 + 33
+        draw.text((x, y - 12), str(i), fill="black")  # numbered: fidelity.json's samples[i]
         grid.paste(image.resize((64, 64)), (x, y))
-        if any(predicted[a] != v for a, v in expected.items()):
-            draw.rectangle((x - 1, y - 1, x + 64, y + 64), outline="red")
+        if any(sample["predicted"][a] != v for a, v in sample["expected"].items()):
+            draw.rectangle((x - 1, y - 1, x + 64, y + 64), outline="red")  # the evaluator misreads it
+        if "geometric" in sample and any(sample["geometric"][a] != v for a, v in sample["expected"].items()):
+            draw.rectangle((x + 44, y - 10, x + 62, y - 3), fill="blue")  # the geometric reader misreads it
     png_path = out / "fidelity.png"
     grid.save(png_path)
     return json_path, png_path

@@ -60,50 +60,72 @@ SHAPE_TESTS = {
 }
 
 
+def pattern(kind: str, size: int, phase: float, *, axis: int = 0, flip: bool = False) -> np.ndarray:
+    """How much of the pattern's darker ink covers each pixel, (H, W) in [0, 1]; `phase` shifts it (pattern
+    units of a 64 px image), `axis` (0: x, 1: y) and `flip` orient the gradient."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size * 64  # pattern units of a 64 px image
+    if kind == "plain":
+        return np.zeros_like(x)
+    if kind == "stripes":  # diagonal bands, 8 px period
+        return (((x + y + phase) % 8) < 4).astype(np.float32)
+    if kind == "dots":
+        px, py = (x + phase) % 10 - 5, (y + phase) % 10 - 5
+        return (px**2 + py**2 <= 2.2**2).astype(np.float32)
+    if kind == "grid":
+        return ((((x + phase) % 10) < 1.5) | (((y + phase) % 10) < 1.5)).astype(np.float32)
+    if kind == "gradient":
+        t = (x if axis == 0 else y) / 64
+        return 1 - t if flip else t
+    if kind == "checker":  # 8 px squares
+        return ((((x + phase) // 8) + ((y + phase) // 8)) % 2).astype(np.float32)
+    if kind == "waves":  # horizontal bands bent by a sine
+        return (np.sin(2 * np.pi * (y + 2.5 * np.sin(2 * np.pi * x / 16) + phase) / 8) > 0).astype(np.float32)
+    raise ValueError(f"unknown background {kind!r}")
+
+
 def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """A light patterned background, (H, W, 3) float in [0, 1]."""
     base = rng.uniform(0.80, 0.95) + rng.uniform(-0.03, 0.03, size=3)  # light, faintly tinted grey
     ink = base - rng.uniform(0.22, 0.32)  # the pattern: the same tint, darker
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size * 64  # pattern units of a 64 px image
     phase = rng.uniform(0, 16)
-    if kind == "plain":
-        amount = np.zeros_like(x)
-    elif kind == "stripes":  # diagonal bands, 8 px period
-        amount = (((x + y + phase) % 8) < 4).astype(np.float32)
-    elif kind == "dots":
-        px, py = (x + phase) % 10 - 5, (y + phase) % 10 - 5
-        amount = (px**2 + py**2 <= 2.2**2).astype(np.float32)
-    elif kind == "grid":
-        amount = ((((x + phase) % 10) < 1.5) | (((y + phase) % 10) < 1.5)).astype(np.float32)
-    elif kind == "gradient":
-        t = x / 64 if rng.random() < 0.5 else y / 64
-        amount = t if rng.random() < 0.5 else 1 - t
-    elif kind == "checker":  # 8 px squares
-        amount = ((((x + phase) // 8) + ((y + phase) // 8)) % 2).astype(np.float32)
-    elif kind == "waves":  # horizontal bands bent by a sine
-        amount = (np.sin(2 * np.pi * (y + 2.5 * np.sin(2 * np.pi * x / 16) + phase) / 8) > 0).astype(np.float32)
-    else:
-        raise ValueError(f"unknown background {kind!r}")
+    axis, flip = (int(rng.random() >= 0.5), rng.random() >= 0.5) if kind == "gradient" else (0, False)
+    amount = pattern(kind, size, phase, axis=axis, flip=flip)
     return np.clip(base[None, None, :] * (1 - amount[..., None]) + ink[None, None, :] * amount[..., None], 0, 1)
+
+
+def coverage(shape: str, size: int, cx: float, cy: float, radius: float) -> np.ndarray:
+    """The fraction of each pixel that `shape` covers at centre (cx, cy) and `radius` (fractions of the
+    side), (H, W) float: drawn at SUPERSAMPLE x and averaged down."""
+    fine = size * SUPERSAMPLE
+    y, x = (np.mgrid[0:fine, 0:fine].astype(np.float32) + 0.5) / fine
+    covered = SHAPE_TESTS[shape]((x - cx) / radius, (y - cy) / radius).astype(np.float32)
+    return covered.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
+
+
+def layers(labels: Labels, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What `render` composes: background (H, W, 3), the shape's coverage (H, W) and its colour (3,), floats
+    in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    cx, cy = CENTRES[labels.position]
+    cx, cy = cx + rng.uniform(-0.03, 0.03), cy + rng.uniform(-0.03, 0.03)
+    radius = RADII[labels.size] * rng.uniform(0.92, 1.08)
+    alpha = coverage(labels.shape, size, cx, cy, radius)
+    background = _background(labels.background, size, rng)
+    return background, alpha, np.array(COLOURS[labels.colour], dtype=np.float32) / 255
+
+
+def compose(background: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """The image of a shape of `colour` covering `alpha` of `background`, uint8 (H, W, 3)."""
+    image = background * (1 - alpha[..., None]) + colour * alpha[..., None]
+    return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
 def render(labels: Labels, size: int = 64, seed: int = 0):
     """One image of `labels` and its object mask: (PIL RGB image, (size, size) bool array)."""
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
-    cx, cy = CENTRES[labels.position]
-    cx, cy = cx + rng.uniform(-0.03, 0.03), cy + rng.uniform(-0.03, 0.03)
-    radius = RADII[labels.size] * rng.uniform(0.92, 1.08)
-    fine = size * SUPERSAMPLE
-    y, x = (np.mgrid[0:fine, 0:fine].astype(np.float32) + 0.5) / fine
-    covered = SHAPE_TESTS[labels.shape]((x - cx) / radius, (y - cy) / radius).astype(np.float32)
-    alpha = covered.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))  # (H, W)
-    background = _background(labels.background, size, rng)
-    colour = np.array(COLOURS[labels.colour], dtype=np.float32) / 255
-    image = background * (1 - alpha[..., None]) + colour * alpha[..., None]
-    pixels = np.round(image * 255).astype(np.uint8)
-    return Image.fromarray(pixels, "RGB"), alpha > 0.5
+    background, alpha, colour = layers(labels, size, seed)
+    return Image.fromarray(compose(background, alpha, colour), "RGB"), alpha > 0.5
 
 
 def sample_labels(rng: np.random.Generator, *, held_out: bool = False, **fixed: str) -> Labels:
@@ -113,4 +135,4 @@ def sample_labels(rng: np.random.Generator, *, held_out: bool = False, **fixed: 
     return Labels(**chosen)
 
 
-__all__ = ["BACKGROUNDS", "render", "sample_labels", "SHAPE_TESTS"]
+__all__ = ["BACKGROUNDS", "compose", "coverage", "layers", "pattern", "render", "sample_labels", "SHAPE_TESTS"]

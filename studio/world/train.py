@@ -308,36 +308,97 @@ def evaluator_accuracy(model, images: np.ndarray, labels: np.ndarray, masks: np.
     return result
 
 
-def train_evaluator(out: Path, *, vae_folder: Path | None = None, steps: int = 2500, batch: int = 64,
+def generated_like_batch(data: dict[str, np.ndarray], index: np.ndarray, rng: np.random.Generator, *,
+                         no_shape_share: float = 0.12, plain_share: float = 0.2) -> dict[str, np.ndarray]:
+    """Training images for the evaluator from a `layer_set`: `plain_share` plain renders, the rest made to look
+    generated, and `no_shape_share` images with no single clear shape in place of some. Returns images
+    (B, 64, 64, 3) uint8, masks (B, 64, 64) bool, and targets (B, 5) as indices into `OUTCOMES`, -100 where
+    nothing is known (the colour of an empty image; position and size where there is no shape)."""
+    from studio.world.augment import generation_like, no_shape
+    from studio.world.evaluator import OUTCOMES
+    from studio.world.render import compose
+    from studio.world.vocab import ATTRIBUTES, COLOURS, VALUES
+
+    images, masks, targets = [], [], []
+    colours = np.array([COLOURS[c] for c in VALUES["colour"]], dtype=np.float32) / 255
+    for i in index:
+        target = data["labels"][i].copy()
+        if rng.random() < no_shape_share:
+            image, alpha, known = no_shape(rng)
+            target[:] = -100
+            target[ATTRIBUTES.index("shape")] = OUTCOMES["shape"].index("none")
+            for attribute, value in known.items():
+                if value is not None:
+                    target[ATTRIBUTES.index(attribute)] = OUTCOMES[attribute].index(value)
+        else:
+            background = data["backgrounds"][i].astype(np.float32) / 255
+            alpha = data["alphas"][i].astype(np.float32)
+            colour = colours[target[ATTRIBUTES.index("colour")]]
+            if rng.random() < plain_share:
+                image = compose(background, alpha, colour)
+            else:
+                image, alpha = generation_like(background, alpha, colour, rng)
+        images.append(image)
+        masks.append(alpha > 0.5)
+        targets.append(target)
+    return {"images": np.stack(images), "masks": np.stack(masks), "targets": np.stack(targets)}
+
+
+POOL_VERSION = 1  # of generated_like_batch and its augmentations: bump when they change
+
+
+def generated_like_pool(vae, n: int, seed: int) -> dict[str, np.ndarray]:
+    """`n` evaluator training images from `generated_like_batch` over a `layer_set` of `n` renders, half of
+    them passed through the world VAE, made once per (n, seed) and cached: a VAE round trip per image and
+    step would cost more than the evaluator's own training."""
+    from studio.home import cache_dir
+    from studio.world.data import layer_set
+
+    path = cache_dir("world") / f"evaluator-pool-v{POOL_VERSION}-{n}-{seed}.npz"
+    if path.is_file():
+        with np.load(path) as cached:
+            return {k: cached[k] for k in cached.files}
+    data = layer_set(n, seed=seed, held_out=True)
+    rng = np.random.default_rng(seed)
+    parts = [generated_like_batch(data, np.arange(i, min(i + 512, n)), rng) for i in range(0, n, 512)]
+    pool = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    trip = np.flatnonzero(rng.random(n) < 0.5)
+    pool["images"][trip] = vae_roundtrip(vae, pool["images"][trip])
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **pool)
+    Path(tmp).replace(path)
+    return pool
+
+
+def train_evaluator(out: Path, *, vae_folder: Path | None = None, steps: int = 2000, batch: int = 64,
                     lr: float = 1e-3, seed: int = 0, log: Log = print) -> Path:
-    """Cross-entropy per attribute + BCE on the mask, over renders with every value (held-out too),
-    half of them VAE round trips, all with Gaussian noise of sigma up to 0.05."""
+    """Cross-entropy per attribute + BCE on the mask, over renders with every value (held-out too) made to
+    look generated and images with no single clear shape (`generated_like_pool`: 24,000, half of them VAE
+    round trips), all with Gaussian noise of sigma up to 0.05."""
     import torch
 
-    from studio.world.evaluator import WorldEvaluator
+    from studio.world.evaluator import OUTCOMES, WorldEvaluator
     from studio.world.vocab import ATTRIBUTES
 
     _seed_everything(seed)
     vae = load_vae(vae_folder or _part(out, "vae"))
-    data = render_set(16000, seed=2, held_out=True)
-    trips = vae_roundtrip(vae, data["images"])
+    pool = generated_like_pool(vae, 24000, seed=2)
     fresh = render_set(2000, seed=3, held_out=True)
     fresh_trips = vae_roundtrip(vae, fresh["images"])
-    model = WorldEvaluator()
+    model = WorldEvaluator(values=OUTCOMES)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
     record = TrainLog(out, "evaluator", log)
-    rng = np.random.default_rng(seed)
-    batches = _batches(len(data["images"]), batch, seed)
-    labels = torch.from_numpy(data["labels"])
-    masks = torch.from_numpy(data["masks"]).float()
+    batches = _batches(len(pool["images"]), batch, seed)
+    targets = torch.from_numpy(pool["targets"])
+    masks = torch.from_numpy(pool["masks"]).float()
     for step in range(steps):
         index = next(batches)
-        use_trip = rng.random(len(index)) < 0.5
-        x = to_tensor(np.where(use_trip[:, None, None, None], trips[index], data["images"][index]))
+        x = to_tensor(pool["images"][index])
         x = x + torch.randn_like(x) * torch.rand(len(index), 1, 1, 1) * 0.05
         out_ = model(x)
-        loss = sum(torch.nn.functional.cross_entropy(out_[a], labels[index, k]) for k, a in enumerate(ATTRIBUTES))
+        loss = sum(torch.nn.functional.cross_entropy(out_[a], targets[index, k], ignore_index=-100)
+                   for k, a in enumerate(ATTRIBUTES))
         loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(out_["mask"], masks[index])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -29,6 +29,8 @@ HELD_OUT = {
     "background": ("checker", "waves"),
 }
 
+NO_SHAPE = "none"  # what an instrument reads when no single clear shape is there (nothing, a blob, two shapes)
+
 VALUES = {
     "shape": SHAPES,
     "colour": tuple(COLOURS),
