@@ -89,7 +89,7 @@ def jobs(rng: np.random.Generator, part: int = 1) -> list[dict]:
 
     if part == 2:
         for name, (backbone, fixed, trigger) in STRONG.items():
-            for k in range(8):
+            for _ in range(8):
                 colour = str(rng.choice(list(COLOURS)))
                 if "shape" in fixed:
                     background = str(rng.choice(base_values("background")))

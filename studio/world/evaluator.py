@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -32,11 +33,13 @@ def _block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
 
 class WorldEvaluator(ModelMixin, ConfigMixin):
     """Image (B, 3, 64, 64) in [-1, 1] -> logits per attribute and mask logits (B, 64, 64). `values` names each
-    head's outcomes (`OUTCOMES`; an evaluator saved before there was a "none" outcome has only `classes`)."""
+    head's outcomes (`OUTCOMES`; an evaluator saved before there was a "none" outcome has only `classes`);
+    `predict` reads a shape whose probability is below `none_below` as "none" (fitted on the labelled set's
+    calibration half: `bench/instruments.py --calibrate`)."""
 
     @register_to_config
     def __init__(self, width: int = 32, classes: dict[str, int] | None = None,
-                 values: dict[str, list[str]] | None = None):
+                 values: dict[str, list[str]] | None = None, none_below: float = 0.0):
         super().__init__()
         classes = {a: len(v) for a, v in values.items()} if values else classes or {a: len(v) for a, v in VALUES.items()}
         self.stem = _block(3, width, 2)  # 32x32
@@ -71,10 +74,9 @@ def load_evaluator(folder: str | None = None) -> WorldEvaluator:
     return WorldEvaluator.from_pretrained(path, torch_dtype=torch.float32).eval()
 
 
-def as_pixels(image: Any) -> "np.ndarray":
+def as_pixels(image: Any) -> np.ndarray:
     """A PIL image, a uint8 array (H, W, 3) or a float tensor (3, H, W) in [-1, 1] as uint8 (64, 64, 3);
     another size is resized (a note on the log), anything that is not an image is refused by name."""
-    import numpy as np
 
     from studio.errors import InvalidArgumentError
 
@@ -124,6 +126,10 @@ def predict(images: Sequence[Any] | torch.Tensor, *, evaluator: WorldEvaluator |
     outs = [model(x[i : i + batch]) for i in range(0, len(x), batch)]
     names = model.outcomes
     result: dict[str, Any] = {a: [names[a][int(k)] for o in outs for k in o[a].argmax(-1)] for a in ATTRIBUTES}
+    if model.config.none_below and NO_SHAPE in names["shape"]:
+        confidence = torch.cat([o["shape"] for o in outs]).softmax(-1).max(-1).values
+        result["shape"] = [NO_SHAPE if c < model.config.none_below else s for s, c in zip(result["shape"], confidence,
+                                                                                            strict=True)]
     result["mask"] = torch.cat([o["mask"] for o in outs]) > 0
     return result
 

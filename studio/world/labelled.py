@@ -69,6 +69,13 @@ def load_set(folder: str | Path = FOLDER) -> list[Entry]:
     return entries
 
 
+def halves(entries: Sequence[Entry]) -> tuple[list[Entry], list[Entry]]:
+    """(calibration, test): the even-numbered images fit the instruments' decision thresholds, the odd ones
+    report them."""
+    calibration = [e for e in entries if int(e.file.stem) % 2 == 0]
+    return calibration, [e for e in entries if int(e.file.stem) % 2 == 1]
+
+
 def score(predicted: dict[str, Sequence[str]], entries: Sequence[Entry]) -> dict[str, Any]:
     """Accuracy per attribute of `predicted` (as `predict` returns) against the labels, counting only the
     entries whose label for that attribute is known; and the shape confusion {truth: {predicted: count}}."""
@@ -85,10 +92,13 @@ def score(predicted: dict[str, Sequence[str]], entries: Sequence[Entry]) -> dict
     return {"accuracy": accuracy, "n": counted, "confusion": confusion}
 
 
-def check(predict: Callable[[list[Any]], dict[str, Sequence[str]]], folder: str | Path = FOLDER) -> dict[str, Any]:
-    """Read every image of the set with `predict` (an instrument) and score it, also on the agreed entries
-    alone and per source (backbone with or without an adapter)."""
+def check(predict: Callable[[list[Any]], dict[str, Sequence[str]]], folder: str | Path = FOLDER, *,
+          half: str | None = None) -> dict[str, Any]:
+    """Read the set's images with `predict` (an instrument) and score it, also on the agreed entries alone;
+    `half` = "calibration" or "test" reads only that half (`halves`)."""
     entries = load_set(folder)
+    if half is not None:
+        entries = halves(entries)[("calibration", "test").index(half)]
     predicted = predict([e.image() for e in entries])
     result = score(predicted, entries)
     agreed = [i for i, e in enumerate(entries) if e.agreed]
