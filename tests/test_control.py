@@ -222,7 +222,9 @@ def test_sdxl_sd3_and_flux_controls_match_diffusers_pipelines(backbones, family,
             from studio.pipelines.dit import t5_free_options
 
             extra |= t5_free_options(backbone.pipe)
-        assert same(ours.images, diffusers_call(plain, ours.recipe, **extra)) == 0
+        # SD3 on a CPU with AVX-512 rounds some pixels of this image one level apart (the commit before this one
+        # does the same there; exact on AVX2): float summation order, not a different computation
+        assert same(ours.images, diffusers_call(plain, ours.recipe, **extra)) <= (1 if family == "sd3" else 0)
 
 
 def test_preprocessors_find_the_edges_and_the_object_offline():
