@@ -76,8 +76,7 @@ def _sweep(score, start: float, values) -> float:
 def calibrate(evaluator, folder: Path) -> None:
     import torch
 
-    from studio.world.evaluator import images_to_tensor
-    from studio.world.vocab import NO_SHAPE
+    from studio.world.evaluator import images_to_tensor, shape_outcomes
 
     calibration, test = halves(load_set())
     names = evaluator.outcomes["shape"]
@@ -87,8 +86,7 @@ def calibrate(evaluator, folder: Path) -> None:
             return evaluator(images_to_tensor([e.image() for e in entries]))["shape"].softmax(-1)
 
     def evaluator_accuracy(probabilities, entries, below):
-        confidence, index = probabilities.max(-1)
-        read = [NO_SHAPE if c < below else names[int(k)] for c, k in zip(confidence, index, strict=True)]
+        read = shape_outcomes(probabilities, names, below)
         return sum(r == e.labels["shape"] for r, e in zip(read, entries, strict=True)) / len(entries)
 
     fit, held = shape_probabilities(calibration), shape_probabilities(test)
@@ -99,9 +97,7 @@ def calibrate(evaluator, folder: Path) -> None:
                              for i in range(0, len(truth), 500)])
 
     def on_renders(below):
-        confidence, index = renders.max(-1)
-        return np.mean([(NO_SHAPE if c < below else names[int(k)]) == t
-                        for c, k, t in zip(confidence, index, truth, strict=True)])
+        return np.mean([r == t for r, t in zip(shape_outcomes(renders, names, below), truth, strict=True)])
 
     # renders must stay >= 0.99: a threshold that calls clean renders "none" is not allowed
     allowed = [t for t in np.arange(0.0, 1.0, 0.01) if on_renders(t) >= 0.99]
@@ -118,11 +114,7 @@ def calibrate(evaluator, folder: Path) -> None:
     raw = {id(e): geometry.read(e.image()) for e in (*calibration, *test)}
 
     def geometry_accuracy(entries, floors):
-        def decide(r):
-            if r.get("best") is None or r["two"] or r["iou"] < floors[r["best"]]:
-                return NO_SHAPE
-            return r["best"]
-        return sum(decide(raw[id(e)]) == e.labels["shape"] for e in entries) / len(entries)
+        return sum(geometry.decide(raw[id(e)], floors) == e.labels["shape"] for e in entries) / len(entries)
 
     floors = dict(geometry.FLOORS)
     for _ in range(3):  # coordinate ascent over the shapes' floors

@@ -117,6 +117,13 @@ def images_to_tensor(images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
+def shape_outcomes(probabilities: torch.Tensor, names: Sequence[str], none_below: float) -> list[str]:
+    """The shape read from each row of probabilities (B, outcomes): the likeliest, or "none" below
+    `none_below`."""
+    confidence, index = probabilities.max(-1)
+    return [NO_SHAPE if c < none_below else names[int(k)] for c, k in zip(confidence, index, strict=True)]
+
+
 @torch.no_grad()
 def predict(images: Sequence[Any] | torch.Tensor, *, evaluator: WorldEvaluator | None = None,
             batch: int = 256) -> dict[str, Any]:
@@ -127,9 +134,8 @@ def predict(images: Sequence[Any] | torch.Tensor, *, evaluator: WorldEvaluator |
     names = model.outcomes
     result: dict[str, Any] = {a: [names[a][int(k)] for o in outs for k in o[a].argmax(-1)] for a in ATTRIBUTES}
     if model.config.none_below and NO_SHAPE in names["shape"]:
-        confidence = torch.cat([o["shape"] for o in outs]).softmax(-1).max(-1).values
-        result["shape"] = [NO_SHAPE if c < model.config.none_below else s for s, c in zip(result["shape"], confidence,
-                                                                                            strict=True)]
+        result["shape"] = shape_outcomes(torch.cat([o["shape"] for o in outs]).softmax(-1), names["shape"],
+                                         model.config.none_below)
     result["mask"] = torch.cat([o["mask"] for o in outs]) > 0
     return result
 

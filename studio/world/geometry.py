@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from studio.world.render import CENTRES, RADII, pattern
-from studio.world.vocab import BACKGROUNDS, COLOURS, NO_SHAPE, SHAPES
+from studio.world.vocab import ATTRIBUTES, BACKGROUNDS, COLOURS, NO_SHAPE, SHAPES
 
 # Below its floor a match reads "none". Renders match their own shape at >= 0.85; generated shapes much less
 # (fat moons, half-filled rings) and lumps that are no shape reach 0.9 on a circle, so each floor is fitted on
@@ -64,6 +64,7 @@ def _patterns() -> list[tuple[str, np.ndarray]]:
     return out
 
 
+@lru_cache(maxsize=1)
 def _palette_lab() -> tuple[list[str], np.ndarray]:
     names = list(COLOURS)
     return names, _lab(np.array([COLOURS[n] for n in names], dtype=np.float32)[None] / 255)[0]
@@ -151,9 +152,17 @@ def _background(pixels: np.ndarray, mask: np.ndarray) -> str:
     return best_kind
 
 
-def read(image: Any, floors: dict[str, float] | None = None) -> dict[str, Any]:
+def decide(reading: dict[str, Any], floors: dict[str, float] | None = None) -> str:
+    """The shape a reading says: its best match, or "none" with no object, two objects, or a match below
+    that shape's floor (`FLOORS` unless given)."""
+    if reading.get("best") is None or reading["two"] or reading["iou"] < (floors or FLOORS)[reading["best"]]:
+        return NO_SHAPE
+    return reading["best"]
+
+
+def read(image: Any) -> dict[str, Any]:
     """One image (PIL or uint8 (64, 64, 3)) read by geometry: every attribute, the mask, the best match
-    ("best", its "iou") and whether there are "two" objects; `floors` in place of `FLOORS`."""
+    ("best", its "iou") and whether there are "two" objects."""
     from studio.world.evaluator import as_pixels
 
     pixels = as_pixels(image)
@@ -166,10 +175,9 @@ def read(image: Any, floors: dict[str, float] | None = None) -> dict[str, Any]:
     # a part over a quarter of the largest is a second object (a ring's halves would be one 8-connected part)
     two = len(parts) > 1 and parts[1].sum() > 0.25 * parts[0].sum()
     obj = parts[0]
-    shape, iou, radius, _ = match_shape(obj)
-    reading.update(iou=iou, best=shape, two=two)
-    if two or iou < (floors or FLOORS)[shape]:
-        shape = NO_SHAPE
+    best, iou, radius, _ = match_shape(obj)
+    reading.update(iou=iou, best=best, two=two)
+    shape = decide(reading)
     import cv2
 
     core = cv2.erode(obj.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
@@ -192,7 +200,6 @@ def predict(images: Sequence[Any]) -> dict[str, Any]:
     import torch
 
     readings = [read(image) for image in images]
-    result: dict[str, Any] = {a: [r[a] for r in readings] for a in ("shape", "colour", "background", "position",
-                                                                     "size", "iou")}
+    result: dict[str, Any] = {a: [r[a] for r in readings] for a in (*ATTRIBUTES, "iou")}
     result["mask"] = torch.from_numpy(np.stack([r["mask"] for r in readings])) if readings else torch.zeros(0)
     return result
