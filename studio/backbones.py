@@ -418,7 +418,7 @@ def _load_folder(location: str, source: str, fam: Family | None, device: str,
         # Components saved as [null, null] (SD3 without T5, no safety checker) must be passed as None.
         absent = {name: None for name, value in index.items() if isinstance(value, list) and value == [None, None]}
         pipe = getattr(diffusers, fam.pipeline).from_pretrained(
-            location, torch_dtype=resolve_dtype(dtype, device, fam), **absent)
+            location, dtype=resolve_dtype(dtype, device, fam), **absent)
         return pipe, fam
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as error:
         if Path(location).is_dir():
@@ -496,7 +496,7 @@ def _load_single_file(path: Path, fam: Family | None, device: str, dtype: Any, c
         raise NotACheckpointError(
             f"{path.name}: diffusers cannot load {fam.title} from a single file; use a diffusers folder."
         )
-    kwargs: dict[str, Any] = {"torch_dtype": resolve_dtype(dtype, device, fam)}
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device, fam)}
     if config:
         kwargs["config"] = config
     try:

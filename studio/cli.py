@@ -17,7 +17,8 @@ from studio.progress import clock
 from studio.schedulers import SCHEDULERS
 
 app = typer.Typer(name="studio", help="Teach, steer, erase and merge diffusion-model adapters.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)  # help texts say "[default: X]"; rich markup would eat it
 console = Console(stderr=True)
 out_console = Console()
 

@@ -24,8 +24,8 @@ def test_world_clip_pairs_renders_with_their_captions():
     from studio.world.data import labels_at, to_tensor
 
     data = render_set(64, seed=79)
-    vision = CLIPVisionModelWithProjection.from_pretrained(ASSETS / "world-clip", torch_dtype=torch.float32)
-    text = CLIPTextModelWithProjection.from_pretrained(ASSETS / "world-clip" / "text", torch_dtype=torch.float32)
+    vision = CLIPVisionModelWithProjection.from_pretrained(ASSETS / "world-clip", dtype=torch.float32)
+    text = CLIPTextModelWithProjection.from_pretrained(ASSETS / "world-clip" / "text", dtype=torch.float32)
     tokens = world_tokenizer()([caption(labels_at(data, i)) for i in range(64)], padding="max_length",
                                max_length=20, return_tensors="pt")
     with torch.no_grad():

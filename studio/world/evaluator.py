@@ -71,7 +71,7 @@ def load_evaluator(folder: str | None = None) -> WorldEvaluator:
     path = Path(folder) if folder else ASSETS / "evaluator"
     if not (path / "config.json").is_file():
         raise StudioError(f"no evaluator at {path}; train one with `studio world train --model evaluator`.")
-    return WorldEvaluator.from_pretrained(path, torch_dtype=torch.float32).eval()
+    return WorldEvaluator.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def as_pixels(image: Any) -> np.ndarray:

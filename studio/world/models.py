@@ -25,7 +25,7 @@ def world_sd():
     import torch
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline.from_pretrained(world_folder("world-sd"), torch_dtype=torch.float32,
+    return StableDiffusionPipeline.from_pretrained(world_folder("world-sd"), dtype=torch.float32,
                                                    safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
 
@@ -35,7 +35,7 @@ def world_dit():
     import torch
     from diffusers import StableDiffusion3Pipeline
 
-    return StableDiffusion3Pipeline.from_pretrained(world_folder("world-dit"), torch_dtype=torch.float32,
+    return StableDiffusion3Pipeline.from_pretrained(world_folder("world-dit"), dtype=torch.float32,
                                                     text_encoder_3=None, tokenizer_3=None)
 
 

@@ -274,7 +274,7 @@ def load_vae(folder: Path | None = None):
     import torch
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(folder or ASSETS / "vae", torch_dtype=torch.float32).eval()
+    return AutoencoderKL.from_pretrained(folder or ASSETS / "vae", dtype=torch.float32).eval()
 
 
 def vae_roundtrip(vae, images: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -428,7 +428,7 @@ def text_encoder_from_clip(folder: Path | None = None, *, with_projection: bool 
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     text = CLIPTextModelWithProjection.from_pretrained(Path(folder or ASSETS / "world-clip") / "text",
-                                                       torch_dtype=torch.float32)
+                                                       dtype=torch.float32)
     if with_projection:
         return text.eval()
     plain = CLIPTextModel(text.config)
