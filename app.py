@@ -35,13 +35,12 @@ from typing import Any
 from studio.adapters.control import CONTROL_KINDS
 
 from studio.backbones import DEFAULT_BACKBONE
-from studio.home import studio_home
+from studio.home import cache_root, studio_home
 from studio.schedulers import SCHEDULERS
 
 log = logging.getLogger("studio.app")
 
 SLOTS = 4  # adapters in the Generate tab's stack
-KINDS = ("lora", "dora", "orthogonal", "oft", "blora", "ip_adapter", "controlnet", "t2i_adapter")
 CONDITIONS = [("Canny edges", "canny"), ("soft edges (Sobel)", "soft_edge"), ("object mask", "mask")]
 MAX_UPLOAD = "50mb"  # per file (Gradio refuses larger uploads before they reach a handler)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -463,12 +462,40 @@ class Jobs:
 JOBS = Jobs()
 
 
+def recipe_fields(backbone: str, kind: str, recipe: str | None) -> tuple[Any, ...]:
+    """The Train tab's fields filled from the recipe for (backbone, kind, variant): the variant picker, steps,
+    rank, learning rate, control maps (each hidden where the kind has no such option) and the recipe's line.
+    `studio.training.recipes.resolve` answers, as for `studio train` and `studio.train`."""
+    import gradio as gr
+
+    from studio.errors import StudioError
+    from studio.training.recipes import adapter_options, resolve
+
+    kind = kind or "lora"
+    try:
+        found = resolve(backbone or DEFAULT_BACKBONE, kind, recipe or None)
+    except StudioError as error:  # e.g. a backbone typed in that cannot be read yet: keep the fields
+        return (gr.update(),) * 5 + (f"Recipe: {error}",)
+    if recipe and recipe not in found.variants:
+        found = resolve(backbone or DEFAULT_BACKBONE, kind)
+    values, own = found.options, adapter_options(kind)
+    variants = [(f"{found.name.split('@')[0]} (default)", ""), *((v, v) for v in found.variants)]
+    return (gr.update(choices=variants, value=recipe if recipe in found.variants else ""),
+            gr.update(value=values["steps"]),
+            gr.update(value=values.get("rank"), visible="rank" in own),
+            gr.update(value=values["lr"]),
+            gr.update(value=values.get("condition"), visible="condition" in own),
+            f"**Recipe {found.name}**: {found.about}. <small>{found.line()}</small>")
+
+
 @ui_errors
 def start_training(source: str, table: Any, name: str, kind: str, backbone: str, trigger: str, steps: int,
-                   rank: int, lr: float, tokens: int = 0, condition: str = "canny") -> int:
+                   rank: int | None, lr: float, tokens: int = 0, condition: str | None = None,
+                   recipe: str | None = None) -> int:
     """Start: the images and the table's captions are copied into training/<name>/, then a job
-    trains adapters/<name>.safetensors (a control model: the folder adapters/<name>). `tokens` > 0 learns the
-    trigger as that many token vectors (pivotal tuning); `condition`: a control model's maps. Returns the job id."""
+    trains adapters/<name>.safetensors (a control model: the folder adapters/<name>) with the recipe of its
+    backbone and kind (`recipe`: one of its variants), the fields on top. `tokens` > 0 learns the trigger as
+    that many token vectors (pivotal tuning); `condition`: a control model's maps. Returns the job id."""
     import gradio as gr
 
     from studio.training.trainer import TrainConfig
@@ -495,14 +522,18 @@ def start_training(source: str, table: Any, name: str, kind: str, backbone: str,
         copy = free_path(target / safe_name(Path(relative).name))
         shutil.copyfile(image, copy)
         copy.with_suffix(".txt").write_text(text.strip() + "\n", encoding="utf-8")
-    steps = int(steps)
-    config = TrainConfig(folder=str(target), out=str(out), kind="lora" if kind == "dora" else kind,
-                         dora=kind == "dora", backbone=backbone or DEFAULT_BACKBONE, trigger=trigger or "",
-                         steps=steps, rank=int(rank), lr=float(lr), batch=4, tokens=int(tokens or 0),
-                         checkpoint_every=max(1, min(100, steps // 4 or 1)),
+    from studio.training.recipes import adapter_options
+
+    steps, own = int(steps), adapter_options(kind)
+    # the kind's own fields only where it has them (the tab hides the others)
+    options = {k: v for k, v in dict(rank=int(rank) if rank else None, condition=condition or None).items()
+               if k in own and v is not None}
+    config = TrainConfig(folder=str(target), out=str(out), kind=kind, recipe=recipe or None,
+                         backbone=backbone or DEFAULT_BACKBONE, trigger=trigger or "", steps=steps, lr=float(lr),
+                         tokens=int(tokens or 0), checkpoint_every=max(1, min(100, steps // 4 or 1)),
                          # samples need the adapter's run-time image; kinds without one show theirs while training
                          sample_every=0 if kind in INPUT_KINDS else max(1, steps // 4),
-                         sample_prompts=[rows[0][1]], name=name, condition=condition or "canny")
+                         sample_prompts=[rows[0][1]], name=name, **options)
     return JOBS.start(config)
 
 
@@ -834,8 +865,11 @@ def generate_tab(backbones: list[str]):
 
 
 def train_tab(backbones: list[str]):
-    """The Train tab: images and captions, options, the live job view; returns (job, timer)."""
+    """The Train tab: images and captions, options, the live job view; returns (job, timer) and how its fields
+    are filled from the recipe (for page load)."""
     import gradio as gr
+
+    from studio.training.recipes import recipe_kinds
 
     with gr.Tab("Train"):
         source = gr.State("")
@@ -856,15 +890,18 @@ def train_tab(backbones: list[str]):
                     name = gr.Textbox(label="Adapter name", placeholder="my-star")
                     trigger = gr.Textbox(label="Trigger word", value="sks")
                 with gr.Row():
-                    kind = gr.Dropdown(label="Kind", choices=list(KINDS), value="lora")
-                    condition = gr.Dropdown(label="Control maps", choices=CONDITIONS, value="canny",
+                    kind = gr.Dropdown(label="Kind", choices=recipe_kinds(), value="lora")  # each has a recipe
+                    condition = gr.Dropdown(label="Control maps", choices=CONDITIONS, value="canny", visible=False,
                                             info="controlnet / t2i_adapter: made from each image")
                     train_backbone = gr.Dropdown(label="Backbone", choices=backbones, value=DEFAULT_BACKBONE,
                                                  allow_custom_value=True)
-                with gr.Row():
+                    recipe = gr.Dropdown(label="Recipe", choices=[("default", "")], value="",
+                                         info="the backbone's and kind's; a variant")
+                recipe_note = gr.Markdown()
+                with gr.Row():  # filled from the recipe (recipe_fields); what is changed here overrides it
                     train_steps = gr.Number(label="Steps", value=300, precision=0, minimum=1)
                     rank = gr.Number(label="Rank", value=16, precision=0, minimum=1)
-                    lr = gr.Number(label="Learning rate", value=1e-3)
+                    lr = gr.Number(label="Learning rate", value=1e-4)
                     tokens = gr.Number(label="Trigger tokens (0 = off)", value=0, precision=0, minimum=0,
                                        info="Learn the trigger as new token vectors (pivotal tuning)")
                 with gr.Row():
@@ -887,12 +924,15 @@ def train_tab(backbones: list[str]):
         def restart_timer():
             return gr.Timer(active=True)
 
+        filled = [recipe, train_steps, rank, lr, condition, recipe_note]
+        for picker in (kind, train_backbone, recipe):
+            picker.input(recipe_fields, [train_backbone, kind, recipe], filled)
         start.click(start_training, [source, captions, name, kind, train_backbone, trigger, train_steps, rank, lr,
-                                     tokens, condition],
+                                     tokens, condition, recipe],
                     job).success(restart_timer, None, timer)
         resume.click(resume_training, job, job).success(restart_timer, None, timer)
         cancel.click(cancel_training, job, note)
-    return job, timer
+    return job, timer, (recipe_fields, [train_backbone, kind, recipe], filled)
 
 
 def merge_tab(backbones: list[str]):
@@ -1015,7 +1055,7 @@ def build_app():
     with gr.Blocks(title="studio") as demo:
         gr.Markdown("# studio")
         pickers = generate_tab(backbones)
-        job, timer = train_tab(backbones)
+        job, timer, (fill, filled_from, filled) = train_tab(backbones)
         merge_tab(backbones)
         erase_tab(backbones)
         library_tab()
@@ -1024,6 +1064,7 @@ def build_app():
             return [latest_job(), gr.Timer(active=True), *[gr.update(choices=adapter_choices()) for _ in pickers]]
 
         demo.load(on_load, None, [job, timer, *pickers])
+        demo.load(fill, filled_from, filled)  # the Train tab's fields from the default recipe
     return demo
 
 
@@ -1036,7 +1077,7 @@ def serve(host: str = "127.0.0.1", port: int | None = None, share: bool = False,
                                              "erase-preview")]
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD, css=CSS,
-                allowed_paths=served, blocked_paths=[str(home / "library.db"), str(home / "cache")],
+                allowed_paths=served, blocked_paths=[str(home / "library.db"), str(cache_root())],
                 prevent_thread_lock=not block, quiet=not block, show_error=True)
     return demo
 

@@ -30,7 +30,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from studio.adapters.base import (
     MANIFEST_KEY,
@@ -201,7 +201,6 @@ class ControlAdapter(Adapter):
 
     config_class = ControlConfig
     folder = True  # saved as a diffusers folder, not one .safetensors file
-    training_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: ControlConfig, tensors: dict[str, torch.Tensor], model: Any = None):
         super().__init__(config, tensors)
@@ -418,7 +417,6 @@ class ControlAdapter(Adapter):
 class ControlNet(ControlAdapter):
     """ControlNet: a trainable copy of the encoder, zero convolutions into the frozen decoder."""
 
-    training_defaults: ClassVar[dict[str, Any]] = {"caption_dropout": 0.5}  # the paper's: half the prompts empty
 
     @classmethod
     def build(cls, backbone: Backbone, config: ControlConfig) -> Any:
@@ -531,7 +529,6 @@ class T2iAdapter(ControlAdapter):
     """T2I-Adapter: features from the map, once per image, added inside the UNet's encoder blocks."""
 
     # the paper's cubic timestep sampling t = (1 - u^3) T favours noisy steps: studio's "content" bias is that law
-    training_defaults: ClassVar[dict[str, Any]] = {"timestep_bias": "content"}
 
     @classmethod
     def build(cls, backbone: Backbone, config: ControlConfig) -> Any:

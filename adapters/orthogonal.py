@@ -33,6 +33,20 @@ if TYPE_CHECKING:
     from studio.backbones import Backbone
 
 PUBLIC_BASIS_SEED = 20240101  # shared by every studio user: adapters made anywhere share bases
+HASHED = 1 << 20  # concept seeds from here on are hashes (hashed_seed), below it seeds someone chose
+
+
+def hashed_seed(text: str) -> int:
+    """The default concept seed: a stable hash of the trigger (or the adapter's name), so two people who train
+    different concepts with the defaults take different columns. Two hashes share a layer's block with
+    probability 1 / (that layer's width // rank); the merge refuses such a pair (studio.merge.plan)."""
+    return HASHED + zlib.crc32(text.strip().lower().encode()) % (2**31 - HASHED)
+
+
+def disjoint_concepts(config: OrthogonalConfig, widths: list[int]) -> int:
+    """How many concepts stay disjoint in every layer of these input widths: the seeds' blocks in the
+    narrowest one."""
+    return config.slots or min(widths) // config.rank
 
 
 @dataclass(kw_only=True)
@@ -97,11 +111,12 @@ class OrthogonalAdapter(LoraAdapter):
         config.family, config.base = backbone.family.name, config.base or backbone.source
         tensors = {}
         narrowest = min(modules[name].weight[0].numel() for name in config.targets)
-        if config.slots and config.concept_seed >= config.slots:
+        chosen = config.concept_seed < HASHED  # a hashed seed lands on any block by design
+        if chosen and config.slots and config.concept_seed >= config.slots:
             warnings.warn(f"concept seed {config.concept_seed} with {config.slots} slots shares columns with seed "
                           f"{config.concept_seed % config.slots}; use seeds 0..{config.slots - 1} or more slots.",
                           stacklevel=2)
-        elif not config.slots and config.concept_seed >= narrowest // config.rank:
+        elif chosen and not config.slots and config.concept_seed >= narrowest // config.rank:
             warnings.warn(f"concept seed {config.concept_seed} at rank {config.rank}: layers {narrowest} wide hold "
                           f"only {narrowest // config.rank} disjoint concepts (seeds 0..{narrowest // config.rank - 1});"
                           f" this adapter shares columns with seed {config.concept_seed % (narrowest // config.rank)}"

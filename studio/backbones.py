@@ -397,6 +397,33 @@ def load_backbone(source: str | None = None, *, family: str | None = None, devic
                     config=config if origin == "single_file" else None)
 
 
+def family_of_source(source: str) -> Family:
+    """The family of a diffusers folder, hub id (its cached config) or single file (its header), reading no
+    weights; the same errors as `load_backbone` when the source cannot be read."""
+    import diffusers
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        keys, shapes, _ = read_safetensors_header(path)
+        return FAMILIES[detect_family_from_keys(keys, shapes.__getitem__, name=path.name)]
+    if not (path.is_dir() or is_hub_id(source)):
+        from studio.embedded import EMBEDDED
+
+        raise BackboneNotFoundError(f"backbone {source!r} is neither a file, a folder, a hub id (owner/name) nor an "
+                                    f"embedded name; embedded names: {', '.join(sorted(EMBEDDED))}.")
+    if path.is_dir():
+        check_pipeline_folder(path)
+    try:
+        return _family_of_folder(str(path) if path.is_dir() else source,
+                                 diffusers.DiffusionPipeline.load_config(str(path) if path.is_dir() else source))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as error:
+        if path.is_dir():
+            raise NotACheckpointError(f"folder {source!r} could not be read as a pipeline: {error}") from None
+        raise BackboneNotFoundError(f"hub id {source!r}: its config is not in the local cache and the hub did not "
+                                    f"provide it. {_offline_hint(source)}") from None
+
+
 def _offline_hint(source: str) -> str:
     return (
         f"Download it once where the network is reachable (`hf download {source}`), "

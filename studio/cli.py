@@ -382,17 +382,27 @@ def train(
                                                 "ip_adapter (image prompt: each image is its own prompt), controlnet or "
                                                 "t2i_adapter (structure control: written as a diffusers folder).")] = "lora",
     backbone: BackboneOpt = None,
-    rank: Annotated[int | None, typer.Option(help="Rank [default: 16; orthogonal 20].")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps [default: 300].")] = None,
-    batch: Annotated[int | None, typer.Option(help="Batch size [default: 4].")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate [default: 1e-4].")] = None,
+    recipe_name: Annotated[str | None, typer.Option(
+        "--recipe", help="A variant of the backbone's and kind's recipe (fast, quality, style) or a full name "
+                         "(sdxl/lora@quality); `studio recipes` lists them [default: the backbone's and kind's].")] = None,
+    rank: Annotated[int | None, typer.Option(help="Rank [default: the recipe's].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps [default: the recipe's].")] = None,
+    batch: Annotated[int | None, typer.Option(help="Batch size [default: the recipe's].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate [default: the recipe's].")] = None,
     loraplus_ratio: Annotated[float | None, typer.Option(
-        help="LoRA+: the output side (B) learns this many times faster than A [default: 1, plain LoRA].")] = None,
+        help="LoRA+: the output side (B) learns this many times faster than A [default: the recipe's; 1 = plain "
+             "LoRA].")] = None,
     trigger: Annotated[str | None, typer.Option(help="Trigger word (caption of images without one).")] = None,
-    concept_seed: Annotated[int | None, typer.Option(help="Orthogonal: which basis columns (one per concept).")] = None,
+    concept_seed: Annotated[int | None, typer.Option(
+        help="Orthogonal: which basis columns, one per concept [default: a hash of the trigger].")] = None,
     target: Annotated[str | None, typer.Option(help="attention, blocks, all-linear, locon, or a regex over module names.")] = None,
     text_encoder: Annotated[bool | None, typer.Option(
         "--text-encoder/--no-text-encoder", help="Train the text encoders' attention too.")] = None,
+    class_prompt: Annotated[list[str] | None, typer.Option(
+        help="Prior preservation: the class the backbone draws its own class images of (repeatable: taken in "
+             "turn), e.g. 'a photo of a dog'.")] = None,
+    class_images: Annotated[int | None, typer.Option(
+        help="How many class images to draw (cached by backbone, prompt and seed) [default: the recipe's].")] = None,
     masked_loss: Annotated[bool | None, typer.Option(
         "--masked-loss/--no-masked-loss", help="Weight the loss by each image's NAME.mask.png (or alpha).")] = None,
     flip: Annotated[bool | None, typer.Option(
@@ -401,18 +411,20 @@ def train(
         help="none, content (favour noisy steps: shapes, layout) or style (nearly clean steps: texture).")] = None,
     anchor_weight: Annotated[float | None, typer.Option(
         help="Trigger anchoring: captions with the trigger phrase swapped for made-up words keep the backbone's "
-             "own prediction, so the adapter answers only its trigger (merges better) [default: 0, off].")] = None,
+             "own prediction, so the adapter answers only its trigger (merges better) [default: the recipe's; 0 "
+             "= off].")] = None,
     anchor_phrase: Annotated[str | None, typer.Option(
         help="The words anchoring swaps [default: the trigger and the word after it].")] = None,
     tokens: Annotated[int | None, typer.Option(
         help="Pivotal tuning: learn the trigger as this many new token vectors, saved in the adapter (the "
-             "concept then survives merges better) [default: 0, off].")] = None,
-    token_lr: Annotated[float | None, typer.Option(help="Learning rate of those token vectors [default: 1e-3].")] = None,
+             "concept then survives merges better) [default: the recipe's; 0 = off].")] = None,
+    token_lr: Annotated[float | None, typer.Option(
+        help="Learning rate of those token vectors [default: the recipe's].")] = None,
     image_encoder: Annotated[str | None, typer.Option(
         help="ip_adapter: the CLIP image encoder (folder or hub id) [default: the backbone's, world-clip].")] = None,
     condition: Annotated[str | None, typer.Option(
         help="controlnet / t2i_adapter: each image's control map: canny, soft_edge, mask (NAME.mask.png, else "
-             "derived) or paired (conditions/NAME.png beside each image) [default: canny].")] = None,
+             "derived) or paired (conditions/NAME.png beside each image) [default: the recipe's].")] = None,
     recipe: Annotated[Path | None, typer.Option(
         "--config", help="A YAML/TOML recipe with any TrainConfig keys; options given here win.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the unfinished run of the same --out.")] = False,
@@ -420,23 +432,23 @@ def train(
 ) -> None:
     """Train an adapter on a folder of reference images (on several GPUs: `accelerate launch --multi_gpu
     --num_processes N -m studio.cli train ...`)."""
+    from studio.adapters.control import CONTROL_KINDS
+    from studio.training.recipes import recipe_line
     from studio.training.trainer import TrainConfig, processes
     from studio.training.trainer import train as run_training
 
-    dora = kind == "dora"
-    from studio.adapters.control import CONTROL_KINDS
-
     name = folder.resolve().name
     default_out = Path(f"{name}-{kind}" if kind in CONTROL_KINDS else f"{name}.safetensors")
-    options = dict(folder=str(folder), out=str(out or default_out),
-                   kind="lora" if dora else kind, backbone=backbone, rank=rank or (20 if kind == "orthogonal" else None),
-                   steps=steps, batch=batch, lr=lr, loraplus_ratio=loraplus_ratio, trigger=trigger,
-                   concept_seed=concept_seed, device=device, dora=dora or None, target=target,
-                   text_encoder=text_encoder, masked_loss=masked_loss, flip=flip, timestep_bias=timestep_bias,
-                   anchor_weight=anchor_weight, anchor_phrase=anchor_phrase, tokens=tokens, token_lr=token_lr,
-                   image_encoder=image_encoder, condition=condition)
+    options = dict(folder=str(folder), out=str(out or default_out), kind=kind, backbone=backbone, recipe=recipe_name,
+                   rank=rank, steps=steps, batch=batch, lr=lr, loraplus_ratio=loraplus_ratio, trigger=trigger,
+                   concept_seed=concept_seed, device=device, target=target, text_encoder=text_encoder,
+                   class_prompt=class_prompt or None, class_images=class_images, masked_loss=masked_loss, flip=flip,
+                   timestep_bias=timestep_bias, anchor_weight=anchor_weight, anchor_phrase=anchor_phrase,
+                   tokens=tokens, token_lr=token_lr, image_encoder=image_encoder, condition=condition)
     options = {k: v for k, v in options.items() if v is not None}
     config = TrainConfig.from_file(recipe, **options) if recipe else TrainConfig(**options)
+    if processes()[0] == 0:
+        console.print(recipe_line(config), highlight=False, markup=False)
     with JobProgress("training", config.steps, fields=("loss",)) as progress:
         path = run_training(config, resume=resume, progress=progress, log=lambda line: console.print(line))
     if processes()[0] == 0:  # under `accelerate launch`, the first process answers for the run
@@ -452,6 +464,8 @@ def train_batch(
     rank: Annotated[int | None, typer.Option(help="Rank.")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps per adapter.")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    recipe_name: Annotated[str | None, typer.Option(
+        "--recipe", help="A variant of the backbone's and kind's recipe (fast, quality, style) or a full name.")] = None,
     recipe: Annotated[Path | None, typer.Option(
         "--config", help="A YAML/TOML recipe (TrainConfig keys) for every job; options given here win.")] = None,
     executor: Annotated[str, typer.Option(
@@ -474,7 +488,7 @@ def train_batch(
 
     options = TrainConfig.read_recipe(recipe) if recipe else {}
     options.update({k: v for k, v in dict(kind=kind, backbone=backbone, rank=rank, steps=steps, lr=lr,
-                                          device=device).items() if v is not None})
+                                          recipe=recipe_name, device=device).items() if v is not None})
     environment = yaml.safe_load(runtime_env.read_text(encoding="utf-8")) if runtime_env else None
     with JobProgress("batch", None, fields=()) as progress:
         jobs = run_batch(parent, out, log=lambda line: console.print(line, highlight=False), progress=progress,
@@ -484,6 +498,23 @@ def train_batch(
     for job in jobs:
         table.add_row(job["name"], job["status"], str(job["attempts"] or 0), job["result"] or job["error"] or "")
     out_console.print(table)
+
+
+@app.command()
+def recipes(
+    kind: Annotated[str | None, typer.Option(help="Only this kind's recipes (lora, orthogonal, controlnet, ...).")] = None,
+) -> None:
+    """List the training recipes: per backbone family (or embedded backbone) and kind, with their variants."""
+    from rich.table import Table
+
+    from studio.training.recipes import listing
+
+    table = Table("recipe", "what it is for")
+    for name, about in listing(kind):
+        table.add_row(name, about)
+    out_console.print(table)
+    console.print("`studio train FOLDER` takes the backbone's and kind's recipe; --recipe VARIANT or a full name "
+                  "picks another, and any option overrides a field.", highlight=False)
 
 
 @app.command()

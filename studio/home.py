@@ -1,4 +1,5 @@
-"""Where studio keeps its state: `$STUDIO_HOME` (default `~/.studio`)."""
+"""Where studio keeps its state: `$STUDIO_HOME` (default `~/.studio`), its caches in `$STUDIO_CACHE` (default
+`$STUDIO_HOME/cache`)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,15 @@ def studio_home() -> Path:
     return home
 
 
+def cache_root() -> Path:
+    """Where caches go: `$STUDIO_CACHE`, else `$STUDIO_HOME/cache` (as HF_HUB_CACHE sits apart from HF_HOME: one
+    cache on a large disk can serve several homes)."""
+    return Path(os.environ.get("STUDIO_CACHE") or studio_home() / "cache").expanduser()
+
+
 def cache_dir(name: str) -> Path:
-    """A named folder under `$STUDIO_HOME/cache`, created on first use."""
-    path = studio_home() / "cache" / name
+    """A named folder of the cache root (latents, class images, hashes...), created on first use."""
+    path = cache_root() / name
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -9,6 +9,8 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("STUDIO_HOME", tempfile.mkdtemp(prefix="studio-home-"))
+# one cache for the session, whatever home a test sets: latents and class images are made once
+os.environ.setdefault("STUDIO_CACHE", tempfile.mkdtemp(prefix="studio-cache-"))
 
 import pytest  # noqa: E402
 

@@ -19,6 +19,10 @@ from studio.training.data import DatasetError, bucket_of, buckets, scan_folder
 from studio.training.trainer import TrainConfig, train
 from studio.world.folder import write_reference_folder
 
+# the generic LoRA recipe (rank 16 on attention, lr 1e-4 constant, no class images): tests of one mechanism
+# each, on world-sd, without its own recipe's class images, LoCon and mirrored copies
+GENERIC = "any/lora"
+
 
 @pytest.fixture
 def refs(tmp_path):
@@ -83,10 +87,12 @@ def test_loraplus_gives_the_output_side_its_ratio_of_the_learning_rate(tmp_path)
     rates = {}
     for ratio in (1.0, 8.0):
         config = TrainConfig(folder=str(refs), out=str(tmp_path / f"p{int(ratio)}.safetensors"), rank=4, alpha=2,
+                             recipe=GENERIC,
                              lr=1e-3, loraplus_ratio=ratio)
         run = Run(config, log=lambda line: None)
         names = {id(p): name for name, params in run.groups.items() for p in params}
-        rates[ratio] = {names[id(g["params"][0])]: g["lr"] for g in run.optimizer.param_groups}
+        # the base rates (the recipe's schedule scales them from step 1: world-sd's warms up)
+        rates[ratio] = {names[id(g["params"][0])]: g["initial_lr"] for g in run.optimizer.param_groups}
         run.adapter.detach(run.backbone)
     assert rates[1.0] == pytest.approx({"lora_A": 1e-3, "lora_B": 5e-4})  # kohya's alpha / rank on B
     assert rates[8.0] == pytest.approx({"lora_A": 1e-3, "lora_B": 4e-3})
@@ -101,7 +107,7 @@ def test_mirrored_copies_say_the_other_side(tmp_path):
     assert (mirrored("a star, Top Left; LEFT of a right-angled leftover")
             == "a star, Top Right; RIGHT of a left-angled leftover")
     lines = []
-    run = Run(TrainConfig(folder=str(refs), out=str(tmp_path / "f.safetensors"), flip=True), log=lines.append)
+    run = Run(TrainConfig(folder=str(refs), out=str(tmp_path / "f.safetensors"), recipe=GENERIC, flip=True), log=lines.append)
     run.adapter.detach(run.backbone)
     pairs = {}
     for e in run.examples:
@@ -109,7 +115,7 @@ def test_mirrored_copies_say_the_other_side(tmp_path):
     sided = [p for p in pairs.values() if "left" in p[False] or "right" in p[False]]
     assert sided and all(p[True] == mirrored(p[False]) != p[False] for p in sided)
     assert any("their mirrored copies say the other side" in line for line in lines)
-    kept = Run(TrainConfig(folder=str(refs), out=str(tmp_path / "g.safetensors"), flip=True, flip_sides=False),
+    kept = Run(TrainConfig(folder=str(refs), out=str(tmp_path / "g.safetensors"), recipe=GENERIC, flip=True, flip_sides=False),
                log=lambda line: None)
     kept.adapter.detach(kept.backbone)
     assert all(e["caption"] == e["item"].caption for e in kept.examples)
@@ -118,7 +124,7 @@ def test_mirrored_copies_say_the_other_side(tmp_path):
 def test_training_writes_a_loadable_adapter_log_plot_and_uses_the_cache(refs, tmp_path):
     lines = []
     out = tmp_path / "sks.safetensors"
-    path = train(folder=str(refs), out=str(out), steps=3, batch=2, rank=2, lr=1e-3, trigger="sks", flip=True,
+    path = train(folder=str(refs), out=str(out), recipe=GENERIC, steps=3, batch=2, rank=2, lr=1e-3, trigger="sks", flip=True,
                  log=lines.append)
     adapter = load_adapter(path)
     assert adapter.config.trigger_words == ["sks"] and adapter.config.training["steps"] == 3
@@ -129,15 +135,15 @@ def test_training_writes_a_loadable_adapter_log_plot_and_uses_the_cache(refs, tm
     assert not (tmp_path / "sks.checkpoint").exists()
     assert "12 training examples (0 latents from the cache)" in lines
     again = []
-    train(folder=str(refs), out=str(tmp_path / "b.safetensors"), steps=1, batch=2, rank=2, flip=True, log=again.append)
+    train(folder=str(refs), out=str(tmp_path / "b.safetensors"), recipe=GENERIC, steps=1, batch=2, rank=2, flip=True, log=again.append)
     assert "12 training examples (12 latents from the cache)" in again
 
 
 def test_orthogonal_training_keeps_the_basis_frozen(refs, tmp_path):
     from studio.adapters.orthogonal import basis_columns
 
-    path = train(folder=str(refs), out=str(tmp_path / "o.safetensors"), kind="orthogonal", steps=2, batch=2,
-                 rank=4, lr=1e-3, concept_seed=7, log=lambda line: None)
+    path = train(folder=str(refs), out=str(tmp_path / "o.safetensors"), kind="orthogonal", recipe="any/orthogonal",
+                 steps=2, batch=2, rank=4, lr=1e-3, concept_seed=7, log=lambda line: None)
     adapter = load_adapter(path)
     assert adapter.kind == "orthogonal" and adapter.config.concept_seed == 7
     for name, f in adapter.factors().items():
@@ -254,7 +260,7 @@ def test_prior_preservation_joins_both_batches_with_their_weights(refs, tmp_path
 
     reg = tmp_path / "reg"
     write_reference_folder(reg, n=3, seed=5)
-    config = TrainConfig(folder=str(refs), out=str(tmp_path / "p.safetensors"), reg_folder=str(reg), prior_weight=0.5,
+    config = TrainConfig(folder=str(refs), out=str(tmp_path / "p.safetensors"), recipe=GENERIC, reg_folder=str(reg), prior_weight=0.5,
                          steps=1, batch=2, rank=2, lr=1e-3, trigger="sks")
     run = Run(config, log=lambda line: None)
     seen = []
@@ -312,7 +318,7 @@ def test_masked_loss_is_the_weighted_mean_over_pixels(refs, tmp_path):
     assert torch.allclose(per_sample(prediction, target, torch.ones(2, 1, 8, 8)), per_sample(prediction, target, None))
 
     write_reference_folder(refs / "5_sks star", n=4, seed=1, shape="star", trigger="sks", masks=True)
-    config = TrainConfig(folder=str(refs), out=str(tmp_path / "m.safetensors"), steps=1, batch=3, rank=2, lr=1e-3,
+    config = TrainConfig(folder=str(refs), out=str(tmp_path / "m.safetensors"), recipe=GENERIC, steps=1, batch=3, rank=2, lr=1e-3,
                          trigger="sks", masked_loss=True, mask_floor=0.1)
     run = Run(config, log=lambda line: None)
     seen = []
@@ -350,7 +356,8 @@ def test_anchoring_swaps_the_trigger_phrase_for_made_up_words(refs, tmp_path):
         TrainConfig(folder=str(refs), out=out, anchor_weight=1.0)
     with pytest.raises(InvalidArgumentError, match="anchor_weight"):
         TrainConfig(folder=str(refs), out=out, anchor_weight=-1.0, trigger="sks")
-    config = TrainConfig(folder=str(refs), out=out, trigger="sks", anchor_weight=1.0, anchor_variants=3, batch=2)
+    config = TrainConfig(folder=str(refs), out=out, recipe=GENERIC, trigger="sks", anchor_weight=1.0,
+                         anchor_variants=3, batch=2)
     lines = []
     run = Run(config, log=lines.append)
     run.adapter.detach(run.backbone)
@@ -368,11 +375,11 @@ def test_anchoring_swaps_the_trigger_phrase_for_made_up_words(refs, tmp_path):
     assert [a["caption"] for a in again.anchors] == [a["caption"] for a in run.anchors]
     x0, conditioning = run.batch(0, anchor=True)
     assert len(x0) == 2 and "pixel_weights" not in conditioning
-    only = Run(TrainConfig(folder=str(refs), out=out, trigger="sks", anchor_weight=1.0, anchor_phrase="sks"),
+    only = Run(TrainConfig(folder=str(refs), out=out, recipe=GENERIC, trigger="sks", anchor_weight=1.0, anchor_phrase="sks"),
                log=lambda line: None)
     only.adapter.detach(only.backbone)
     assert all("star" in a["caption"] and "sks" not in a["caption"] for a in only.anchors)
-    taught = Run(TrainConfig(folder=str(refs), out=out, trigger="sks", anchor_weight=1.0, text_encoder=True,
+    taught = Run(TrainConfig(folder=str(refs), out=out, recipe=GENERIC, trigger="sks", anchor_weight=1.0, text_encoder=True,
                              batch=2, rank=2, lr=1e-2), log=lambda line: None)
     taught.step()  # the text encoders' adapter moves, so the reference must read the captions without it
     seen = {}
@@ -385,7 +392,7 @@ def test_anchoring_swaps_the_trigger_phrase_for_made_up_words(refs, tmp_path):
     taught.adapter.detach(taught.backbone)
     assert torch.allclose(seen["ref"], expected) and not torch.allclose(seen["own"], expected)
     with pytest.raises(InvalidArgumentError, match="no training caption contains 'zwx heart'"):
-        Run(TrainConfig(folder=str(refs), out=out, anchor_weight=1.0, anchor_phrase="zwx heart"), log=lambda line: None)
+        Run(TrainConfig(folder=str(refs), out=out, recipe=GENERIC, anchor_weight=1.0, anchor_phrase="zwx heart"), log=lambda line: None)
 
 
 def test_anchoring_keeps_the_adapter_off_prompts_without_its_trigger(tmp_path):
@@ -407,7 +414,7 @@ def test_anchoring_keeps_the_adapter_off_prompts_without_its_trigger(tmp_path):
     x0 = encode_images(world, [Image.open(p).convert("RGB") for p in sorted(refs.glob("*.png"))])
     ratios = {}
     for weight in (0.0, 1.0):
-        path = train(folder=str(refs), out=str(tmp_path / f"w{weight}.safetensors"), trigger="sks", steps=40,
+        path = train(folder=str(refs), out=str(tmp_path / f"w{weight}.safetensors"), recipe=GENERIC, trigger="sks", steps=40,
                      batch=4, rank=4, lr=5e-3, anchor_weight=weight, seed=1, log=lambda line: None)
         adapter = load_adapter(path)
         adapter.attach(world)
@@ -441,7 +448,8 @@ def test_a_short_customize_run_teaches_the_held_out_shape(tmp_path):
     settings = dict(n=24, seed=4321, steps=20, guidance=fam.guidance, scheduler=backbone.scheduler(fam.scheduler),
                     trigger="sks", shape="star")
     before = fidelity(backbone.pipe, **settings)["accuracy"]["shape"]
-    path = train(TrainConfig(folder=str(refs), out=str(tmp_path / "star.safetensors"), rank=16, steps=120, batch=8,
+    path = train(TrainConfig(folder=str(refs), out=str(tmp_path / "star.safetensors"), recipe=GENERIC, rank=16, steps=120,
+                             batch=8,
                              lr=5e-3, target="locon", trigger="sks", lr_schedule="cosine", warmup=10, flip=True,
                              masked_loss=True, checkpoint_every=1000), log=lambda line: None)
     pipe = StudioPipeline(backbone)

@@ -88,7 +88,8 @@ def adapters(server, tmp_path_factory):
         refs = tmp_path_factory.mktemp(f"refs-{shape}")
         write_reference_folder(refs, n=3, seed=1, shape=shape, trigger=word)
         source, rows, _ = app.pick_server_folder(str(refs), word)
-        row = wait_for(app.start_training(source, rows, f"ui-{shape}", "lora", "world-sd", word, 3, 4, 1e-3))
+        row = wait_for(app.start_training(source, rows, f"ui-{shape}", "lora", "world-sd", word, 3, 4, 1e-3,
+                                          recipe="any/lora"))
         assert row["status"] == "done", row["error"]
         paths[shape] = row
     return paths

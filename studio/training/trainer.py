@@ -100,64 +100,76 @@ class TrainConfig:
 
     folder: str
     out: str
-    kind: str = "lora"
+    kind: str = "lora"  # or dora (a LoRA with dora=True)
     backbone: str | None = None  # default: the embedded world-sd
-    rank: int = 16
+    # the recipe (studio.training.recipes): a variant of the backbone's and kind's ("quality") or a full name
+    # ("sdxl/lora@quality"); every option left None below takes its value, and the name resolved is kept here
+    recipe: str | None = None
+    # --- the kind's own options (None: the recipe's, else the kind's config default)
+    rank: int | None = None
     alpha: float | None = None  # kohya's alpha: with Adam, B's learning rate x alpha / rank
-    dora: bool = False
-    target: str = "attention"
-    text_encoder: bool = False
-    concept_seed: int = 0  # orthogonal: which basis columns
-    concept_slots: int = 0  # orthogonal: per-layer rank min(rank, input size // slots) (OrthogonalConfig.slots)
-    oft_block_size: int = 8  # oft/boft
-    image_encoder: str = ""  # ip_adapter: the CLIP image encoder (folder or hub id); "" = the backbone's default
+    dora: bool | None = None
+    target: str | None = None  # attention, blocks, all-linear, locon or a regex over module names
+    text_encoder: bool | None = None
+    # orthogonal: which basis columns; default: a stable hash of the trigger (or the adapter's name), so adapters
+    # trained apart take different columns (studio.adapters.orthogonal.hashed_seed)
+    concept_seed: int | None = None
+    concept_slots: int | None = None  # orthogonal: per-layer rank min(rank, input size // slots) (OrthogonalConfig.slots)
+    oft_block_size: int | None = None  # oft/boft
+    image_encoder: str | None = None  # ip_adapter: the CLIP image encoder (folder or hub id); "" = the backbone's
     # controlnet / t2i_adapter: each image's control map: canny, soft_edge, mask (NAME.mask.png, else derived) or
     # paired (conditions/NAME.png beside it, as given)
-    condition: str = "canny"
+    condition: str | None = None
     trigger: str = ""
-    steps: int = 300
-    batch: int = 4
-    lr: float = 1e-4
+    # --- training options (None: the recipe's; studio/recipes/defaults.yaml holds every one)
+    steps: int | None = None
+    batch: int | None = None  # clipped to the number of training examples when the folder has fewer
+    lr: float | None = None
     # LoRA+ (Hayou et al. 2024; kohya's loraplus_lr_ratio): B, the output side, learns this many times
     # faster than A; 1 = plain LoRA. Orthogonal adapters train B only, so there it scales the lr
-    loraplus_ratio: float = 1.0
-    lr_schedule: str = "constant"
-    warmup: int = 0
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, CUDA)
-    grad_accumulation: int = 1
-    max_grad_norm: float = 1.0
-    precision: str = "auto"  # auto | no | fp16 | bf16
-    gradient_checkpointing: bool = False
+    loraplus_ratio: float | None = None
+    lr_schedule: str | None = None  # constant | constant_with_warmup | cosine | linear
+    warmup: int | None = None
+    weight_decay: float | None = None
+    optimizer: str | None = None  # adamw | adamw8bit (bitsandbytes, CUDA)
+    grad_accumulation: int | None = None
+    max_grad_norm: float | None = None
+    precision: str | None = None  # auto | no | fp16 | bf16
+    gradient_checkpointing: bool | None = None
     size: int | None = None  # bucket area = size^2; default: the backbone's default size
-    buckets: bool = True
-    flip: bool = False  # mirrored copies (cached too)
+    buckets: bool | None = None
+    flip: bool | None = None  # mirrored copies (cached too)
     # a mirrored copy's caption says the other side ("left" <-> "right"), so it stays true of its image;
     # False where those words are not sides
-    flip_sides: bool = True
-    caption_dropout: float | None = None  # default: the kind's (ControlNet's paper: 0.5), else 0
+    flip_sides: bool | None = None
+    caption_dropout: float | None = None  # ControlNet's paper: 0.5
     snr_gamma: float | None = None  # Min-SNR-γ loss weighting for noise-prediction families (kohya/diffusers: 5)
-    timestep_bias: str | None = None  # default: the kind's (T2I-Adapter: content), else none | content (favour noisy steps: shapes, layout) | style (nearly clean ones)
+    timestep_bias: str | None = None  # none | content (favour noisy steps: shapes, layout) | style (nearly clean ones)
     # masked loss (kohya's masked_loss, ai-toolkit's masks): the loss is a weighted mean over latent pixels,
     # 1 on each image's mask (NAME.mask.png or its alpha), mask_floor elsewhere, so a small subject is not
     # drowned by its background; images without a mask weigh every pixel the same
-    masked_loss: bool = False
-    mask_floor: float = 0.1
+    masked_loss: bool | None = None
+    mask_floor: float | None = None
     reg_folder: str | None = None  # prior preservation images (their captions name the class)
-    prior_weight: float = 1.0
+    prior_weight: float | None = None
+    # DreamBooth's class images (diffusers' train_dreambooth way): `class_images` images of `class_prompt` (one
+    # prompt, or several taken in turn) drawn by the backbone itself, cached by backbone, prompts and seed, and
+    # trained as prior preservation (with reg_folder's, if any)
+    class_prompt: str | list[str] | None = None
+    class_images: int | None = None
     # trigger anchoring: the training captions with the trigger phrase swapped for made-up words must give
     # the backbone's own prediction (adapter off), so the adapter answers its trigger and not any unfamiliar
     # word; adapters trained apart then stop drawing their concept on each other's prompts, which is what a
     # merge sums (README, Merging). Costs one more forward and backward pass per step
-    anchor_weight: float = 0.0
+    anchor_weight: float | None = None
     anchor_phrase: str = ""  # the words swapped; default: the trigger and the word after it ("sks star")
-    anchor_variants: int = 4  # made-up swaps per training caption
+    anchor_variants: int | None = None  # made-up swaps per training caption
     # pivotal tuning (diffusers' advanced DreamBooth script; the concept token Orthogonal Adaptation trains): the
     # trigger becomes `tokens` new token vectors that train with the adapter at `token_lr` and are saved in its
     # file (studio.concept_tokens); 0 = off, the trigger stays the word the text encoder already had
-    tokens: int = 0
-    token_lr: float = 1e-3
-    checkpoint_every: int = 100
+    tokens: int | None = None
+    token_lr: float | None = None
+    checkpoint_every: int | None = None
     sample_every: int = 0
     sample_prompts: list[str] = field(default_factory=list)
     seed: int = 0
@@ -166,16 +178,37 @@ class TrainConfig:
 
     def __post_init__(self):
         from studio.adapters.base import adapter_kinds
+        from studio.training.recipes import ADAPTER_FIELDS, adapter_options, base_kind, resolve
 
-        kind = adapter_kinds().get_or_raise(self.kind)
-        defaults = {"caption_dropout": 0.0, "timestep_bias": "none", **getattr(kind, "training_defaults", {})}
-        for name, value in defaults.items():  # resolved here, so a checkpoint records what the run used
-            if getattr(self, name) is None:
+        asked = self.kind
+        kind = adapter_kinds().get_or_raise(base_kind(asked))
+        own = adapter_options(asked)
+        given = [name for name, config_name in ADAPTER_FIELDS.items()
+                 if getattr(self, name) is not None and config_name not in own]
+        if given:
+            raise InvalidArgumentError(f"{', '.join(f'{n}={getattr(self, n)!r}' for n in given)}: not an option of kind "
+                                       f"{asked!r} (its options: {', '.join(sorted(own)) or 'none'}); leave "
+                                       f"{'them' if len(given) > 1 else 'it'} out.")
+        given_prompt, given_count = self.class_prompt, self.class_images
+        # resolved here, so the manifest and a checkpoint record what the run used
+        recipe = resolve(self.backbone, asked, self.recipe)
+        for name, value in recipe.options.items():
+            if name == "kind" or getattr(self, name) is None:
                 setattr(self, name, value)
-        for name in ("rank", "steps", "batch", "grad_accumulation", "checkpoint_every", "anchor_variants"):
+        self.recipe = recipe.name
+        if isinstance(self.class_prompt, str):
+            self.class_prompt = [self.class_prompt]
+        if self.kind == "orthogonal" and self.concept_seed is None:
+            from studio.adapters.orthogonal import hashed_seed
+
+            self.concept_seed = hashed_seed(self.trigger or self.name or Path(self.out).stem)
+        for name in ("steps", "batch", "grad_accumulation", "checkpoint_every", "anchor_variants"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidArgumentError(f"{name}={value!r} must be an integer >= 1.")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise InvalidArgumentError(f"rank={self.rank!r} must be an integer >= 1.")
+        self._check_class_options(given_prompt, given_count)
         if not self.lr > 0:
             raise InvalidArgumentError(f"lr={self.lr!r} must be > 0 (e.g. 1e-4).")
         if not self.loraplus_ratio >= 1:
@@ -215,6 +248,26 @@ class TrainConfig:
         elif not str(self.out).endswith(".safetensors"):
             raise InvalidArgumentError(f"out={self.out!r} must be a .safetensors file name.")
 
+    def _check_class_options(self, given_prompt: Any, given_count: Any) -> None:
+        """Prior preservation's options, as given and as the recipe filled them: a count is whole and >= 0; a class
+        prompt given with a count of 0 is refused, a count given without any class prompt too. A recipe's count
+        without a class prompt (sd1/lora: 200) waits for the user's class: it is off until one is given."""
+        if given_prompt and given_count is None and not self.class_images:
+            self.class_images = 100  # diffusers' train_dreambooth default (num_class_images)
+        count = self.class_images
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise InvalidArgumentError(f"class_images={count!r} must be a whole number >= 0 (e.g. 200).")
+        if given_prompt and count == 0:
+            raise InvalidArgumentError(f"class_prompt={self.class_prompt!r} with class_images=0 draws nothing: set "
+                                       f"class_images (e.g. 200) or leave class_prompt out.")
+        if count and not self.class_prompt:
+            if given_count:
+                raise InvalidArgumentError(f"class_images={count} needs the class to draw: set class_prompt "
+                                           f"(e.g. --class-prompt 'a photo of a dog').")
+            self.class_images = 0
+        if not self.class_images:
+            self.class_prompt = []  # off (a recipe's prompts with class_images=0 given)
+
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """A YAML or TOML recipe (keys = these fields), with `overrides` on top."""
@@ -245,17 +298,16 @@ class TrainConfig:
 
 
 def kind_config(config: TrainConfig, backbone: Any):
-    """The adapter kind's own config from the run's options."""
+    """The adapter kind's own config from the run's options (those left None take the config's defaults)."""
     from studio.adapters.base import adapter_kinds
+    from studio.training.recipes import ADAPTER_FIELDS
 
     cls = adapter_kinds().get_or_raise(config.kind).config_class
     wanted = dict(family=backbone.family.name, base=backbone.source, name=config.name or Path(config.out).stem,
-                  trigger_words=[config.trigger] if config.trigger else [], rank=config.rank, alpha=config.alpha,
-                  dora=config.dora, target=config.target, text_encoder=config.text_encoder,
-                  concept_seed=config.concept_seed, slots=config.concept_slots, block_size=config.oft_block_size,
-                  image_encoder=config.image_encoder, condition=config.condition)
+                  trigger_words=[config.trigger] if config.trigger else [],
+                  **{ADAPTER_FIELDS[name]: getattr(config, name) for name in ADAPTER_FIELDS})
     known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in wanted.items() if k in known})
+    return cls(**{k: v for k, v in wanted.items() if k in known and v is not None})
 
 
 class Run:
@@ -290,6 +342,15 @@ class Run:
         for path, why in self.scan.skipped:
             self.log(f"skipped {path}: {why}")
         self.reg = scan_folder(config.reg_folder, min_size=size, regularisation=True) if config.reg_folder else None
+        if config.class_images:
+            from studio.training.class_images import class_images
+
+            with _first_process_first(self.world):  # one process draws them, the others read its folder
+                drawn = scan_folder(class_images(backbone, config.class_prompt, config.class_images, seed=config.seed,
+                                                 log=self.log), min_size=size, regularisation=True)
+            if self.reg is not None:
+                drawn.items = self.reg.items + drawn.items
+            self.reg = drawn
         sided = [i.caption for i in self.scan.items if SIDES.search(i.caption)] if config.flip else []
         if sided:
             self.log(f"flip: {len(sided)} captions name a side (e.g. {sided[0]!r}); " +
@@ -301,9 +362,17 @@ class Run:
         self.cache = LatentCache(backbone)
         with _first_process_first(self.world):  # the others then read its latent cache instead of racing it
             self._prepare_data(config, size, choices)
+        instances = sum(not e["item"].regularisation for e in self.examples)
+        # a folder smaller than the batch trains on batches of the whole folder (processes keep their split)
+        self.batch_size = min(config.batch, max(1, instances)) if self.world == 1 else config.batch
+        if self.batch_size < config.batch:
+            self.log(f"batch {config.batch} clipped to {self.batch_size}: the folder gives {instances} training "
+                     f"examples")
         self.adapter = adapter_kinds().get_or_raise(config.kind).create(backbone, kind_config(config, backbone),
                                                                  seed=config.seed)
         self.adapter.attach(backbone, 1.0)
+        if config.kind == "orthogonal":
+            self._say_columns()
         with _first_process_first(self.world):
             if hasattr(self.adapter, "embed_images"):  # image-prompt kinds read each training image as its own prompt
                 self._encode_references()
@@ -326,6 +395,19 @@ class Run:
         self.step_done = 0
         self.losses: list[float] = []
         torch.manual_seed(config.seed)
+
+    def _say_columns(self) -> None:
+        """Which basis columns an orthogonal adapter took, and how likely another default one shares them."""
+        from studio.adapters.base import module_table
+        from studio.adapters.orthogonal import HASHED, disjoint_concepts
+
+        adapter, table = self.adapter.config, module_table(self.backbone)
+        blocks = disjoint_concepts(adapter, [table[name].weight[0].numel() for name in adapter.targets])
+        seed = adapter.concept_seed
+        origin = (f"the hash of {self.config.trigger or adapter.name!r}" if seed >= HASHED else "chosen")
+        self.log(f"orthogonal: concept seed {seed} ({origin}) takes block {seed % blocks} of {blocks} disjoint in the "
+                 f"narrowest layer; an adapter with another seed shares it with probability 1/{blocks}, and "
+                 f"`studio merge --method orthogonal` refuses such a pair")
 
     def _prepare_data(self, config: TrainConfig, size: int, choices: list[tuple[int, int]]) -> None:
         """The examples with their latents (and masks), the anchoring captions and the fixed conditioning."""
@@ -515,7 +597,7 @@ class Run:
         weights = np.array([e["item"].repeats for e in pool], dtype=float)
         first = pool[rng.choice(len(pool), p=weights / weights.sum())]
         same = [i for i, e in enumerate(pool) if e["bucket"] == first["bucket"]]
-        picked = [pool[i] for i in rng.choice(same, size=self.config.batch, replace=len(same) < self.config.batch,
+        picked = [pool[i] for i in rng.choice(same, size=self.batch_size, replace=len(same) < self.batch_size,
                                               p=weights[same] / weights[same].sum())]
         return picked, ["" if not anchor and rng.random() < self.config.caption_dropout else e["caption"]
                         for e in picked]
@@ -550,7 +632,7 @@ class Run:
                                        gradient_accumulation_steps=config.grad_accumulation)
         # kohya's alpha scales the forward pass of B by alpha / rank; B starts at zero and Adam's steps
         # do not depend on the gradient's scale, so that equals B's learning rate x alpha / rank.
-        scale = (config.alpha / config.rank) if config.alpha else 1.0
+        scale = (config.alpha / self.adapter.config.rank) if config.alpha else 1.0
         scale *= config.loraplus_ratio
         groups = [{"params": params, "lr": config.lr * (scale if name == "lora_B" else 1.0)} if name != "tokens"
                   else {"params": params, "lr": config.token_lr, "weight_decay": 0.0}

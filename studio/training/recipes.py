@@ -1,0 +1,249 @@
+"""Training recipes as data: the options a run takes, per backbone family (or embedded backbone) and kind.
+
+The files live in `studio/recipes/`: `defaults.yaml` (every option a recipe controls), `any/<kind>.yaml` (a
+kind on any backbone) and `<target>/<kind>.yaml` (a kind on one family: sd1, sd2, sdxl, sd3, flux, pixart; or an
+embedded backbone: world-sd, world-dit), each naming its source. A file holds `about`, `source`, `train:`
+(trainer options), `adapter:` (the kind's own options, named as its config names them) and `variants:`
+(`fast`, `quality`, `style`, ...: the same sections on top). Layers, each on the one before: defaults <-
+any/<kind> <- <target>/<kind> <- the variant <- the run's own options (--config, then the command line).
+
+kohya, ai-toolkit and OneTrainer ship presets per model family; these are the same idea, resolved by one
+function (`resolve`) that the CLI, the API (`TrainConfig`) and the UI's Train tab all call.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from studio.errors import InvalidArgumentError
+
+ROOT = Path(__file__).resolve().parent.parent / "recipes"
+# TrainConfig's name of a kind's own option -> the name its config class (and a recipe's `adapter:`) uses
+ADAPTER_FIELDS = {"rank": "rank", "alpha": "alpha", "dora": "dora", "target": "target",
+                  "text_encoder": "text_encoder", "concept_seed": "concept_seed", "concept_slots": "slots",
+                  "oft_block_size": "block_size", "image_encoder": "image_encoder", "condition": "condition"}
+ALIASES = {"dora": "lora"}  # a recipe kind that trains as another kind (with its own options on top)
+SECTIONS = ("about", "source", "extends", "train", "adapter", "variants")
+
+
+@dataclass
+class Recipe:
+    """A resolved recipe: its name ("world-sd/lora", "sdxl/lora@quality"), what it is for, where its values
+    come from, and the TrainConfig options it sets."""
+
+    name: str
+    about: str
+    sources: list[str]
+    options: dict[str, Any]
+    variants: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)  # options its layers set above defaults.yaml
+
+    def line(self, options: dict[str, Any] | None = None) -> str:
+        """The recipe in one line, as `studio train` prints it: steps, batch, lr and what it sets beyond the
+        defaults, at the values of `options` (the run's, overrides included) when given."""
+        values = {**self.options, **(options or {})}
+        keys = ["steps", "batch", "lr", *(k for k in self.changed if k not in ("steps", "batch", "lr", "kind",
+                                                                            "checkpoint_every"))]
+        return f"recipe {self.name}: " + ", ".join(f"{k}={_short(values[k])}" for k in keys)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "[" + "; ".join(map(str, value[:2])) + ("; ..." if len(value) > 2 else "") + "]"
+    return str(value)
+
+
+def base_kind(kind: str) -> str:
+    return ALIASES.get(kind, kind)
+
+
+def recipe_kinds() -> list[str]:
+    """Every kind with a recipe (the trainable kinds, plus aliases such as dora)."""
+    return sorted(p.stem for p in (ROOT / "any").glob("*.yaml"))
+
+
+def targets() -> list[str]:
+    return sorted(p.name for p in ROOT.iterdir() if p.is_dir() and p.name != "any")
+
+
+@functools.cache
+def _read(path: Path) -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise InvalidArgumentError(f"recipe file {path} has unknown sections {unknown}; sections: {', '.join(SECTIONS)}.")
+    return data
+
+
+def _layers(target: str, kind: str) -> list[tuple[str, dict[str, Any]]]:
+    """(file name, contents) of each layer that exists, from the bottom; a file that `extends` another
+    ("world-sd/lora") has that one's layer just below its own."""
+    names = ["defaults", f"any/{base_kind(kind)}", f"any/{kind}", f"{target}/{base_kind(kind)}", f"{target}/{kind}"]
+    layers: list[tuple[str, dict[str, Any]]] = []
+
+    def add(name: str, chain: tuple[str, ...] = ()) -> None:
+        if name in chain:
+            raise InvalidArgumentError(f"recipe {name} extends itself through {' -> '.join(chain)}.")
+        data = _read(ROOT / f"{name}.yaml")
+        if data.get("extends"):
+            if not (ROOT / f"{data['extends']}.yaml").is_file():
+                raise InvalidArgumentError(f"recipe {name} extends {data['extends']!r}, which is not a recipe; "
+                                           f"recipes: {', '.join(names_of_files())}.")
+            add(data["extends"], (*chain, name))
+        if all(name != seen for seen, _ in layers):
+            layers.append((name, data))
+
+    for name in names:
+        if (ROOT / f"{name}.yaml").is_file():
+            add(name)
+    return layers
+
+
+def section_options(section: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
+    """A layer's `train:` and `adapter:` as TrainConfig options; a key the kind (or the trainer) does not have
+    is refused, naming the key and the kind."""
+    from studio.training.trainer import TrainConfig
+
+    train_keys = {f.name for f in fields(TrainConfig)} - set(ADAPTER_FIELDS) - {"folder", "out", "kind", "recipe"}
+    options: dict[str, Any] = {}
+    for key, value in (section.get("train") or {}).items():
+        if key not in train_keys:
+            hint = " (it is the kind's own option: put it under adapter:)" if key in ADAPTER_FIELDS else ""
+            raise InvalidArgumentError(f"{where}: train key {key!r} is not a training option{hint}; training options: "
+                                       f"{', '.join(sorted(train_keys))}.")
+        options[key] = value
+    own = adapter_options(kind)
+    by_config_name = {v: k for k, v in ADAPTER_FIELDS.items()}
+    for key, value in (section.get("adapter") or {}).items():
+        if key not in own:
+            raise InvalidArgumentError(f"{where}: adapter key {key!r} is not an option of kind {kind!r}; its options: "
+                                       f"{', '.join(sorted(own)) or 'none'}.")
+        options[by_config_name[key]] = value
+    return options
+
+
+def adapter_options(kind: str) -> set[str]:
+    """The kind's own options a recipe (or the trainer) can set, by its config's names."""
+    from studio.adapters.base import adapter_kinds
+
+    config_fields = {f.name for f in fields(adapter_kinds().get_or_raise(base_kind(kind)).config_class)}
+    return {name for name in ADAPTER_FIELDS.values() if name in config_fields}
+
+
+def parse_name(name: str) -> tuple[str | None, str | None, str | None]:
+    """"target/kind@variant", "target/kind", "kind@variant" or "variant" -> (target, kind, variant)."""
+    head, _, variant = name.partition("@")
+    if "/" in head:
+        target, _, kind = head.partition("/")
+        return target, kind, variant or None
+    if variant:
+        return None, head, variant
+    return None, None, head or None
+
+
+def resolve(backbone: str | None, kind: str, recipe: str | None = None) -> Recipe:
+    """The recipe for training `kind` on `backbone` (a name, folder, file or hub id; None = the embedded
+    default); `recipe`: a variant ("quality") or a full name ("sdxl/lora@quality") chosen instead."""
+    target = recipe_target(backbone)
+    variant = None
+    if recipe:
+        named_target, named_kind, variant = parse_name(recipe)
+        if named_kind and base_kind(named_kind) != base_kind(kind):
+            raise InvalidArgumentError(f"recipe {recipe!r} is for kind {named_kind!r}, not {kind!r}; pick one of "
+                                       f"{', '.join(names(kind))} or set kind={named_kind!r}.")
+        if named_kind:
+            kind = named_kind
+        if named_target:
+            if named_target not in targets() and named_target != "any":
+                raise InvalidArgumentError(f"recipe {recipe!r}: no recipes for {named_target!r}; recipes: "
+                                           f"{', '.join(names())}.")
+            target = named_target
+    if not (ROOT / "any" / f"{kind}.yaml").is_file():
+        raise InvalidArgumentError(f"no recipe for kind {kind!r}; kinds with recipes: {', '.join(recipe_kinds())}.")
+    layers = _layers(target, kind)
+    options: dict[str, Any] = {}
+    sources, about, variants = [], "", {}
+    changed: list[str] = []
+    for where, data in layers:
+        layer = section_options(data, kind, f"recipe {where}")
+        options.update(layer)
+        if where != "defaults":
+            changed += [k for k in layer if k not in changed]
+        about = data.get("about", about)
+        if data.get("source"):
+            sources.append(f"{where}: {data['source']}")
+        for name, body in (data.get("variants") or {}).items():
+            variants.setdefault(name, []).append((where, body))
+    name = f"{target}/{kind}"
+    if variant:
+        if variant not in variants:
+            raise InvalidArgumentError(f"recipe {recipe!r}: {name} has no variant {variant!r}; recipes for it: "
+                                       f"{', '.join([name, *(f'{name}@{v}' for v in sorted(variants))])}.")
+        for where, body in variants[variant]:
+            layer = section_options(body, kind, f"recipe {where}@{variant}")
+            options.update(layer)
+            changed += [k for k in layer if k not in changed]
+            about = body.get("about", about)
+        name = f"{name}@{variant}"
+    if base_kind(kind) != kind:
+        options.setdefault("kind", base_kind(kind))
+    return Recipe(name=name, about=about, sources=sources, options=options, variants=sorted(variants),
+                  changed=changed)
+
+
+def names_of_files() -> list[str]:
+    return [f"{p.parent.name}/{p.stem}" for p in sorted(ROOT.glob("*/*.yaml"))]
+
+
+def _abouts(target: str, kind: str) -> dict[str | None, str]:
+    """What the recipe target/kind is for (key None) and each of its variants, the layers' included."""
+    abouts: dict[str | None, str] = {}
+    for _, data in _layers(target, kind):
+        abouts[None] = data.get("about", abouts.get(None, ""))
+        for variant, body in (data.get("variants") or {}).items():
+            abouts[variant] = body.get("about", abouts.get(variant, ""))
+    return abouts
+
+
+def listing(kind: str | None = None) -> list[tuple[str, str]]:
+    """(name, what it is for) of every recipe file (of one kind) and each variant it has, its layers' included;
+    for `studio recipes`."""
+    rows = []
+    for target in ["any", *targets()]:
+        for path in sorted((ROOT / target).glob("*.yaml")):
+            if kind and base_kind(path.stem) != base_kind(kind):
+                continue
+            abouts = _abouts(target, path.stem)
+            rows += [(f"{target}/{path.stem}" + (f"@{v}" if v else ""), about)
+                     for v, about in sorted(abouts.items(), key=lambda item: item[0] or "")]
+    return rows
+
+
+def names(kind: str | None = None) -> list[str]:
+    """Every recipe's name (of one kind), variants included."""
+    return [name for name, _ in listing(kind)]
+
+
+def recipe_target(backbone: str | None) -> str:
+    """Which recipes a backbone takes: an embedded world backbone's own, else its family's (read from its
+    config or its file's header, without loading weights)."""
+    from studio.backbones import DEFAULT_BACKBONE, family_of_source
+    from studio.embedded import EMBEDDED
+
+    source = str(backbone or DEFAULT_BACKBONE)
+    if source in EMBEDDED and not Path(source).expanduser().exists():
+        return source.removeprefix("tiny-") if source.startswith("tiny-") else source
+    return family_of_source(source).name
+
+
+def recipe_line(config: Any) -> str:
+    """A resolved TrainConfig's recipe in one line, at the run's values (its overrides included)."""
+    return resolve(config.backbone, config.kind, config.recipe).line(
+        {f.name: getattr(config, f.name) for f in fields(config)})
