@@ -107,7 +107,9 @@ def trained(setting: dict[str, str], folder: Path, out: Path, overrides: dict[st
     (class images drawn included) and the median seconds per step."""
     config = TrainConfig(folder=str(folder), out=str(out), **setting, **overrides)
     started = time.perf_counter()
-    path = train(config, log=lambda line: None)
+    # resume: a finished adapter of an earlier run is taken as it is (its train seconds then read ~0), a killed
+    # one continues from its checkpoint
+    path = train(config, resume=True, log=lambda line: None)
     seconds = time.perf_counter() - started
     records = [json.loads(line) for line in Path(config.paths()["log"]).read_text().splitlines()]
     step_times = sorted(b["seconds"] - a["seconds"] for a, b in zip(records[-config.steps:],

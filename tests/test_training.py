@@ -121,7 +121,8 @@ def test_mirrored_copies_say_the_other_side(tmp_path):
     assert all(e["caption"] == e["item"].caption for e in kept.examples)
 
 
-def test_training_writes_a_loadable_adapter_log_plot_and_uses_the_cache(refs, tmp_path):
+def test_training_writes_a_loadable_adapter_log_plot_and_uses_the_cache(refs, tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_CACHE", str(tmp_path / "cache"))  # its own: other tests fill the session's cache
     lines = []
     out = tmp_path / "sks.safetensors"
     path = train(folder=str(refs), out=str(out), recipe=GENERIC, steps=3, batch=2, rank=2, lr=1e-3, trigger="sks", flip=True,
