@@ -24,6 +24,7 @@ import logging
 import re
 import secrets
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -71,6 +72,37 @@ def free_path(path: Path) -> Path:
         i += 1
         candidate = path.with_name(f"{path.stem}-{i}{path.suffix}")
     return candidate
+
+
+def free_stem(stem: str, taken: set[str]) -> str:
+    """`stem`, or `stem-1`, `stem-2`... the first not in `taken` (compared case-blind, as macOS and Windows
+    compare file names), added to it: an image, its caption and its mask share one stem."""
+    candidate, i = stem, 0
+    while candidate.lower() in taken:
+        i += 1
+        candidate = f"{stem}-{i}"
+    taken.add(candidate.lower())
+    return candidate
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """(stem, ending) of a training file: `a.mask.png` -> (`a`, `.mask.png`), `a.txt` -> (`a`, `.txt`)."""
+    from studio.training.data import MASK_SUFFIX
+
+    ending = name[-len(MASK_SUFFIX):] if name.lower().endswith(MASK_SUFFIX) else Path(name).suffix
+    return name[: len(name) - len(ending)], ending
+
+
+def readable_roots() -> list[Path]:
+    """The folders the page may read a server folder from: the studio home and the working directory (unless
+    that is the file system's root)."""
+    cwd = Path.cwd().resolve()
+    return [studio_home().resolve(), *([cwd] if cwd != Path(cwd.anchor) else [])]
+
+
+def blocked_paths() -> list[Path]:
+    """What the page never serves or reads, even under a readable root: the library database and the caches."""
+    return [studio_home() / "library.db", cache_root()]
 
 
 def ui_errors(fn: Callable) -> Callable:
@@ -342,33 +374,60 @@ def random_seed() -> int:
 
 @ui_errors
 def stage_uploads(files: list[str] | None, trigger: str = "") -> tuple[str, list[list[str]], str]:
-    """Training upload: images (checked by decoding them) and .txt captions are copied into a fresh
-    folder under uploads/; returns (folder, caption table rows, a note on what was refused)."""
-    from PIL import Image, UnidentifiedImageError
+    """Training upload: images (checked by decoding them; over the pixel limit refused) and .txt captions are
+    copied into a fresh folder under uploads/, staged beside it and moved into place only when complete. An
+    image and its caption keep one stem; files whose cleaned names collide are all kept (`x_y`, `x_y-1`).
+    Returns (folder, caption table rows, a note on what was refused or renamed); no folder when no image is
+    ready."""
+    from PIL import UnidentifiedImageError
+
+    from studio.limits import MAX_IMAGE_PIXELS, ImageTooLargeError, open_image
 
     if not files:
         return "", [], "Upload images (PNG, JPEG, WebP) or give a folder on the server."
-    staged = folder("uploads") / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    staged.mkdir(parents=True)
-    refused = []
-    for upload in files:
-        source = Path(upload)
-        name = safe_name(source.name)
-        if source.suffix.lower() in (".txt", ".caption"):
-            shutil.copyfile(source, staged / name)
-            continue
-        if source.suffix.lower() not in IMAGE_SUFFIXES:
-            refused.append(f"{name} (not an image)")
-            continue
-        try:
-            with Image.open(source) as image:
-                image.verify()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            refused.append(f"{name} (unreadable image)")
-            continue
-        shutil.copyfile(source, free_path(staged / name))
-    rows = caption_rows(str(staged), trigger)
-    note = f"{len(rows)} images ready." + (f" Refused: {', '.join(refused)}." if refused else "")
+    uploads = folder("uploads")
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=uploads))
+    try:
+        refused, renamed, images = [], [], 0
+        stems: dict[str, str] = {}  # an upload's own stem -> its staged stem
+        taken: set[str] = set()
+        for upload in files:
+            source = Path(upload)
+            name = safe_name(source.name)
+            suffix = source.suffix.lower()
+            if suffix not in (".txt", ".caption"):
+                if suffix not in IMAGE_SUFFIXES:
+                    refused.append(f"{name} (not an image)")
+                    continue
+                try:
+                    with open_image(source, name) as image:
+                        image.verify()
+                except ImageTooLargeError:
+                    refused.append(f"{name} (over the {MAX_IMAGE_PIXELS / 1e6:.0f} MP image limit)")
+                    continue
+                except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+                    refused.append(f"{name} (unreadable image)")
+                    continue
+                images += 1
+            own = split_name(source.name)[0]
+            stem, ending = split_name(name)
+            if own not in stems or (staging / f"{stems[own]}{ending}").exists():  # a second `a.png`: kept apart
+                stems[own] = free_stem(stem, taken)
+            target = staging / f"{stems[own]}{ending}"
+            if target.name != name:
+                renamed.append(f"{html.escape(source.name)} as {target.name}")
+            shutil.copyfile(source, target)
+        rows = caption_rows(str(staging), trigger) if images else []
+        note = (f"{len(rows)} images ready." + (f" Refused: {', '.join(refused)}." if refused else "")
+                + (f" Kept apart: {', '.join(renamed)}." if renamed else ""))
+        if not rows:
+            shutil.rmtree(staging)
+            return "", [], note
+        staged = uploads / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        staging.rename(staged)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return str(staged), rows, note
 
 
@@ -386,10 +445,16 @@ def pick_server_folder(path: str, trigger: str = "") -> tuple[str, list[list[str
     """Train from a folder on the server (kohya layout or flat)."""
     import gradio as gr
 
-    if not path or not Path(path).expanduser().is_dir():
+    chosen = Path(path or "").expanduser().resolve()  # resolved: a link or `..` cannot lead out of the roots
+    roots = readable_roots()
+    if path and (not any(chosen.is_relative_to(root) for root in roots)
+                 or any(chosen.is_relative_to(p.resolve()) for p in blocked_paths())):
+        raise gr.Error(f"{path!r} is outside the folders this page may read ({', '.join(str(r) for r in roots)}); "
+                       f"copy the images into one of them, or upload them.")
+    if not path or not chosen.is_dir():
         raise gr.Error(f"{path!r} is not a folder on the server; give the full path of a folder of images.")
-    rows = caption_rows(str(Path(path).expanduser()), trigger)
-    return str(Path(path).expanduser()), rows, f"{len(rows)} images found."
+    rows = caption_rows(str(chosen), trigger)
+    return str(chosen), rows, f"{len(rows)} images found."
 
 
 def _table_rows(table: Any) -> list[list[str]]:
@@ -460,6 +525,29 @@ class Jobs:
 
 
 JOBS = Jobs()
+# an adapter's file (a control model: its folder) and its training run's checkpoint, log, loss plot and samples
+# (TrainConfig.paths): a new adapter's name is free only when none of them is there
+ADAPTER_FILES = ("", ".safetensors", ".checkpoint", ".log.jsonl", ".loss.png", ".samples")
+
+
+def new_adapter_path(name: str, ending: str = ".safetensors", *, unique: bool = False) -> Path:
+    """adapters/<name><ending> for a new adapter (Train, Merge, Erase). A name that a file of ADAPTER_FILES or a
+    running job holds is refused (the page has no overwrite: the user picks another name, as `studio` refuses an
+    existing --out), or with `unique` (a name the page made up) becomes `name-1`, `name-2`..."""
+    import gradio as gr
+
+    adapters = folder("adapters")
+    candidate, i = name, 0
+    while True:
+        held = "is training" if JOBS.running_named(candidate) else next(
+            (f"exists already (adapters/{candidate}{end})" for end in ADAPTER_FILES
+             if (adapters / f"{candidate}{end}").exists()), None)
+        if not held:
+            return adapters / f"{candidate}{ending}"
+        if not unique:
+            raise gr.Error(f"An adapter named {name!r} {held}; choose another name.")
+        i += 1
+        candidate = f"{name}-{i}"
 
 
 def recipe_fields(backbone: str, kind: str, recipe: str | None) -> tuple[Any, ...]:
@@ -507,19 +595,19 @@ def start_training(source: str, table: Any, name: str, kind: str, backbone: str,
     if not name:
         raise gr.Error("Give the adapter a name (letters, digits, dots, dashes).")
     kind = kind or "lora"
-    out = folder("adapters") / (name if kind in CONTROL_KINDS else f"{name}.safetensors")  # a control model: a folder
-    if out.exists() or JOBS.running_named(name):
-        raise gr.Error(f"An adapter named {name!r} exists already or is training; choose another name.")
+    out = new_adapter_path(name, "" if kind in CONTROL_KINDS else ".safetensors")  # a control model: a folder
     target = folder("training") / name
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
     root = Path(source)
+    taken: set[str] = set()
     for relative, text in rows:
         image = (root / relative).resolve()
         if root.resolve() not in image.parents or not image.is_file():
             raise gr.Error(f"{relative!r} is not an image of the chosen folder.")
-        copy = free_path(target / safe_name(Path(relative).name))
+        stem, ending = split_name(safe_name(Path(relative).name))
+        copy = target / f"{free_stem(stem, taken)}{ending}"  # its own caption: `a.png` and `a.jpg` apart
         shutil.copyfile(image, copy)
         copy.with_suffix(".txt").write_text(text.strip() + "\n", encoding="utf-8")
     from studio.training.recipes import adapter_options
@@ -689,7 +777,7 @@ def merge_save(paths: list[str] | None, method: str, weights: str, name: str) ->
     name = safe_name(name or "", fallback="")
     if not name:
         raise gr.Error("Give the merged adapter a name.")
-    out = folder("adapters") / f"{name}.safetensors"
+    out = new_adapter_path(name)
     result = _merge(paths, method, weights, out)
     library().add_adapter(out, tags=["merged"])
     cut = f"; largest rank cut {result.max_truncation:.3f}" if result.max_truncation > 1e-6 else ""
@@ -717,8 +805,8 @@ def erase_concept(concepts: str, method: str, preserve: str, backbone: str, step
     if not words:
         raise gr.Error("Name the concept to erase (several, comma-separated, with UCE).")
     method = method or "uce"
-    name = safe_name(name or "", fallback="") or safe_name(f"erase-{'-'.join(words)}")
-    out = free_path(folder("adapters") / f"{name}.safetensors")
+    name = safe_name(name or "", fallback="")
+    out = new_adapter_path(name) if name else new_adapter_path(safe_name(f"erase-{'-'.join(words)}"), unique=True)
     notes: list[str] = []
     pipeline, lock = pipeline_for(backbone or DEFAULT_BACKBONE)
     with lock:
@@ -834,8 +922,9 @@ def generate_tab(backbones: list[str]):
                         slots += [picker, weight, on]
                         pickers.append(picker)
             with gr.Column(scale=4):
+                # fit_columns=False: one image is a quarter of the row, not a square cell taller than the gallery
                 gallery = gr.Gallery(label="Images", format="png", columns=4, height=300, object_fit="contain",
-                                     elem_classes="pixelated", preview=False)
+                                     fit_columns=False, elem_classes="pixelated", preview=False)
                 parameters = gr.Textbox(label="Parameters", lines=4, buttons=["copy"])
                 with gr.Row():
                     reuse = gr.Button("Reuse this recipe")
@@ -1072,12 +1161,11 @@ def serve(host: str = "127.0.0.1", port: int | None = None, share: bool = False,
     """Launch the UI (127.0.0.1 unless `host` says otherwise); with `block=False`, return the running
     Blocks (tests and benchmarks)."""
     demo = build_app()
-    home = studio_home()
     served = [str(folder(name)) for name in ("outputs", "adapters", "thumbnails", "uploads", "merge-preview",
                                              "erase-preview")]
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD, css=CSS,
-                allowed_paths=served, blocked_paths=[str(home / "library.db"), str(cache_root())],
+                allowed_paths=served, blocked_paths=[str(p) for p in blocked_paths()],
                 prevent_thread_lock=not block, quiet=not block, show_error=True)
     return demo
 

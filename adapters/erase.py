@@ -30,6 +30,7 @@ rewrite a full checkpoint; none yields an adapter, and none covers both UNets an
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import re
@@ -309,27 +310,32 @@ def erase(concepts: str | list[str], *, method: str = "esd", backbone: Backbone 
     `options` are other EraseConfig fields (eta, variant, anchor_weight, transport, destination, lam,
     preserve_scale, push). `progress(step, steps, loss)` follows ESD/SPM training, `bank_progress(step, steps)`
     the sampling of their trajectory bank before it."""
-    from pathlib import Path
-
     from studio.backbones import Backbone as BackboneClass
     from studio.backbones import load_backbone
+    from studio.limits import check_count
+    from studio.outputs import claim
 
     if method not in METHODS:
         raise InvalidArgumentError(f"method={method!r}; choose one of {', '.join(METHODS)}.")
-    if out is not None and Path(out).exists() and not overwrite:
-        raise InvalidArgumentError(f"{str(out)!r} exists; choose another name or pass overwrite=True (--overwrite).")
-    backbone = backbone if isinstance(backbone, BackboneClass) else load_backbone(backbone)
+    for what, value in (("steps", steps), ("rank", rank)):
+        if value is not None:
+            check_count(what, value)
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+        raise InvalidArgumentError(f"lr={lr!r} must be a number > 0 (e.g. 1e-2).")
     defaults = dict(METHOD_DEFAULTS[method])
     given = {k: defaults.pop(k, None) for k in ("steps", "lr", "rank")}
-    steps, lr, rank = steps or given["steps"], lr or given["lr"], rank or given["rank"]
-    config = EraseConfig(family=backbone.family.name, method=method, name=name, concepts=concepts,
-                         preserve=list(preserve) if not isinstance(preserve, str) else preserve,
-                         rank=rank or 1, **({"templates": list(templates)} if templates else {}),
-                         **{**defaults, **options})
-    adapter = make_eraser(backbone, config, steps=steps, lr=lr, rank=rank, seed=seed, progress=progress,
-                          bank_progress=bank_progress, warn=warn)
-    if out is not None:
-        adapter.save(out, overwrite=overwrite)
+    steps, lr, rank = (given[k] if v is None else v for k, v in (("steps", steps), ("lr", lr), ("rank", rank)))
+    # the output is checked and held before the backbone loads
+    with claim(out, overwrite=overwrite) if out is not None else contextlib.nullcontext():
+        backbone = backbone if isinstance(backbone, BackboneClass) else load_backbone(backbone)
+        config = EraseConfig(family=backbone.family.name, method=method, name=name, concepts=concepts,
+                             preserve=list(preserve) if not isinstance(preserve, str) else preserve,
+                             rank=rank or 1, **({"templates": list(templates)} if templates else {}),
+                             **{**defaults, **options})
+        adapter = make_eraser(backbone, config, steps=steps, lr=lr, rank=rank, seed=seed, progress=progress,
+                              bank_progress=bank_progress, warn=warn)
+        if out is not None:
+            adapter.save(out, overwrite=True)  # claimed above: new, or overwrite asked for
     return adapter
 
 
@@ -360,7 +366,8 @@ def make_eraser(backbone: Backbone, config: EraseConfig, *, steps: int | None = 
     if config.method == "uce":
         return uce(backbone, config, rank=rank)
     defaults = METHOD_DEFAULTS[config.method]  # one place for them: `erase` reads the same table
-    return train_eraser(backbone, config, steps=steps or defaults["steps"], lr=lr or defaults["lr"], batch=batch,
+    return train_eraser(backbone, config, steps=defaults["steps"] if steps is None else steps,
+                        lr=defaults["lr"] if lr is None else lr, batch=batch,
                         bank_images=bank_images, bank_steps=bank_steps, seed=seed, progress=progress,
                         bank_progress=bank_progress)
 

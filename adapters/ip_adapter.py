@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from studio.adapters.base import Adapter, AdapterConfig, AdapterFileError, IncompatibleAdapterError, register
 
 from studio.errors import InvalidArgumentError
+from studio.limits import open_image
 
 if TYPE_CHECKING:
     import torch
@@ -621,7 +622,7 @@ def open_reference(image: Any, sha256: str | None = None) -> tuple[Image.Image, 
         path = Path(image)
         try:
             data = path.read_bytes()
-            with Image.open(io.BytesIO(data)) as opened:
+            with open_image(io.BytesIO(data), path) as opened:
                 opened.load()
                 image = opened.copy()
         except FileNotFoundError as error:

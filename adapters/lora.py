@@ -26,6 +26,7 @@ from studio.adapters.base import (
 
 from studio import concept_tokens
 from studio.errors import InvalidArgumentError
+from studio.limits import check_rank
 from studio.merge.blocks import parse_weight
 
 if TYPE_CHECKING:
@@ -92,6 +93,11 @@ def target_modules(backbone: Backbone, target: str = "attention", *, text_encode
     if not names:
         raise InvalidArgumentError(f"target={target!r} matches no module of {backbone.source!r}.")
     return names
+
+
+def layer_widths(modules: dict[str, Any], names: list[str]) -> list[int]:
+    """Each module's smaller side (out features, or in x kernel for a conv): the most a LoRA rank can use."""
+    return [min(modules[n].weight.shape[0], modules[n].weight[0].numel()) for n in names]
 
 
 def _split(key: str) -> tuple[str, str]:
@@ -252,6 +258,7 @@ class LoraAdapter(PeftAdapter):
         modules = module_table(backbone)
         config.targets = target_modules(backbone, config.target, text_encoder=config.text_encoder)
         config.family, config.base = backbone.family.name, config.base or backbone.source
+        check_rank(config.rank, layer_widths(modules, config.targets))
         tensors = {}
         for name in config.targets:
             weight = modules[name].weight

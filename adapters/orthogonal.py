@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from studio.adapters.base import module_table, register
-from studio.adapters.lora import LoraAdapter, LoraConfig, target_modules
+from studio.adapters.lora import LoraAdapter, LoraConfig, layer_widths, target_modules
 
 from studio.errors import InvalidArgumentError
+from studio.limits import check_rank
 
 if TYPE_CHECKING:
 
@@ -109,6 +110,7 @@ class OrthogonalAdapter(LoraAdapter):
         modules = module_table(backbone)
         config.targets = target_modules(backbone, config.target, text_encoder=config.text_encoder)
         config.family, config.base = backbone.family.name, config.base or backbone.source
+        check_rank(config.rank, layer_widths(modules, config.targets))
         tensors = {}
         narrowest = min(modules[name].weight[0].numel() for name in config.targets)
         chosen = config.concept_seed < HASHED  # a hashed seed lands on any block by design

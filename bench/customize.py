@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -151,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     overrides = parse_overrides(args.set)
     args.out.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp())
+    scratch = args.out / "refs"  # a fixed place: a killed run's checkpoint names its folder
     shapes = args.shapes.split(",")
     folders = {}
     for shape in {*shapes, *args.dit_shapes.split(",")}:  # as the README: studio world render --shape S --n 12 --out refs/10_sks --trigger sks --masks

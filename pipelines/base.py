@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from studio import concept_tokens
 from studio.backbones import Backbone, load_backbone
 from studio.errors import InvalidArgumentError, InvalidSizeError, RecipeError, UnknownFamilyError
+from studio.limits import check_generation_size
 from studio.merge.blocks import parse_weight
 from studio.recipe import Recipe, save_png
 from studio.registry import Registry
@@ -188,6 +189,7 @@ class StudioPipeline:
         if not isinstance(negative_prompt, str):
             raise InvalidArgumentError(f"negative_prompt must be text, got {type(negative_prompt).__name__}.")
         _check_int("n", n, 1)
+
         steps = family.steps if steps is None else steps
         _check_int("steps", steps, 1)
         guidance = family.guidance if guidance is None else guidance
@@ -217,6 +219,8 @@ class StudioPipeline:
     def _check_side(self, name: str, value: int | None) -> int:
         factor = self.backbone.size_factor
         value = self.backbone.default_size if value is None else value
+        check_generation_size(value if name == "width" else None, value if name == "height" else None,
+                              self.backbone.default_size, self.backbone.family.title)
         if isinstance(value, bool) or not isinstance(value, int) or value < factor or value % factor:
             lower = max(factor, (value // factor) * factor) if isinstance(value, int) else factor
             raise InvalidSizeError(
@@ -239,6 +243,10 @@ class StudioPipeline:
         import torch
         from studio.adapters.base import adapter_kinds
 
+        # a recipe read from a PNG or edited is held to the same limits as one `recipe()` made
+        self.recipe(recipe.prompt, negative_prompt=recipe.negative_prompt, n=recipe.n, seed=recipe.seed,
+                    steps=recipe.steps, guidance=recipe.guidance, width=recipe.width, height=recipe.height,
+                    scheduler=recipe.scheduler)
         self._match_adapters(recipe)
         pipe = self.backbone.pipe
         pipe.scheduler = self.backbone.scheduler(recipe.scheduler)

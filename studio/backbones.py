@@ -482,11 +482,26 @@ def _hub_snapshot(repo_id: str) -> Path:
     return Path(snapshot_download(repo_id, local_files_only=True))
 
 
+def is_pickle(path: Path) -> bool:
+    """A torch.save file (a zip archive or a raw pickle, protocol 2+) whatever its name says: read by its first
+    bytes, as a .safetensors file starts with an 8-byte little-endian header length instead."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError:
+        return False
+    if len(head) == 9 and head[8:9] == b"{":  # a safetensors header (whose length may start 0x80 0x02)
+        return False
+    return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def refuse_pickle(path: Path) -> None:
-    """Pickle files can run code when loaded: refuse them, saying how to convert once."""
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    """Pickle files can run code when loaded: refuse them (by name or by content), saying how to convert once."""
+    renamed = path.suffix.lower() not in PICKLE_SUFFIXES and path.is_file() and is_pickle(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES or renamed:
         raise UnsafeFileError(
-            f"{path.name} is a pickle file ({path.suffix}), which can run code when loaded; studio reads "
+            f"{path.name} is a pickle file ({'a torch.save file under a .safetensors name' if renamed else path.suffix}), "
+            f"which can run code when loaded; studio reads "
             f"only .safetensors. Convert it once in a trusted environment, e.g. "
             f"`python -c \"import torch, safetensors.torch as s; s.save_file(torch.load('{path.name}', "
             f"weights_only=True).get('state_dict', ...), '{path.stem}.safetensors')\"`, or download the "

@@ -43,6 +43,14 @@ def main() -> None:
         sys.exit(2)
 
 
+def _outputs_first(paths: list[Path], overwrite: bool) -> None:
+    """Every output can be written and is new (or --overwrite): checked before any model loads."""
+    from studio.outputs import check_new, check_writable
+
+    for path in paths:
+        check_new(check_writable(path), overwrite=overwrite)
+
+
 def _value(option: Enum | None) -> str | None:
     return option.value if option is not None else None
 
@@ -251,54 +259,65 @@ def generate(
         "--control-end", help="The fraction of the steps the controls act in (T2I-Adapter's paper: early steps "
                               "suffice).")] = 1.0,
     out: Annotated[Path, typer.Option(help="A .png path, or a folder for numbered files.")] = Path("outputs"),
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing .png --out.")] = False,
 ) -> None:
     """Generate images; each PNG carries its recipe (A1111 `parameters` + studio JSON)."""
     from studio.errors import InvalidArgumentError
+    from studio.outputs import claim
     from studio.pipelines.base import Generation
     from studio.recipe import read_recipe, save_png
 
-    changes = {k: v for k, v in dict(prompt=prompt, negative_prompt=negative, n=n, seed=seed, steps=steps,
-                                     guidance=guidance, width=width, height=height,
-                                     scheduler=_value(scheduler)).items() if v is not None}
-    attaching = bool(adapter or ip_image or style_image or control)
+    single = out.suffix.lower() == ".png"
+    # checked and held before any model loads; a folder takes numbered files, so it may exist
+    with claim(out, overwrite=overwrite, exists_ok=not single):
+        changes = {k: v for k, v in dict(prompt=prompt, negative_prompt=negative, n=n, seed=seed, steps=steps,
+                                         guidance=guidance, width=width, height=height,
+                                         scheduler=_value(scheduler)).items() if v is not None}
+        attaching = bool(adapter or ip_image or style_image or control)
 
-    def attach_all(pipeline) -> None:  # the adapters and image inputs named on this command line
-        _attach_adapters(pipeline, adapter, allow_partial)
-        _attach_image_prompt(pipeline, ip_image, ip_adapter, ip_scale, style_only, layout_only, ip_content, ip_encoder)
-        _attach_style_image(pipeline, style_image, style_weight)
-        _attach_controls(pipeline, control, preprocess, control_end)
+        def attach_all(pipeline) -> None:  # the adapters and image inputs named on this command line
+            _attach_adapters(pipeline, adapter, allow_partial)
+            _attach_image_prompt(pipeline, ip_image, ip_adapter, ip_scale, style_only, layout_only, ip_content, ip_encoder)
+            _attach_style_image(pipeline, style_image, style_weight)
+            _attach_controls(pipeline, control, preprocess, control_end)
 
-    if from_image is None:
-        if prompt is None:
-            raise InvalidArgumentError("PROMPT is missing: give a prompt, or --from IMAGE.png to remake an image.")
-        pipeline = _load_pipeline(backbone, family, device, dtype, config)
-        attach_all(pipeline)
-        recipe = pipeline.recipe(**changes)
-        index = None
-    else:
-        original = read_recipe(from_image)
-        pipeline = _load_pipeline(backbone or original.backbone, family or FamilyName(original.family),
-                                  device or original.device, dtype or original.dtype,
-                                  config or original.backbone_config)
-        if attaching:
+        if from_image is None:
+            if prompt is None:
+                raise InvalidArgumentError("PROMPT is missing: give a prompt, or --from IMAGE.png to remake an image.")
+            pipeline = _load_pipeline(backbone, family, device, dtype, config)
             attach_all(pipeline)
-        elif original.adapters:
-            pipeline._match_adapters(original)
-        if changes or attaching:  # a new recipe from the old one
-            fields = dict(prompt=original.prompt, negative_prompt=original.negative_prompt, seed=original.image_seed,
-                          steps=original.steps, guidance=original.guidance, width=original.width,
-                          height=original.height, scheduler=original.scheduler) | changes
-            recipe, index = pipeline.recipe(**fields), None
+            recipe = pipeline.recipe(**changes)
+            index = None
         else:
-            recipe, index = original, original.index
-    with JobProgress("sampling", recipe.steps) as progress:
-        if index is None:
-            paths = Generation(pipeline.run(recipe, progress=progress), recipe).save(out)
-        else:  # the saved PNG holds the very same recipe, batch position included
-            image = pipeline.replay(recipe, progress=progress)
-            paths = [save_png(image, recipe, out if out.suffix.lower() == ".png" else out / f"{recipe.image_seed}.png")]
-    for path in paths:
-        out_console.print(str(path), highlight=False)
+            original = read_recipe(from_image)
+            pipeline = _load_pipeline(backbone or original.backbone, family or FamilyName(original.family),
+                                      device or original.device, dtype or original.dtype,
+                                      config or original.backbone_config)
+            if attaching:
+                attach_all(pipeline)
+            elif original.adapters:
+                pipeline._match_adapters(original)
+            if changes or attaching:  # a new recipe from the old one
+                fields = dict(prompt=original.prompt, negative_prompt=original.negative_prompt, seed=original.image_seed,
+                              steps=original.steps, guidance=original.guidance, width=original.width,
+                              height=original.height, scheduler=original.scheduler) | changes
+                recipe, index = pipeline.recipe(**fields), None
+            else:
+                recipe, index = original, original.index
+        if single and index is None and not overwrite:
+            from studio.outputs import check_new
+            from studio.pipelines.base import output_paths
+
+            for path in output_paths(out, recipe):
+                check_new(path, overwrite=False)
+        with JobProgress("sampling", recipe.steps) as progress:
+            if index is None:
+                paths = Generation(pipeline.run(recipe, progress=progress), recipe).save(out)
+            else:  # the saved PNG holds the very same recipe, batch position included
+                image = pipeline.replay(recipe, progress=progress)
+                paths = [save_png(image, recipe, out if out.suffix.lower() == ".png" else out / f"{recipe.image_seed}.png")]
+        for path in paths:
+            out_console.print(str(path), highlight=False)
 
 
 @app.command()
@@ -428,6 +447,7 @@ def train(
     recipe: Annotated[Path | None, typer.Option(
         "--config", help="A YAML/TOML recipe with any TrainConfig keys; options given here win.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the unfinished run of the same --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     device: DeviceOpt = None,
 ) -> None:
     """Train an adapter on a folder of reference images (on several GPUs: `accelerate launch --multi_gpu
@@ -448,9 +468,13 @@ def train(
     options = {k: v for k, v in options.items() if v is not None}
     config = TrainConfig.from_file(recipe, **options) if recipe else TrainConfig(**options)
     if processes()[0] == 0:
+        from studio.outputs import check_writable
+
+        check_writable(config.out)  # before the recipe line and any model
         console.print(recipe_line(config), highlight=False, markup=False)
     with JobProgress("training", config.steps, fields=("loss",)) as progress:
-        path = run_training(config, resume=resume, progress=progress, log=lambda line: console.print(line))
+        path = run_training(config, resume=resume, overwrite=overwrite, progress=progress,
+                            log=lambda line: console.print(line))
     if processes()[0] == 0:  # under `accelerate launch`, the first process answers for the run
         out_console.print(str(path), highlight=False)
 
@@ -529,6 +553,7 @@ def convert(
     from studio.lora_formats import convert_file
 
     target = out or path.with_name(f"{path.stem}.{to}.safetensors")
+    _outputs_first([target], overwrite)
     with console.status("converting..."):
         written = convert_file(path, to, target, backbone=backbone, overwrite=overwrite)
     out_console.print(str(written), highlight=False)
@@ -563,6 +588,11 @@ def merge(
     from studio.errors import InvalidArgumentError
     from studio.merge.blocks import parse_weight
 
+    target = out or Path("merged.safetensors")
+    exports = [target, *([target.with_name(f"{target.stem}.{export}.safetensors")] if export else []),
+               *([bake] if bake else [])]
+    if not (sources and sources[0] == "plan"):
+        _outputs_first(exports, overwrite)
     bb = None
     if backbone or bake or method == "learned":
         from studio.backbones import load_backbone
@@ -595,12 +625,6 @@ def merge(
         recommendation = plan(sources, backbone=bb)
         method = recommendation.method
         console.print(f"method: {method} ({recommendation.reason})", highlight=False)
-    target = out or Path("merged.safetensors")
-    exports = [target, *([target.with_name(f"{target.stem}.{export}.safetensors")] if export else []),
-               *([bake] if bake else [])]
-    existing = [str(p) for p in exports if p.exists()]
-    if existing and not overwrite:
-        raise InvalidArgumentError(f"{', '.join(existing)} exists; choose other paths or pass --overwrite.")
     with console.status(f"merging {n} adapters ({method})..."):
         result = engine.merge(sources, method=method, weights=combined, rank=rank, density=density, seed=seed,
                               backbone=bb, out=target, overwrite=overwrite, reference=reference)
@@ -646,6 +670,7 @@ def erase(
     from studio.backbones import load_backbone
 
     target = out or Path(f"erase-{'-'.join(c.replace(' ', '_') for c in concepts)}.safetensors")
+    _outputs_first([target], overwrite)
     options = {k: v for k, v in dict(variant=variant, eta=eta, push=push, transport=transport).items() if v is not None}
     with console.status(f"loading {backbone or DEFAULT_BACKBONE}..."):
         bb = load_backbone(backbone)
@@ -702,8 +727,10 @@ def world_render(
         "--masks", help="Also write NNN.mask.png, the shape's exact mask (masked loss, mask control maps).")] = False,
 ) -> None:
     """Write a reference folder of renders with one caption file per image."""
+    from studio.outputs import check_writable
     from studio.world.folder import write_reference_folder
 
+    check_writable(out / "000.png")
     paths = write_reference_folder(out, n=n, seed=seed, trigger=trigger, shape=shape, colour=colour,
                                    background=background, position=position, size=size, masks=masks)
     out_console.print(f"{len(paths)} images with captions in {out}", highlight=False)

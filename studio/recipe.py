@@ -156,16 +156,20 @@ def save_png(image: Image.Image, recipe: Recipe, path: str | Path) -> Path:
 
 def read_png_text(path: str | Path) -> dict[str, str]:
     """The text chunks of a PNG file."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from studio.limits import ImageTooLargeError, open_image
 
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()
             return {k: v for k, v in image.info.items() if isinstance(v, str)}
     except FileNotFoundError:
         raise RecipeError(f"image {str(path)!r} does not exist.") from None
     except (UnidentifiedImageError, OSError) as error:
         raise RecipeError(f"{str(path)!r} is not a readable image ({error}).") from None
+    except ImageTooLargeError as error:
+        raise RecipeError(str(error)) from None
 
 
 def read_recipe(path: str | Path) -> Recipe:

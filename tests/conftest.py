@@ -51,3 +51,18 @@ def pixels(image):
     import numpy as np
 
     return np.asarray(image).astype(np.int16)
+
+
+def bomb(path, side=20000):
+    """A small PNG whose header declares side x side pixels (its IHDR patched, CRC recomputed)."""
+    import zlib
+
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IHDR")
+    data[start + 4:start + 12] = side.to_bytes(4, "big") * 2
+    data[start + 17:start + 21] = zlib.crc32(bytes(data[start:start + 17])).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+    return path

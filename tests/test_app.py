@@ -50,7 +50,7 @@ def trained(home, tmp_path):
 
     paths = []
     for shape, word in (("star", "sks"), ("heart", "zwx")):
-        refs = tmp_path / f"refs-{shape}"
+        refs = home / f"refs-{shape}"  # the Load folder action reads the studio home and the working directory
         write_reference_folder(refs, n=3, seed=1, shape=shape, trigger=word)
         source, rows, _ = app.pick_server_folder(str(refs), word)
         tokens = 1 if shape == "heart" else 0  # one adapter with its trigger learned as a token
@@ -106,7 +106,7 @@ def test_bad_input_becomes_a_message_not_a_traceback(home):
         app.merge_plan(["one.safetensors"])
     with pytest.raises(gr.Error, match="No training images"):
         app.start_training("", [], "x", "lora", "world-sd", "sks", 2, 4, 1e-3)
-    with pytest.raises(gr.Error, match="not a folder"):
+    with pytest.raises(gr.Error, match="outside the folders"):
         app.pick_server_folder("/no/such/folder")
 
 
@@ -124,7 +124,7 @@ def test_names_are_sanitised_and_uploads_checked(home, tmp_path):
     fake.write_bytes(b"#!/bin/sh\nrm -rf /\n")
     script = tmp_path / "run.sh"
     script.write_text("echo hi")
-    caption = tmp_path / "_2Fstar.txt"
+    caption = tmp_path / "..%2Fstar.txt"  # its image's caption: the upload of the same name
     caption.write_text("a red sks star")
     staged, rows, note = app.stage_uploads([str(good), str(fake), str(script), str(caption)], "sks")
     staged = Path(staged)
@@ -184,7 +184,7 @@ def test_training_job_runs_in_a_thread_and_lands_in_the_library(trained, home, t
 def test_cancel_then_resume_finishes_the_same_steps(home, tmp_path):
     from studio.world.folder import write_reference_folder
 
-    refs = tmp_path / "refs"
+    refs = home / "refs"
     write_reference_folder(refs, n=3, seed=1, shape="star", trigger="sks")
     source, rows, _ = app.pick_server_folder(str(refs), "sks")
     app.JOBS.cancel(-1)  # unknown ids are ignored
@@ -351,7 +351,7 @@ def test_train_tab_trains_a_controlnet_into_the_library_and_generate_uses_its_fo
 
     from studio.world.folder import write_reference_folder
 
-    refs = tmp_path / "refs"
+    refs = home / "refs"
     write_reference_folder(refs, n=3, seed=2)
     source, rows, _ = app.pick_server_folder(str(refs), "")
     job = app.start_training(source, rows, "edges", "controlnet", "world-sd", "", 2, 4, 1e-4, 0, "soft_edge")
@@ -369,3 +369,144 @@ def test_train_tab_trains_a_controlnet_into_the_library_and_generate_uses_its_fo
         "a red circle", "", "world-sd", 1, 1, 2, 7.0, 64, 64, "", *NO_IMAGE_PROMPT, str(refs / "000.png"),
         "controlnet", str(path), "", 1.0, 1.0, *[None, 1.0, True] * app.SLOTS)
     assert 'Module: soft_edge, Model: edges' in parameters
+
+
+def _png(path: Path, color: str = "red") -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), color).save(path)
+    return path
+
+
+def test_caption_uploads_whose_cleaned_names_collide_are_both_kept(home, tmp_path):
+    # `x y` and `x%y` both clean to `x_y`: each image keeps its own caption, uploaded in whatever order
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (b / "x%y.txt").write_text("a blue sks heart")
+    (a / "x y.txt").write_text("a red sks star")
+    files = [b / "x%y.txt", _png(a / "x y.png"), a / "x y.txt", _png(b / "x%y.png", "blue")]
+    staged, rows, note = app.stage_uploads([str(f) for f in files], "sks")
+    assert sorted(p.name for p in Path(staged).iterdir()) == ["x_y-1.png", "x_y-1.txt", "x_y.png", "x_y.txt"]
+    assert sorted(rows) == [["x_y-1.png", "a red sks star"], ["x_y.png", "a blue sks heart"]]
+    assert "x y.png as x_y-1.png" in note and "x y.txt as x_y-1.txt" in note
+    # Start: a server folder's a.png and a.jpg (one a.txt) keep the captions edited in the table apart
+    refs = home / "refs"
+    refs.mkdir()
+    _png(refs / "a.png"), _png(refs / "a.jpg", "blue")
+    source, rows, _ = app.pick_server_folder(str(refs), "sks")
+    rows = [[image, f"a {image} sks shape"] for image, _ in rows]
+    job = app.start_training(source, rows, "pair", "lora", "world-sd", "sks", 1, 4, 1e-3, recipe=GENERIC)
+    training = home / "training" / "pair"
+    captions = {p.name: p.read_text().strip() for p in training.glob("*.txt")}
+    images = {p.stem: p.suffix for p in training.iterdir() if p.suffix != ".txt"}
+    assert {f"{stem}{images[stem]}": captions[f"{stem}.txt"] for stem in images} == {
+        "a.jpg": "a a.jpg sks shape", "a-1.png": "a a.png sks shape"}
+    assert wait_for(job)["status"] == "done"
+
+
+def test_load_folder_reads_only_the_studio_home_and_the_working_directory(home, tmp_path, monkeypatch):
+    import gradio as gr
+
+    secret = tmp_path / "system"
+    secret.mkdir()
+    (secret / "passwords.conf").write_text("root:x")
+    link = app.folder("link")
+    link.rmdir(), link.symlink_to(secret)
+    for outside in ("/etc", str(secret), str(link), str(home / "link" / ".."), str(home.parent)):
+        with pytest.raises(gr.Error, match="outside the folders") as refused:
+            app.pick_server_folder(outside)
+        assert "passwords" not in str(refused.value) and "passwd" not in str(refused.value)
+    with pytest.raises(gr.Error, match="not a folder"):
+        app.pick_server_folder(str(home / "no such folder"))
+    _png(home / "mine.png")
+    source, rows, note = app.pick_server_folder(str(home), "sks")
+    assert Path(source) == home.resolve() and rows == [["mine.png", "sks"]] and note == "1 images found."
+    work = tmp_path / "work"
+    (work / "refs").mkdir(parents=True)
+    _png(work / "refs" / "cwd.png")
+    monkeypatch.chdir(work)  # `studio serve` started in a project folder reads that folder's images
+    assert app.pick_server_folder("refs", "sks")[1] == [["cwd.png", "sks"]]
+    with pytest.raises(gr.Error, match="outside the folders"):
+        app.pick_server_folder(str(home / ".." / "system"))
+
+
+def test_generate_gallery_shows_whole_images():
+    # one column per image, not one image stretched over the row: a 64 x 64 image in a square cell as wide as
+    # the column is taller than the gallery, and its bottom (an object at the bottom right) scrolls out of sight
+    import gradio as gr
+
+    demo = app.build_app()
+    gallery = next(b for b in demo.blocks.values() if isinstance(b, gr.Gallery) and b.label == "Images")
+    assert gallery.object_fit == "contain" and gallery.fit_columns is False and gallery.columns >= 4
+
+
+def _bomb(path: Path) -> Path:
+    """A PNG of 8 x 8 pixels whose header declares 20000 x 20000 (400 MP): a decompression bomb."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", 20000, 20000)  # IHDR: width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # its CRC over type and data
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_an_image_over_the_pixel_limit_is_refused_and_a_failed_upload_leaves_no_folder(home, tmp_path, monkeypatch):
+    import gradio as gr
+
+    good, bomb = _png(tmp_path / "good.png"), _bomb(tmp_path / "bomb.png")
+    staged, rows, note = app.stage_uploads([str(good), str(bomb)], "sks")
+    assert rows == [["good.png", "sks"]] and sorted(p.name for p in Path(staged).iterdir()) == ["good.png"]
+    assert "bomb.png (over the 67 MP image limit)" in note
+    assert list((home / "uploads").iterdir()) == [Path(staged)]  # nothing half-staged beside it
+    copies = []
+
+    def full_disk(source, target):
+        if copies:
+            raise OSError(28, "No space left on device")
+        copies.append(target)
+        return target.write_bytes(Path(source).read_bytes())
+
+    second = _png(tmp_path / "second.png")
+    with monkeypatch.context() as patch, pytest.raises(gr.Error):
+        patch.setattr(app.shutil, "copyfile", full_disk)
+        app.stage_uploads([str(good), str(second)], "sks")
+    assert copies and list((home / "uploads").iterdir()) == [Path(staged)]
+    staged, rows, note = app.stage_uploads([str(bomb)], "sks")  # nothing usable: no folder either
+    assert (staged, rows) == ("", []) and "bomb.png (over the" in note
+    assert len(list((home / "uploads").iterdir())) == 1
+
+
+def test_train_merge_and_erase_never_replace_an_adapter_or_a_training_run(home):
+    import gradio as gr
+
+    adapters = app.folder("adapters")
+    (adapters / "taken.safetensors").write_bytes(b"an adapter")
+    (adapters / "edges").mkdir()  # a control model's folder
+    (adapters / "run.log.jsonl").write_text("")  # a cancelled run of that name: its log and checkpoint
+    (adapters / "run.checkpoint").mkdir()
+    kept = _png(app.folder("training") / "run" / "000.png")  # and the images it trains on
+    refs = home / "refs"
+    refs.mkdir()
+    _png(refs / "a.png")
+    source, rows, _ = app.pick_server_folder(str(refs), "sks")
+    for name in ("taken", "edges", "run"):
+        with pytest.raises(gr.Error, match=f"named '{name}' exists already"):
+            app.merge_save(["one.safetensors", "two.safetensors"], "linear", "", name)
+        with pytest.raises(gr.Error, match=f"named '{name}' exists already"):
+            app.erase_concept("circle", "uce", "", "world-sd", None, name)
+        for kind in ("lora", "controlnet"):
+            with pytest.raises(gr.Error, match=f"named '{name}' exists already"):
+                app.start_training(source, rows, name, kind, "world-sd", "sks", 1, 4, 1e-3)
+    assert kept.is_file()  # the cancelled run's images are kept for its Resume
+    assert sorted(p.name for p in adapters.iterdir()) == ["edges", "run.checkpoint", "run.log.jsonl",
+                                                           "taken.safetensors"]
+    # a name the page makes up (an eraser's default) is made unique instead, as uploads and imports are
+    (adapters / "erase-circle.safetensors").write_bytes(b"an eraser")
+    note, path = app.erase_concept("circle", "uce", "", "world-sd", None, "")
+    assert Path(path).name == "erase-circle-1.safetensors" and (adapters / "erase-circle.safetensors").read_bytes()

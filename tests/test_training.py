@@ -178,7 +178,7 @@ def test_killed_training_resumes_and_finishes_the_same_steps(refs, tmp_path):
     finished = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
-    assert steps[-1] == 30 and set(range(1, 31)) <= set(steps)
+    assert steps == list(range(1, 31))  # the steps after the last checkpoint, run again, are logged once
     adapter = load_adapter(out)
     assert adapter.config.training["steps"] == 30
     assert adapter.config.training["flip"] is True and adapter.config.training["loraplus_ratio"] == 4

@@ -81,11 +81,12 @@ def adapters(server, tmp_path_factory):
     """Two tiny adapters trained through the Train tab's handlers (the browser test trains its own)."""
     from test_app import wait_for
 
+    from studio.home import studio_home
     from studio.world.folder import write_reference_folder
 
     paths = {}
     for shape, word in (("star", "sks"), ("heart", "zwx")):
-        refs = tmp_path_factory.mktemp(f"refs-{shape}")
+        refs = studio_home() / f"refs-{shape}"  # the Train tab reads folders in the studio home or the working one
         write_reference_folder(refs, n=3, seed=1, shape=shape, trigger=word)
         source, rows, _ = app.pick_server_folder(str(refs), word)
         row = wait_for(app.start_training(source, rows, f"ui-{shape}", "lora", "world-sd", word, 3, 4, 1e-3,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from studio.merge.engine import MergeResult, check_out
+from studio.merge.engine import MergeResult
 from studio.merge.engine import merge as merge_at_weights
 
 if TYPE_CHECKING:
@@ -21,11 +21,16 @@ def merge(sources: list[str | Path | Adapter], *, method: str = "linear", refere
     """Merge adapters into one LoRA (studio.merge.engine.merge: weights, rank, density, seed, max_overlap,
     backbone, name, out, overwrite). `method="learned"` searches the weights on the `reference` folder's images
     first, `evaluations` candidates (needs the backbone)."""
-    if method != "learned":
-        return merge_at_weights(sources, method=method, **options)
-    from studio.merge.learned import learned_merge
+    import contextlib
 
-    check_out(options.get("out"), options.get("overwrite", False))  # before the search, not after it
-    return learned_merge(sources, options.get("backbone"), reference, evaluations=evaluations,
-                         seed=options.get("seed") or 0, rank=options.get("rank"), out=options.get("out"),
-                         overwrite=options.get("overwrite", False))
+    from studio.outputs import claim
+
+    out, overwrite = options.get("out"), options.get("overwrite", False)
+    # checked and held before the work (the learned merge's search, any merge's loading)
+    with claim(out, overwrite=overwrite) if out is not None else contextlib.nullcontext():
+        if method != "learned":
+            return merge_at_weights(sources, method=method, **options)
+        from studio.merge.learned import learned_merge
+
+        return learned_merge(sources, options.get("backbone"), reference, evaluations=evaluations,
+                             seed=options.get("seed") or 0, rank=options.get("rank"), out=out, overwrite=overwrite)

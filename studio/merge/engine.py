@@ -146,8 +146,11 @@ def store(delta: Delta, limit: int, *, fast: bool = False) -> tuple[LowRank, flo
 
 
 def check_out(out: str | Path | None, overwrite: bool) -> None:
-    if out is not None and Path(out).exists() and not overwrite:
-        raise InvalidArgumentError(f"{str(out)!r} exists; choose another --out or pass --overwrite.")
+    """An output path that can be written and is new (or `overwrite`)."""
+    from studio.outputs import check_new, check_writable
+
+    if out is not None:
+        check_new(check_writable(out), overwrite=overwrite)
 
 
 def merge(sources: list[str | Path | Adapter], *, method: str = "linear",

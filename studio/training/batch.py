@@ -41,10 +41,20 @@ class BatchJob:
 def run_job(config: dict[str, Any], emit: Callable[[Event], None]) -> Path:
     """Train one job's adapter, from its checkpoint when a run of it was cut short, telling `emit` what
     happens: started (where), its log lines, and its step at every tenth of the run."""
+    from studio.outputs import lock
+
     config = TrainConfig(**config)
-    state = config.paths()["checkpoint"] / "state.json"
-    resume = state.is_file()
-    emit({"event": "started", "resume": resume, "from_step": json.loads(state.read_text())["step"] if resume else 0,
+    with lock(config.out):  # another driver of the same batch training this job: OutputBusyError, before "started"
+        return _run_job(config, emit)
+
+
+def _run_job(config: TrainConfig, emit: Callable[[Event], None]) -> Path:
+    from studio.training.trainer import latest_checkpoint
+
+    checkpoint = latest_checkpoint(config.paths()["checkpoint"])
+    resume = checkpoint is not None
+    emit({"event": "started", "resume": resume,
+          "from_step": json.loads((checkpoint / "state.json").read_text())["step"] if resume else 0,
           "worker": f"{socket.gethostname()} pid {os.getpid()}", "pid": os.getpid()})
     tenth = max(1, config.steps // 10)
 
@@ -52,7 +62,9 @@ def run_job(config: dict[str, Any], emit: Callable[[Event], None]) -> Path:
         if step % tenth == 0 or step == total:
             emit({"event": "step", "step": step, "total": total, "loss": loss})
 
-    return train(config, resume=resume, progress=progress, log=lambda line: emit({"event": "log", "line": line}))
+    # always resume: a job cut short continues from its checkpoint, and one whose adapter was written just
+    # before the kill (the job list not told yet) is taken as finished rather than refused as existing
+    return train(config, resume=True, progress=progress, log=lambda line: emit({"event": "log", "line": line}))
 
 
 class Recorder:
@@ -96,7 +108,22 @@ class Recorder:
     def failed(self, job: BatchJob, error: str) -> None:
         self.library.update_job(job.id, status="failed", error=error)
         self.library.add_job_log(job.id, f"failed: {error}")
+        self._advance(job, job.config["steps"])  # the batch's progress counts it as over
         self._say(job, f"failed: {error}")
+
+    def taken(self, job: BatchJob, error: str) -> None:
+        """Another driver holds the job (its status is that driver's to tell)."""
+        self._advance(job, job.config["steps"])
+        self._say(job, f"skipped: {error}")
+
+    def finished_elsewhere(self, job: BatchJob) -> bool:
+        """Done by another driver since this one listed the batch."""
+        record = self.library.job(job.id)
+        if record and record["status"] == "done":
+            self._advance(job, job.config["steps"])
+            self._say(job, f"done by another run: {record['result']}")
+            return True
+        return False
 
     def retrying(self, job: BatchJob, error: str, delay: float) -> None:
         self.library.update_job(job.id, status="retrying", error=error)
@@ -170,12 +197,23 @@ def train_batch(parent: str | Path, out_dir: str | Path, *, library: Library | N
 
 
 def run_locally(jobs: list[BatchJob], recorder: Recorder) -> None:
-    """One job after another in this process; a job whose data is wrong fails alone."""
+    """One job after another in this process; a job whose data is wrong fails alone, and one that another
+    driver of the same batch holds or has finished is left to it."""
+    from studio.outputs import OutputBusyError
+
     for job in jobs:
+        if recorder.finished_elsewhere(job):
+            continue
         job.attempts += 1
         try:
             path = run_job(job.config, lambda event, job=job: recorder(job, event))
+        except OutputBusyError as error:
+            recorder.taken(job, str(error))
+            continue
         except StudioError as error:  # one bad folder does not stop the batch
             recorder.failed(job, str(error))
+            continue
+        except Exception as error:  # noqa: BLE001 - nor does a fault of studio's own: it is recorded with its type
+            recorder.failed(job, f"{type(error).__name__}: {error}")
             continue
         recorder.done(job, path)

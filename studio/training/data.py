@@ -66,15 +66,19 @@ def _caption_of(image: Path, words: str, trigger: str) -> str:
 
 def _mask_of(image: Path, size: tuple[int, int], has_alpha: bool) -> tuple[Path | None, str | None]:
     """(mask path, None) or (None, why the mask cannot be used)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from studio.limits import ImageTooLargeError, open_image
 
     side = image.with_name(image.stem + MASK_SUFFIX)
     if not side.is_file():
         return (image if has_alpha else None), None
     try:
-        with Image.open(side) as mask:
+        with open_image(side) as mask:
             mask.load()
             mask_size = mask.size
+    except ImageTooLargeError:
+        return None, f"its mask {side.name} is over the pixel limit; save it at the image's size"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         return None, f"its mask {side.name} is unreadable ({type(error).__name__}); re-save it as a grey PNG"
     if mask_size != size:
@@ -85,7 +89,9 @@ def _mask_of(image: Path, size: tuple[int, int], has_alpha: bool) -> tuple[Path 
 
 def scan_folder(folder: str | Path, *, trigger: str = "", min_size: int = 0, regularisation: bool = False) -> Scan:
     """Every image under `folder` (kohya `N_words` subfolders or flat) with caption and repeats."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from studio.limits import ImageTooLargeError, open_image
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -101,12 +107,15 @@ def scan_folder(folder: str | Path, *, trigger: str = "", min_size: int = 0, reg
         for path in sorted(p for p in where.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                            and not p.name.lower().endswith(MASK_SUFFIX)):
             try:
-                with Image.open(path) as image:
+                with open_image(path) as image:  # refuses an image over the pixel limit before decoding it
                     image.verify()  # catches truncated and garbage files
-                with Image.open(path) as image:
+                with open_image(path) as image:
                     size = image.size
                     has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
                     image.convert("RGB").load()
+            except ImageTooLargeError as error:
+                scan.skipped.append((path, f"too large: {error}"))
+                continue
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
                 scan.skipped.append((path, f"unreadable image ({type(error).__name__}: {error})"))
                 continue

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from studio import faults
 from studio.errors import InvalidArgumentError, StudioError
 from studio.training.objectives import check_timestep_bias
 
@@ -280,8 +281,17 @@ class TrainConfig:
         import yaml
 
         path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise InvalidArgumentError(f"recipe {str(path)!r} cannot be read ({getattr(error, 'strerror', None) or error}); "
+                                       f"give a YAML or TOML file of TrainConfig keys.") from None
+        try:
+            data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+            where = " ".join(str(error).split())[:200]
+            raise InvalidArgumentError(f"recipe {str(path)!r} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'} "
+                                       f"({where}); fix the file.") from None
         if not isinstance(data, dict):
             raise InvalidArgumentError(f"recipe {str(path)!r} must be a mapping of option: value.")
         known = {f.name for f in fields(cls)}
@@ -753,29 +763,33 @@ class Run:
 
     def save_checkpoint(self) -> None:
         """The adapter, the optimizer state and the step, written so a kill at any moment leaves the
-        previous checkpoint or the new one, never half of one."""
+        previous checkpoint or the new one whole (NAME.checkpoint or, mid-swap, NAME.checkpoint.old), never half
+        of one: each is written under another name and renamed into place, and renamed away before it is
+        deleted."""
         import torch
         from safetensors.torch import save_file
 
         from studio.concept_tokens import join
 
         folder = self.paths["checkpoint"]
-        tmp = folder.with_name(folder.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
+        tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+        sweep(folder)
+        discard(tmp)  # a save a kill cut short
+        tmp.mkdir(parents=True)
         self.adapter.sync_from(self.backbone)
         tensors = join(self.adapter.tensors, self.concept.values() if self.concept is not None else {})
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter.safetensors"))
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")  # tensors only: read with weights_only
         (tmp / "state.json").write_text(json.dumps({"step": self.step_done, "losses": self.losses,
-                                                    "config": asdict(self.config)}))
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
+                                                    "config": asdict(self.config)}))  # last: it marks tmp whole
+        faults.point("checkpoint:written")
+        if whole(folder):
+            discard(old)  # left by a kill after the last swap
             folder.replace(old)
+            faults.point("checkpoint:moved-old")
         tmp.replace(folder)
-        if old.exists():
-            import shutil
-
-            shutil.rmtree(old)
+        faults.point("checkpoint:swapped")
+        discard(old)
 
     def load_checkpoint(self) -> bool:
         """Continue from the checkpoint (or the one a kill left mid-swap); False when there is none."""
@@ -784,12 +798,9 @@ class Run:
 
         from studio.concept_tokens import split
 
-        folder = self.paths["checkpoint"]
-        if not (folder / "state.json").is_file():
-            old = folder.with_name(folder.name + ".old")
-            if not (old / "state.json").is_file():
-                return False
-            folder = old
+        folder = latest_checkpoint(self.paths["checkpoint"])
+        if folder is None:
+            return False
         state = json.loads((folder / "state.json").read_text())
         mine, theirs = asdict(self.config), state["config"]
         changed = [k for k in mine if k not in ("steps", "checkpoint_every", "sample_every", "device")
@@ -852,6 +863,83 @@ def _to(conditioning: dict[str, Any], backbone: Any) -> dict[str, Any]:
     return {k: v.to(backbone.device) for k, v in conditioning.items()}
 
 
+CHECKPOINT_FILES = ("adapter.safetensors", "optimizer.pt", "state.json")
+
+
+def whole(folder: Path) -> bool:
+    """A checkpoint folder with all its files (state.json is written last)."""
+    return all((folder / name).is_file() for name in CHECKPOINT_FILES)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint a run continues from: NAME.checkpoint, or NAME.checkpoint.old when a kill came mid-swap."""
+    old = folder.with_name(folder.name + ".old")
+    return next((f for f in (folder, old) if whole(f)), None)
+
+
+def discard(folder: Path) -> None:
+    """Delete a checkpoint folder so that a kill at any moment leaves it whole or gone: renamed out of the way
+    first (one atomic step), then deleted; what a kill leaves mid-delete (NAME.trash-*) the next run sweeps."""
+    if not folder.exists():
+        return
+    trash = folder.with_name(f"{folder.name}.trash-{os.getpid()}-{time.monotonic_ns()}")
+    folder.replace(trash)
+    _delete(trash)
+
+
+def sweep(folder: Path) -> None:
+    """Remove the trash a killed deletion left beside the checkpoint `folder`."""
+    for trash in folder.parent.glob(f"{glob_escape(folder.name)}*.trash-*"):
+        _delete(trash)
+
+
+def _delete(trash: Path) -> None:
+    for child in sorted(trash.iterdir()):
+        if child.is_dir():
+            _delete(child)
+        else:
+            child.unlink()
+        faults.point("checkpoint:deleting")
+    trash.rmdir()
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Keep the log's records up to `step` (a resumed run writes the steps after it again)."""
+    from studio.home import atomic_write_bytes
+
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line a kill cut in half
+    atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
+
+
+def finished_output(config: TrainConfig) -> bool:
+    """`config.out` is this very run's finished result (its manifest records the same options)."""
+    out = config.paths()["out"]
+    if not out.exists():
+        return False
+    try:
+        from studio.adapters.base import load_adapter
+
+        recorded = load_adapter(out).config.training or {}
+    except Exception:  # noqa: BLE001 - anything unreadable is not a finished result
+        return False
+    mine = {k: v for k, v in asdict(config).items() if k != "device"}
+    return json.loads(json.dumps(recorded, default=str)) == json.loads(json.dumps(mine, default=str))
+
+
 def loss_plot(losses: list[float], path: Path, *, width: int = 640, height: int = 240) -> Path:
     """The loss per step (light) and its running mean (dark) as a PNG, drawn with PIL."""
     from PIL import Image, ImageDraw
@@ -879,26 +967,54 @@ def loss_plot(losses: list[float], path: Path, *, width: int = 640, height: int 
     return path
 
 
-def train(config: TrainConfig | None = None, *, resume: bool = False, progress: Progress | None = None,
-          log: Callable[[str], None] = print, should_stop: Callable[[], bool] | None = None, **options: Any) -> Path:
+def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite: bool = False,
+          progress: Progress | None = None, log: Callable[[str], None] = print,
+          should_stop: Callable[[], bool] | None = None, **options: Any) -> Path:
     """Train an adapter on a reference folder and write it; `studio.train(folder=..., out=..., kind=...)`.
 
-    With `resume`, a run continues from its last checkpoint and finishes the same number of steps; a
+    The output is checked before any model loads: its folder must take files, an existing output is refused
+    unless `overwrite`, and one process at a time writes it (a second run of the same `out` is refused, naming
+    the first). With `resume`, a run continues from its last checkpoint and finishes the same number of steps; a
     finished run (its output there, no checkpoint) is left as it is.
     `should_stop` is asked after every step: when it says yes, the run saves a checkpoint and raises
     `TrainingCancelled` (resume it later with `resume=True`)."""
+    from studio.outputs import claim
+
     config = config or TrainConfig(**options)
     paths = config.paths()
-    if not resume and (paths["checkpoint"] / "state.json").is_file():
-        raise InvalidArgumentError(f"{str(paths['checkpoint'])!r} holds an unfinished run; continue it with "
-                                   f"resume=True (--resume) or delete that folder to start over.")
-    if resume and not (paths["checkpoint"] / "state.json").is_file() and paths["out"].is_file():
-        log(f"{paths['out']} is finished and has no checkpoint to resume; delete it to train again")
-        return paths["out"]
+    if processes()[0]:  # under `accelerate launch` the first process holds the output for the run
+        return _train(config, paths, resume=resume, progress=progress, log=log, should_stop=should_stop)
+    unfinished = latest_checkpoint(paths["checkpoint"]) is not None
+    with claim(paths["out"], overwrite=overwrite, exists_ok=resume or unfinished):
+        sweep(paths["checkpoint"])  # what a kill left mid-delete
+        if unfinished and finished_output(config):  # a kill came between writing the output and the cleanup
+            discard(paths["checkpoint"])
+            discard(paths["checkpoint"].with_name(paths["checkpoint"].name + ".old"))
+            log(f"{paths['out']} was finished; removed the checkpoint a kill left beside it")
+            unfinished = False
+            if not resume:
+                from studio.outputs import check_new
+
+                check_new(paths["out"], overwrite=overwrite)
+        if not resume and unfinished:
+            raise InvalidArgumentError(f"{str(paths['checkpoint'])!r} holds an unfinished run; continue it with "
+                                       f"resume=True (--resume) or delete that folder to start over.")
+        if resume and not unfinished and paths["out"].exists():
+            log(f"{paths['out']} is finished and has no checkpoint to resume; delete it to train again")
+            return paths["out"]
+        return _train(config, paths, resume=resume, progress=progress, log=log, should_stop=should_stop)
+
+
+def _train(config: TrainConfig, paths: dict[str, Path], *, resume: bool, progress: Progress | None,
+           log: Callable[[str], None], should_stop: Callable[[], bool] | None) -> Path:
     run = Run(config, log=log)
+    main = run.rank == 0  # in a multi-process run the others train their slices and write nothing
     if resume and run.load_checkpoint():
         run.log(f"resumed at step {run.step_done} of {config.steps}")
-    main = run.rank == 0  # in a multi-process run the others train their slices and write nothing
+        if main:
+            trim_log(paths["log"], run.step_done)
+    elif main:
+        paths["log"].unlink(missing_ok=True)  # a fresh run: not the log of one started over
     if main:
         paths["log"].parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -924,8 +1040,9 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, progress: 
                                         f"continue it with resume=True (--resume)")
     path = run.finish()
     if main:
-        import shutil
-
-        shutil.rmtree(paths["checkpoint"], ignore_errors=True)
+        faults.point("finish:written")
+        discard(paths["checkpoint"])
+        discard(paths["checkpoint"].with_name(paths["checkpoint"].name + ".old"))
+        sweep(paths["checkpoint"])
         log(f"wrote {path}")
     return path

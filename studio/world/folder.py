@@ -19,9 +19,10 @@ def write_reference_folder(out: str | Path, *, n: int = 12, seed: int = 0, trigg
     if n < 1:
         raise InvalidArgumentError(f"n={n} must be at least 1.")
     out = Path(out)
+    pinned = {k: v for k, v in fixed.items() if v}
+    sample_labels(np.random.default_rng(seed), **pinned)  # a value outside the world is refused before any file
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    pinned = {k: v for k, v in fixed.items() if v}
     paths = []
     for i in range(n):
         labels = sample_labels(rng, **pinned)
