@@ -1,6 +1,7 @@
 """Soak: kill `studio train`, `studio train-batch` and `studio erase` at random moments, run the same command
-again, and check that every run finished, every output is bit-identical to an uninterrupted run's, and nothing
-was left stuck (no checkpoint, trash, temporary file or lock beside the outputs, every batch job done).
+again, and check that every run finished, every output (both of the batch's adapters) is bit-identical to an
+uninterrupted run's (tensors and metadata, the creation dates aside), and nothing was left stuck (no
+checkpoint, trash, temporary file or lock beside the outputs).
 
     python bench/soak.py [--kills 20] [--seed 0]
 
@@ -27,11 +28,11 @@ from studio.world.folder import write_reference_folder
 STUDIO = [sys.executable, "-m", "studio.cli"]
 COMMANDS = {
     "train": (["train", "refs", "--recipe", "any/lora", "--steps", "40", "--rank", "2", "--batch", "2",
-               "--config", "every5.yaml", "--out", "t.safetensors"], ["--resume"], ["t.safetensors"]),
+               "--config", "every5.yaml", "--out", "soak-train.safetensors"], ["--resume"], ["soak-train.safetensors"]),
     "train-batch": (["train-batch", "concepts", "--out", "batch", "--recipe", "any/lora", "--steps", "20",
                      "--rank", "2"], [], ["batch/star.safetensors", "batch/heart.safetensors"]),
-    "erase": (["erase", "circle", "--method", "esd", "--steps", "30", "--out", "e.safetensors"], [],
-              ["e.safetensors"]),
+    "erase": (["erase", "circle", "--method", "esd", "--steps", "30", "--out", "soak-erase.safetensors"], [],
+              ["soak-erase.safetensors"]),
 }
 
 
@@ -66,8 +67,26 @@ def run(folder: Path, args: list[str], *, kill_after: float | None = None) -> tu
 
 
 def digests(folder: Path, outputs: list[str]) -> dict[str, str | None]:
-    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() if (folder / name).is_file() else None
-            for name in outputs}
+    """Per output: a hash of its tensors' bytes and its metadata, less the two creation dates (the manifest's
+    `created` and modelspec's `date`, which differ between any two runs)."""
+    import json
+
+    from safetensors import safe_open
+
+    def digest(path: Path) -> str:
+        hasher = hashlib.sha256()
+        with safe_open(str(path), framework="pt") as handle:
+            for key in sorted(handle.keys()):
+                hasher.update(key.encode() + handle.get_tensor(key).numpy().tobytes())
+            metadata = dict(handle.metadata() or {})
+        metadata.pop("modelspec.date", None)
+        for key, value in sorted(metadata.items()):  # a HashMap on the Rust side: any order
+            if value.startswith("{"):
+                value = json.dumps({k: v for k, v in json.loads(value).items() if k != "created"}, sort_keys=True)
+            hasher.update(f"{key}={value}".encode())
+        return hasher.hexdigest()
+
+    return {name: digest(folder / name) if (folder / name).is_file() else None for name in outputs}
 
 
 def stuck(folder: Path) -> list[str]:
@@ -104,6 +123,8 @@ def main() -> None:
             tries += 1
             code, output, _ = run(folder, [*command, *again])
             finished = code == 0 or (code == 2 and "exists" in output and all(digests(folder, outputs).values()))
+            if not finished:
+                print(f"  rerun {tries} of {name} exited {code}: {output.strip().splitlines()[-1:]}", flush=True)
         same = digests(folder, outputs) == reference[name]
         left = stuck(folder)
         results[name].append((finished, same, not left))
