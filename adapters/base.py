@@ -1,6 +1,6 @@
 """The adapter contract: one config dataclass, one file format, one verb set for every kind.
 
-An adapter acts on a backbone in one of three ways (../DESIGN.md): in weight space (LoRA, DoRA,
+An adapter acts on a backbone in one of three ways (README, Architecture): in weight space (LoRA, DoRA,
 orthogonal LoRA, OFT, erasers: `deltas`, `fuse`, `unfuse` on top of attach/detach), in attention
 space (image prompts, style routing: attention processors with run-time reference images) or in
 residual space (ControlNet, T2I-Adapter: features added to the blocks from control images). The base

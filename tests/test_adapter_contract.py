@@ -1,4 +1,4 @@
-"""The contract every registered kind keeps (STYLE.md #12). Weight-space kinds: made non-identity so the
+"""The contract every registered kind keeps (README, Adapters: one module per kind, the same verbs). Weight-space kinds: made non-identity so the
 checks can fail, attach -> detach restores outputs and keys exactly, fused == unfused, unfuse is
 exact, save -> load round-trips, another family is refused before any weight changes. The eraser is
 an SPM one, so its transport hooks are attached and removed too. Attention-space kinds (image prompts,
