@@ -525,23 +525,23 @@ class Jobs:
 
 
 JOBS = Jobs()
-# an adapter's file (a control model: its folder) and its training run's checkpoint, log, loss plot and samples
-# (TrainConfig.paths): a new adapter's name is free only when none of them is there
-ADAPTER_FILES = ("", ".safetensors", ".checkpoint", ".log.jsonl", ".loss.png", ".samples")
 
 
 def new_adapter_path(name: str, ending: str = ".safetensors", *, unique: bool = False) -> Path:
-    """adapters/<name><ending> for a new adapter (Train, Merge, Erase). A name that a file of ADAPTER_FILES or a
-    running job holds is refused (the page has no overwrite: the user picks another name, as `studio` refuses an
-    existing --out), or with `unique` (a name the page made up) becomes `name-1`, `name-2`..."""
+    """adapters/<name><ending> for a new adapter (Train, Merge, Erase). A name that a running job or a file holds
+    (the adapter's file, a control model's folder, or what a training run writes beside it: run_paths) is
+    refused (the page has no overwrite: the user picks another name, as `studio` refuses an existing --out), or
+    with `unique` (a name the page made up) becomes `name-1`, `name-2`..."""
     import gradio as gr
+
+    from studio.training.trainer import run_paths
 
     adapters = folder("adapters")
     candidate, i = name, 0
     while True:
+        files = [adapters / candidate, *run_paths(adapters / f"{candidate}.safetensors").values()]
         held = "is training" if JOBS.running_named(candidate) else next(
-            (f"exists already (adapters/{candidate}{end})" for end in ADAPTER_FILES
-             if (adapters / f"{candidate}{end}").exists()), None)
+            (f"exists already (adapters/{p.name})" for p in files if p.exists()), None)
         if not held:
             return adapters / f"{candidate}{ending}"
         if not unique:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from studio import concept_tokens
 from studio.backbones import Backbone, load_backbone
 from studio.errors import InvalidArgumentError, InvalidSizeError, RecipeError, UnknownFamilyError
-from studio.limits import check_generation_size
+from studio.limits import check_count, check_generation_size
 from studio.merge.blocks import parse_weight
 from studio.recipe import Recipe, save_png
 from studio.registry import Registry
@@ -188,21 +188,14 @@ class StudioPipeline:
             raise InvalidArgumentError(f"prompt must be text, got {type(prompt).__name__}.")
         if not isinstance(negative_prompt, str):
             raise InvalidArgumentError(f"negative_prompt must be text, got {type(negative_prompt).__name__}.")
-        _check_int("n", n, 1)
-
         steps = family.steps if steps is None else steps
-        _check_int("steps", steps, 1)
         guidance = family.guidance if guidance is None else guidance
-        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance) \
-                or guidance < 0:
-            raise InvalidArgumentError(f"guidance={guidance!r} must be a finite number >= 0 (e.g. {family.guidance}).")
         seed = secrets.randbelow(2**32) if seed is None else seed
-        _check_int("seed", seed, 0)
-        if seed + n - 1 > MAX_SEED:
-            raise InvalidArgumentError(f"seed={seed} with n={n} passes the largest seed {MAX_SEED}.")
-        width, height = (self._check_side(name, value) for name, value in (("width", width), ("height", height)))
+        width = self.backbone.default_size if width is None else width
+        height = self.backbone.default_size if height is None else height
         scheduler = scheduler or family.scheduler
-        get_scheduler_spec(scheduler, kind=scheduler_kind(self.backbone.base_scheduler_config))
+        self._check_settings(n=n, seed=seed, steps=steps, guidance=guidance, width=width, height=height,
+                             scheduler=scheduler)
         if family.name == "flux" and negative_prompt:
             raise InvalidArgumentError(
                 "negative_prompt: Flux.1 is guidance-distilled and takes no negative prompt; leave it empty "
@@ -216,18 +209,31 @@ class StudioPipeline:
                       device=str(self.backbone.device), adapters=self._adapter_records(),
                       studio_version=__version__)
 
-    def _check_side(self, name: str, value: int | None) -> int:
+    def _check_settings(self, *, n: Any, seed: Any, steps: Any, guidance: Any, width: Any, height: Any,
+                        scheduler: str) -> None:
+        """A recipe's numbers and sampler within their limits, whether `recipe()` made it or a PNG or an edit did."""
+        family = self.backbone.family
+        check_count("n", n)
+        check_count("steps", steps)
+        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance) \
+                or guidance < 0:
+            raise InvalidArgumentError(f"guidance={guidance!r} must be a finite number >= 0 (e.g. {family.guidance}).")
+        check_count("seed", seed, minimum=0)
+        if seed + n - 1 > MAX_SEED:
+            raise InvalidArgumentError(f"seed={seed} with n={n} passes the largest seed {MAX_SEED}.")
+        for name, value in (("width", width), ("height", height)):
+            self._check_side(name, value)
+        get_scheduler_spec(scheduler, kind=scheduler_kind(self.backbone.base_scheduler_config))
+
+    def _check_side(self, name: str, value: Any) -> None:
         factor = self.backbone.size_factor
-        value = self.backbone.default_size if value is None else value
-        check_generation_size(value if name == "width" else None, value if name == "height" else None,
-                              self.backbone.default_size, self.backbone.family.title)
+        check_generation_size(name, value, self.backbone.default_size, self.backbone.family.title)
         if isinstance(value, bool) or not isinstance(value, int) or value < factor or value % factor:
             lower = max(factor, (value // factor) * factor) if isinstance(value, int) else factor
             raise InvalidSizeError(
                 f"{name}={value!r} must be a positive multiple of {factor} for this {self.backbone.family.title} "
                 f"backbone (e.g. {lower} or {lower + factor})."
             )
-        return value
 
     def generate(self, prompt: str, *, negative_prompt: str = "", n: int = 1, seed: int | None = None,
                  steps: int | None = None, guidance: float | None = None, width: int | None = None,
@@ -243,10 +249,8 @@ class StudioPipeline:
         import torch
         from studio.adapters.base import adapter_kinds
 
-        # a recipe read from a PNG or edited is held to the same limits as one `recipe()` made
-        self.recipe(recipe.prompt, negative_prompt=recipe.negative_prompt, n=recipe.n, seed=recipe.seed,
-                    steps=recipe.steps, guidance=recipe.guidance, width=recipe.width, height=recipe.height,
-                    scheduler=recipe.scheduler)
+        self._check_settings(n=recipe.n, seed=recipe.seed, steps=recipe.steps, guidance=recipe.guidance,
+                             width=recipe.width, height=recipe.height, scheduler=recipe.scheduler)
         self._match_adapters(recipe)
         pipe = self.backbone.pipe
         pipe.scheduler = self.backbone.scheduler(recipe.scheduler)
@@ -281,6 +285,3 @@ class StudioPipeline:
         return self.run(recipe, progress=progress)[recipe.index]
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidArgumentError(f"{name}={value!r} must be a whole number >= {minimum}.")

@@ -263,8 +263,8 @@ def generate(
 ) -> None:
     """Generate images; each PNG carries its recipe (A1111 `parameters` + studio JSON)."""
     from studio.errors import InvalidArgumentError
-    from studio.outputs import claim
-    from studio.pipelines.base import Generation
+    from studio.outputs import check_new, claim
+    from studio.pipelines.base import Generation, output_paths
     from studio.recipe import read_recipe, save_png
 
     single = out.suffix.lower() == ".png"
@@ -304,12 +304,9 @@ def generate(
                 recipe, index = pipeline.recipe(**fields), None
             else:
                 recipe, index = original, original.index
-        if single and index is None and not overwrite:
-            from studio.outputs import check_new
-            from studio.pipelines.base import output_paths
-
+        if single and index is None:  # a batch to x.png writes x-0.png, x-1.png...: each is new, or --overwrite
             for path in output_paths(out, recipe):
-                check_new(path, overwrite=False)
+                check_new(path, overwrite=overwrite)
         with JobProgress("sampling", recipe.steps) as progress:
             if index is None:
                 paths = Generation(pipeline.run(recipe, progress=progress), recipe).save(out)

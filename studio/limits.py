@@ -54,24 +54,18 @@ def open_image(source: Any, name: str | Path | None = None):
     return image
 
 
-def max_side(default_size: int) -> int:
-    return SIDE_FACTOR * default_size
+def check_generation_size(name: str, value: Any, default_size: int, family: str) -> None:
+    """A generated image's width or height within its family's limit (the pipeline checks the multiple)."""
+    limit = SIDE_FACTOR * default_size
+    if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+        raise InvalidSizeError(f"{name}={value} is over the {family} limit of {limit} pixels ({SIDE_FACTOR} x its "
+                               f"native {default_size}); generate at {default_size} and upscale instead.")
 
 
-def check_generation_size(width: Any, height: Any, default_size: int, family: str) -> None:
-    """A width/height within the family's limit (the multiple-of-8 rule stays with the pipeline)."""
-    limit = max_side(default_size)
-    for name, value in (("width", width), ("height", height)):
-        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
-            raise InvalidSizeError(f"{name}={value} is over the {family} limit of {limit} pixels ({SIDE_FACTOR} x its "
-                                   f"native {default_size}); generate at {default_size} and upscale instead.")
-
-
-def check_count(name: str, value: Any, *, minimum: int = 1, maximum: int | None = None) -> int:
-    """An integer option within [minimum, maximum] (a bool, a float or text such as "many" is refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum and value > maximum):
-        span = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
-        raise InvalidArgumentError(f"{name}={value!r} must be a whole number {span}.")
+def check_count(name: str, value: Any, *, minimum: int = 1) -> int:
+    """A whole-number option >= `minimum` (a bool, a float or text such as "many" is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgumentError(f"{name}={value!r} must be a whole number >= {minimum}.")
     return value
 
 

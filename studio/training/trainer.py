@@ -15,6 +15,7 @@ the files; the adapter equals the one-process run's (tests/test_scale_out.py).
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -301,10 +302,15 @@ class TrainConfig:
         return data
 
     def paths(self) -> dict[str, Path]:
-        out = Path(self.out)
-        stem = out.with_suffix("")
-        return {"out": out, "checkpoint": Path(f"{stem}.checkpoint"), "log": Path(f"{stem}.log.jsonl"),
-                "plot": Path(f"{stem}.loss.png"), "samples": Path(f"{stem}.samples")}
+        return run_paths(self.out)
+
+
+def run_paths(out: str | Path) -> dict[str, Path]:
+    """The files a training run of `out` writes beside it: the output, its checkpoint, log, loss plot and samples."""
+    out = Path(out)
+    stem = out.with_suffix("")
+    return {"out": out, "checkpoint": Path(f"{stem}.checkpoint"), "log": Path(f"{stem}.log.jsonl"),
+            "plot": Path(f"{stem}.loss.png"), "samples": Path(f"{stem}.samples")}
 
 
 def kind_config(config: TrainConfig, backbone: Any):
@@ -772,7 +778,7 @@ class Run:
         from studio.concept_tokens import join
 
         folder = self.paths["checkpoint"]
-        tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+        tmp, old = folder.with_name(folder.name + ".tmp"), previous(folder)
         sweep(folder)
         discard(tmp)  # a save a kill cut short
         tmp.mkdir(parents=True)
@@ -871,10 +877,14 @@ def whole(folder: Path) -> bool:
     return all((folder / name).is_file() for name in CHECKPOINT_FILES)
 
 
+def previous(folder: Path) -> Path:
+    """Where a checkpoint's predecessor waits while the new one is swapped in (NAME.checkpoint.old)."""
+    return folder.with_name(folder.name + ".old")
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     """The checkpoint a run continues from: NAME.checkpoint, or NAME.checkpoint.old when a kill came mid-swap."""
-    old = folder.with_name(folder.name + ".old")
-    return next((f for f in (folder, old) if whole(f)), None)
+    return next((f for f in (folder, previous(folder)) if whole(f)), None)
 
 
 def discard(folder: Path) -> None:
@@ -889,11 +899,20 @@ def discard(folder: Path) -> None:
 
 def sweep(folder: Path) -> None:
     """Remove the trash a killed deletion left beside the checkpoint `folder`."""
-    for trash in folder.parent.glob(f"{glob_escape(folder.name)}*.trash-*"):
+    for trash in folder.parent.glob(f"{glob.escape(folder.name)}*.trash-*"):
         _delete(trash)
 
 
+def drop_checkpoints(folder: Path) -> None:
+    """A finished run's checkpoint, its predecessor and any trash, gone."""
+    discard(folder)
+    discard(previous(folder))
+    sweep(folder)
+
+
 def _delete(trash: Path) -> None:
+    # shutil.rmtree, by hand only so a test can kill it between two files (faults.point): the folder was renamed
+    # away first, so a deletion cut anywhere leaves trash the next run sweeps, never a half checkpoint
     for child in sorted(trash.iterdir()):
         if child.is_dir():
             _delete(child)
@@ -901,12 +920,6 @@ def _delete(trash: Path) -> None:
             child.unlink()
         faults.point("checkpoint:deleting")
     trash.rmdir()
-
-
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -978,7 +991,7 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
     finished run (its output there, no checkpoint) is left as it is.
     `should_stop` is asked after every step: when it says yes, the run saves a checkpoint and raises
     `TrainingCancelled` (resume it later with `resume=True`)."""
-    from studio.outputs import claim
+    from studio.outputs import check_new, claim
 
     config = config or TrainConfig(**options)
     paths = config.paths()
@@ -988,13 +1001,10 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
     with claim(paths["out"], overwrite=overwrite, exists_ok=resume or unfinished):
         sweep(paths["checkpoint"])  # what a kill left mid-delete
         if unfinished and finished_output(config):  # a kill came between writing the output and the cleanup
-            discard(paths["checkpoint"])
-            discard(paths["checkpoint"].with_name(paths["checkpoint"].name + ".old"))
+            drop_checkpoints(paths["checkpoint"])
             log(f"{paths['out']} was finished; removed the checkpoint a kill left beside it")
             unfinished = False
             if not resume:
-                from studio.outputs import check_new
-
                 check_new(paths["out"], overwrite=overwrite)
         if not resume and unfinished:
             raise InvalidArgumentError(f"{str(paths['checkpoint'])!r} holds an unfinished run; continue it with "
@@ -1041,8 +1051,6 @@ def _train(config: TrainConfig, paths: dict[str, Path], *, resume: bool, progres
     path = run.finish()
     if main:
         faults.point("finish:written")
-        discard(paths["checkpoint"])
-        discard(paths["checkpoint"].with_name(paths["checkpoint"].name + ".old"))
-        sweep(paths["checkpoint"])
+        drop_checkpoints(paths["checkpoint"])
         log(f"wrote {path}")
     return path
