@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from studio.backbones import Backbone
-    from studio.merge.deltas import Delta
+    from studio.deltas import Delta
 
 MANIFEST_KEY = "studio.manifest"
 FORMAT_VERSION = 1

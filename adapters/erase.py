@@ -413,7 +413,7 @@ def uce(backbone: Backbone, config: EraseConfig, *, rank: int | None = None) -> 
     """UCE's closed form per target projection (see the module's docstring), stored as a LoRA."""
     import torch
 
-    from studio.merge.deltas import Dense
+    from studio.deltas import Dense
 
     erase_rows, value_rows, keep_rows = [], [], []
     for template in config.templates:
@@ -466,7 +466,7 @@ def trajectory_bank(backbone: Backbone, prompts: list[str], *, images: int, step
     being trained at every step; a bank sampled once from the base model costs one generation instead
     of one per step, which is what makes CPU runs practical."""
     import torch
-    from studio.pipelines.dit import t5_free_options
+    from studio.backbones import t5_free_options
 
     pipe = backbone.pipe
     pipe.scheduler = backbone.scheduler("ddim" if backbone.family.arch == "unet" else backbone.family.scheduler)

@@ -27,13 +27,13 @@ from studio.adapters.base import (
 from studio import concept_tokens
 from studio.errors import InvalidArgumentError
 from studio.limits import check_rank
-from studio.merge.blocks import parse_weight
+from studio.blocks import parse_weight
 
 if TYPE_CHECKING:
     import torch
 
     from studio.backbones import Backbone
-    from studio.merge.deltas import Delta
+    from studio.deltas import Delta
 
 # Which modules a LoRA trains, by preset: attention projections (the kohya / diffusers default),
 # every linear layer, or every linear and conv layer (kohya's LoCon).
@@ -274,7 +274,7 @@ class LoraAdapter(PeftAdapter):
     @classmethod
     def from_deltas(cls, deltas: dict[str, Delta], config: LoraConfig) -> LoraAdapter:
         """From per-module deltas (dense ones become exact low-rank factors by SVD)."""
-        from studio.merge.deltas import Dense
+        from studio.deltas import Dense
 
         tensors = {}
         for name, delta in deltas.items():
@@ -317,7 +317,7 @@ class LoraAdapter(PeftAdapter):
     def deltas(self, backbone: Backbone | None = None, *, weight: float = 1.0) -> dict[str, Delta]:
         """Low-rank per module; DoRA's change depends on the base weight, so it needs the backbone
         and comes back dense."""
-        from studio.merge.deltas import Dense, LowRank
+        from studio.deltas import Dense, LowRank
 
         result: dict[str, Delta] = {}
         modules = module_table(backbone) if backbone is not None else {}
@@ -377,7 +377,7 @@ def activate(backbone: Backbone) -> None:
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from studio.merge.blocks import weight_of
+    from studio.blocks import weight_of
 
     attached = attached_adapters(backbone)
     for component, model in components(backbone).items():

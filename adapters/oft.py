@@ -24,7 +24,7 @@ from studio.errors import InvalidArgumentError
 if TYPE_CHECKING:
 
     from studio.backbones import Backbone
-    from studio.merge.deltas import Delta
+    from studio.deltas import Delta
 
 
 @dataclass(kw_only=True)
@@ -89,7 +89,7 @@ class OftAdapter(PeftAdapter):
         import torch
         from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-        from studio.merge.deltas import Dense
+        from studio.deltas import Dense
 
         if backbone is None:
             raise InvalidArgumentError(f"{self.kind}'s change is a rotation of the base weights; pass the backbone.")

@@ -70,7 +70,7 @@ class PeakRSS:
 
 
 def random_loras(shapes: dict[str, tuple[int, int]], n: int, rank: int):
-    from studio.merge.deltas import LowRank
+    from studio.deltas import LowRank
 
     g = torch.Generator().manual_seed(0)
     return [{name: LowRank(up=torch.randn(out, rank, generator=g) * 0.01, down=torch.randn(rank, inp, generator=g) * 0.01,

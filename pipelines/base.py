@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from studio import concept_tokens
 from studio.backbones import Backbone, load_backbone
+from studio.blocks import parse_weight
 from studio.errors import InvalidArgumentError, InvalidSizeError, RecipeError, UnknownFamilyError
 from studio.limits import check_count, check_generation_size
-from studio.merge.blocks import parse_weight
 from studio.recipe import Recipe, save_png
 from studio.registry import Registry
 from studio.schedulers import get_scheduler_spec, scheduler_kind
@@ -83,9 +83,6 @@ class StudioPipeline:
     """Generate with a backbone; every image comes back with its recipe."""
 
     def __init__(self, backbone: Backbone | str | None = None, **load_options: Any):
-        import studio.pipelines.dit  # noqa: F401  (registers the family calls)
-        import studio.pipelines.unet  # noqa: F401
-
         if not isinstance(backbone, Backbone):
             backbone = load_backbone(backbone, **load_options)
         elif load_options:
@@ -104,7 +101,7 @@ class StudioPipeline:
 
     def attach(self, adapter: Any, weight: float | str = 1.0, **inputs: Any) -> Any:
         """Attach an adapter (an `Adapter` or a file path) at `weight`: a number, or per-block weights
-        such as "1,up_blocks.1=0,down_blocks=0.5" (see `studio.merge.blocks`); returns the adapter."""
+        such as "1,up_blocks.1=0,down_blocks=0.5" (see `studio.blocks`); returns the adapter."""
         from studio.adapters.base import Adapter, load_adapter
 
         if not isinstance(adapter, Adapter):

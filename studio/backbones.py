@@ -562,3 +562,12 @@ def _enable_memory_efficient_attention(pipe: DiffusionPipeline, device: str) -> 
         pipe.enable_xformers_memory_efficient_attention()
     except (ImportError, NotImplementedError, RuntimeError, ValueError):
         pass  # SDPA stays in place
+
+
+def t5_free_options(pipe: Any) -> dict[str, Any]:
+    """SD3 without its T5 encoder: diffusers still appends `max_sequence_length` zero tokens (256 by
+    default) to the CLIP tokens and the transformer attends to them, so their count is part of the
+    conditioning. Such a backbone gets as many as its CLIP tokenizer's length (world-dit trains so)."""
+    if hasattr(pipe, "text_encoder_3") and pipe.text_encoder_3 is None:
+        return {"max_sequence_length": pipe.tokenizer_max_length}
+    return {}

@@ -67,7 +67,7 @@ def _attach_adapters(pipeline, specs: list[str] | None, allow_partial: bool) -> 
     """`FILE[:WEIGHT][@PART]` specs attached in order; WEIGHT is a number or block weights, PART a B-LoRA's
     half (content or style)."""
     from studio.adapters.base import load_adapter
-    from studio.merge.blocks import parse_weight
+    from studio.blocks import parse_weight
 
     for spec in specs or []:
         inputs = {}
@@ -583,7 +583,7 @@ def merge(
 ) -> None:
     """Merge adapters into one file (or a baked backbone), or print how much they would interfere."""
     from studio.errors import InvalidArgumentError
-    from studio.merge.blocks import parse_weight
+    from studio.blocks import parse_weight
 
     target = out or Path("merged.safetensors")
     exports = [target, *([target.with_name(f"{target.stem}.{export}.safetensors")] if export else []),

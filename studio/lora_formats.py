@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from studio import concept_tokens
 from studio.adapters.base import AdapterFileError, UnknownKeysError, module_table
-from studio.merge.deltas import Delta, Dense, LowRank
+from studio.deltas import Delta, Dense, LowRank
 
 if TYPE_CHECKING:
     import torch

@@ -219,7 +219,7 @@ def test_sdxl_sd3_and_flux_controls_match_diffusers_pipelines(backbones, family,
                 **parts, adapter=diffusers.T2IAdapter.from_pretrained(folder))
             extra = dict(image=control, adapter_conditioning_scale=0.8)
         if family == "sd3":
-            from studio.pipelines.dit import t5_free_options
+            from studio.backbones import t5_free_options
 
             extra |= t5_free_options(backbone.pipe)
         # SD3 on a CPU with AVX-512 rounds some pixels of this image one level apart (the commit before this one

@@ -19,8 +19,8 @@ import studio
 from studio.backbones import load_backbone
 from studio.errors import InvalidArgumentError
 from studio.merge import methods as M
-from studio.merge.blocks import block_name, parse_weight
-from studio.merge.deltas import Dense, LowRank
+from studio.blocks import block_name, parse_weight
+from studio.deltas import Dense, LowRank
 from studio.merge.engine import bake
 from studio.merge.interference import plan
 from studio.merge.learned import search_weights

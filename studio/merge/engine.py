@@ -15,8 +15,8 @@ import torch
 
 from studio.adapters.base import Adapter, IncompatibleAdapterError, WeightAdapter, load_adapter
 from studio.errors import InvalidArgumentError
-from studio.merge.blocks import BlockWeights, parse_weight, weight_of
-from studio.merge.deltas import Delta, Dense, LowRank
+from studio.blocks import BlockWeights, parse_weight, weight_of
+from studio.deltas import Delta, Dense, LowRank
 from studio.merge.methods import METHODS, as_low_rank, rerank
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from studio.merge.blocks import block_name
+from studio.blocks import block_name
 from studio.merge.methods import as_low_rank, crosstalk, inner, subspace_overlap
 
 if TYPE_CHECKING:

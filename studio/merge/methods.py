@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from studio.errors import InvalidArgumentError
-from studio.merge.deltas import Delta, Dense, LowRank
+from studio.deltas import Delta, Dense, LowRank
 from studio.registry import Registry
 
 MergeFn = Callable[..., Delta]

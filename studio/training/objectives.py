@@ -201,7 +201,7 @@ class RectifiedFlow(Objective):
     the timestep bias."""
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        from studio.pipelines.dit import t5_free_options
+        from studio.backbones import t5_free_options
 
         embeds, _, pooled, _ = self.pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False,
                                                        **t5_free_options(self.pipe))

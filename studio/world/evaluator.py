@@ -20,6 +20,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from studio.world import ASSETS
+from studio.world.render import as_pixels
 from studio.world.vocab import ATTRIBUTES, NO_SHAPE, VALUES, Labels
 
 # what the evaluator can read: every value, and for the shape also that there is none
@@ -74,42 +75,8 @@ def load_evaluator(folder: str | None = None) -> WorldEvaluator:
     return WorldEvaluator.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def as_pixels(image: Any) -> np.ndarray:
-    """A PIL image, a uint8 array (H, W, 3) or a float tensor (3, H, W) in [-1, 1] as uint8 (64, 64, 3);
-    another size is resized (a note on the log), anything that is not an image is refused by name."""
-
-    from studio.errors import InvalidArgumentError
-
-    if isinstance(image, torch.Tensor):
-        image = image.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).numpy()
-    if hasattr(image, "convert"):
-        image = image.convert("RGB")
-        if image.size != (64, 64):
-            _note_resize(image.size)
-            image = image.resize((64, 64))
-        return np.asarray(image)
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
-        raise InvalidArgumentError(f"cannot read an image from {type(image).__name__} of shape "
-                                   f"{getattr(array, 'shape', None)} and dtype {array.dtype}; give PIL images or "
-                                   f"uint8 arrays (H, W, 3).")
-    if array.shape[:2] != (64, 64):
-        from PIL import Image
-
-        _note_resize(array.shape[1::-1])
-        return np.asarray(Image.fromarray(array).resize((64, 64)))
-    return array
-
-
-def _note_resize(size: tuple[int, int]) -> None:
-    import logging
-
-    logging.getLogger("studio.world").info("the instruments read 64x64 images: resizing one of %dx%d", *size)
-
-
 def images_to_tensor(images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
     """PIL images or uint8 arrays (H, W, 3), or a float tensor in [-1, 1] -> (B, 3, 64, 64) in [-1, 1]."""
-    import numpy as np
 
     if isinstance(images, torch.Tensor):
         return images.float()

@@ -25,7 +25,7 @@ def prompted_samples(pipe, expected: list[Labels], *, seed: int, steps: int, gui
     sees each batch's prompts before its call (prompt-dependent adapters, e.g. SPM's transport)."""
     import torch
 
-    from studio.pipelines.dit import t5_free_options
+    from studio.backbones import t5_free_options
 
     if scheduler is not None:
         pipe.scheduler = scheduler

@@ -163,7 +163,7 @@ def decide(reading: dict[str, Any], floors: dict[str, float] | None = None) -> s
 def read(image: Any) -> dict[str, Any]:
     """One image (PIL or uint8 (64, 64, 3)) read by geometry: every attribute, the mask, the best match
     ("best", its "iou") and whether there are "two" objects."""
-    from studio.world.evaluator import as_pixels
+    from studio.world.render import as_pixels
 
     pixels = as_pixels(image)
     found = segment(pixels)

@@ -6,6 +6,8 @@ averaged down (anti-aliased edges); the mask is the shape's coverage above one h
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from studio.world.vocab import BACKGROUNDS, COLOURS, VALUES, Labels, base_values
@@ -136,3 +138,38 @@ def sample_labels(rng: np.random.Generator, *, held_out: bool = False, **fixed: 
 
 
 __all__ = ["BACKGROUNDS", "compose", "coverage", "layers", "pattern", "render", "sample_labels", "SHAPE_TESTS"]
+
+
+def as_pixels(image: Any) -> np.ndarray:
+    """A PIL image, a uint8 array (H, W, 3) or a float tensor (3, H, W) in [-1, 1] as uint8 (64, 64, 3);
+    another size is resized (a note on the log), anything that is not an image is refused by name."""
+
+    import torch
+
+    from studio.errors import InvalidArgumentError
+
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).numpy()
+    if hasattr(image, "convert"):
+        image = image.convert("RGB")
+        if image.size != (64, 64):
+            _note_resize(image.size)
+            image = image.resize((64, 64))
+        return np.asarray(image)
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+        raise InvalidArgumentError(f"cannot read an image from {type(image).__name__} of shape "
+                                   f"{getattr(array, 'shape', None)} and dtype {array.dtype}; give PIL images or "
+                                   f"uint8 arrays (H, W, 3).")
+    if array.shape[:2] != (64, 64):
+        from PIL import Image
+
+        _note_resize(array.shape[1::-1])
+        return np.asarray(Image.fromarray(array).resize((64, 64)))
+    return array
+
+
+def _note_resize(size: tuple[int, int]) -> None:
+    import logging
+
+    logging.getLogger("studio.world").info("the instruments read 64x64 images: resizing one of %dx%d", *size)
