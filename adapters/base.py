@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from studio.errors import InvalidArgumentError, StudioError
+from studio.home import atomic_path
 from studio.registry import Registry
 
 if TYPE_CHECKING:
@@ -77,6 +78,29 @@ def register(kind: str) -> Callable[[type[Adapter]], type[Adapter]]:
     return decorate
 
 
+def option(default: Any, help: str, *, keyword: str = "") -> Any:
+    """A config field that is also one of the kind's training options: what a run sets through TrainConfig's
+    `adapter` section, a recipe's `adapter:` and a `studio train` flag. `help` is the flag's help; `keyword` its
+    name in TrainConfig and on the command line where that is not the field's (`concept_slots` for `slots`)."""
+    return field(default=default, metadata={"help": help, "keyword": keyword or None})
+
+
+@dataclass(frozen=True)
+class KindAlias:
+    """A kind name that trains another kind with some of its options set (`dora`: a `lora` with dora=True)."""
+
+    kind: str
+    options: dict[str, Any]
+
+
+KIND_ALIASES: Registry[KindAlias] = Registry("adapter kind alias", UnknownAdapterKindError)
+
+
+def register_alias(name: str, kind: str, **options: Any) -> None:
+    """`name` trains as `kind` with `options` (its config's names) under the recipe's own."""
+    KIND_ALIASES.add(name, KindAlias(kind, options))
+
+
 @dataclass(kw_only=True)
 class AdapterConfig:
     """What every adapter records about itself (the manifest). Kinds subclass it with their options."""
@@ -106,6 +130,25 @@ class AdapterConfig:
         if unknown:
             raise InvalidArgumentError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}.")
         return cls(**data)
+
+    # training: the kind's own options and its hooks, which TrainConfig calls without naming any kind
+
+    @classmethod
+    def training_options(cls) -> dict[str, Any]:
+        """The fields declared with `option`, by keyword (their TrainConfig and flag name), in field order."""
+        return {f.metadata["keyword"] or f.name: f for f in fields(cls) if "help" in f.metadata}
+
+    @classmethod
+    def training_output(cls, stem: str, kind: str) -> str:
+        """What a run of this kind writes when no output is given: `stem.safetensors`."""
+        return f"{stem}.safetensors"
+
+    @classmethod
+    def prepare_training_options(cls, options: dict[str, Any], run: Any) -> None:
+        """Complete or refuse `options` (this kind's, by field name; changed in place) for `run` (the TrainConfig,
+        its recipe applied) before any model loads. Here: the output is one .safetensors file."""
+        if not str(run.out).endswith(".safetensors"):
+            raise InvalidArgumentError(f"out={run.out!r} must be a .safetensors file name.")
 
 
 class Adapter:
@@ -152,21 +195,20 @@ class Adapter:
         return path
 
     @classmethod
+    def config_from(cls, manifest: dict[str, Any]) -> AdapterConfig:
+        """The kind's config from a decoded manifest (`read_manifest`)."""
+        return cls.config_class.from_dict({k: v for k, v in manifest.items() if k not in ("kind", "format_version")})
+
+    @classmethod
     def from_manifest(cls, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Adapter:
-        data = {k: v for k, v in manifest.items() if k not in ("kind", "format_version")}
-        return cls(cls.config_class.from_dict(data), tensors)
+        return cls(cls.config_from(manifest), tensors)
 
     # ---------------------------------------------------------------------------- on a backbone
 
     def check_backbone(self, backbone: Backbone) -> None:
         """Refuse a backbone of another family, or whose modules lack or reshape the targets, before
         anything is changed."""
-        if backbone.family.name != self.config.family:
-            raise IncompatibleAdapterError(
-                f"adapter {self.name!r} was made for {self.config.family} ({self.config.base or 'unknown base'}), "
-                f"but the backbone {backbone.source!r} is {backbone.family.name}; load a {self.config.family} "
-                f"backbone or use an adapter made for {backbone.family.name}."
-            )
+        check_family(backbone, self.config.family, f"{self.label} {self.name!r}", self.config.base)
         modules = module_table(backbone)
         missing = [t for t in self.config.targets if t not in modules]
         if missing:
@@ -176,14 +218,92 @@ class Adapter:
                 f"with a different architecture."
             )
 
-    def attach(self, backbone: Backbone, weight: float = 1.0, **inputs: Any) -> None:
-        raise NotImplementedError
+    label: ClassVar[str] = "adapter"  # how messages name an adapter of this kind ("IP-Adapter", "controlnet")
+
+    def attach(self, backbone: Backbone, weight: Any = 1.0, **inputs: Any) -> None:
+        """Attach to `backbone` at `weight` with the kind's run-time `inputs` (reference or control images...):
+        the backbone is checked, then the kind's `_entry` checks the weight and inputs and makes its row of the
+        attachments table (nothing changed yet), then `_apply` changes the backbone."""
+        self.check_backbone(backbone)
+        table = attachments(backbone)
+        if self.name in table:
+            raise InvalidArgumentError(f"{self.label} {self.name!r} is already attached to {backbone.source!r}; "
+                                       f"detach it or rename one.")
+        entry = {"adapter": self, "weight": weight, "inputs": dict(inputs), **self._entry(backbone, weight, inputs)}
+        table[self.name] = entry
+        try:
+            self._apply(backbone, entry)
+        except BaseException:
+            table.pop(self.name, None)
+            raise
 
     def detach(self, backbone: Backbone) -> None:
+        """Undo `attach`: the backbone's modules, processors and outputs are those before it."""
+        entry = self._attached(backbone)
+        del attachments(backbone)[self.name]
+        self._remove(backbone, entry)
+
+    def set_weight(self, backbone: Backbone, weight: Any) -> None:
+        """Change the weight of the attached adapter (no re-attach)."""
+        entry = self._attached(backbone)
+        entry["weight"] = self._reweight(backbone, entry, weight)
+
+    def _attached(self, backbone: Backbone) -> dict[str, Any]:
+        entry = attachments(backbone).get(self.name)
+        if entry is None or entry.get("fused") is not None:
+            raise InvalidArgumentError(f"{self.label} {self.name!r} is not attached to {backbone.source!r}.")
+        return entry
+
+    # the kind's hooks: `attach`, `detach` and `set_weight` above call them; the optional ones are no-ops here
+
+    def _entry(self, backbone: Backbone, weight: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Check `weight` and `inputs` and return the kind's own fields of its row (before any change)."""
+        if inputs:
+            raise InvalidArgumentError(f"a {self.kind} adapter takes no inputs, got {sorted(inputs)}.")
+        return {}
+
+    def _apply(self, backbone: Backbone, entry: dict[str, Any]) -> None:
+        """Change the backbone so it computes with this adapter (its row is already in the table)."""
         raise NotImplementedError
 
-    def set_weight(self, backbone: Backbone, weight: float) -> None:
+    def _remove(self, backbone: Backbone, entry: dict[str, Any]) -> None:
+        """Undo `_apply` exactly (the row is already out of the table)."""
         raise NotImplementedError
+
+    def _reweight(self, backbone: Backbone, entry: dict[str, Any], weight: Any) -> Any:
+        """Act at `weight` from now on; returns the weight as the row keeps it (checked, parsed)."""
+        raise NotImplementedError
+
+    def inputs_record(self, backbone: Backbone) -> dict[str, Any] | None:
+        """The run-time inputs as a recipe keeps them (`attach(**record)` attaches the same way again), or
+        None for a kind without inputs."""
+        return None
+
+    def prepare(self, backbone: Backbone, prompts: list[str], images_per_prompt: int = 1) -> None:
+        """Before a generation of `prompts` (a kind that depends on the prompt sets itself for this call)."""
+
+    def release(self) -> None:
+        """After that generation: undo what `prepare` set."""
+
+    @classmethod
+    def call_arguments(cls, backbone: Backbone, guidance: float) -> dict[str, Any]:
+        """Arguments this kind's attached adapters add to the diffusers call (image embeddings...)."""
+        return {}
+
+    # file readers: how `load_adapter` reads what studio did not write (each kind declares its own)
+    # the order in which kinds are asked, set by a kind on itself (subclasses do not inherit it); 0: none
+    reads: ClassVar[int] = 0
+
+    @classmethod
+    def read_folder(cls, path: str | Path, backbone: Backbone | None) -> Adapter | None:
+        """An adapter of this kind from a folder or a hub id, or None when `path` is not one of its."""
+        return None
+
+    @classmethod
+    def read_foreign(cls, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                     backbone: Backbone, *, allow_partial: bool = False) -> Adapter | None:
+        """An adapter of this kind from a `.safetensors` file another tool wrote, or None when it is not one."""
+        return None
 
 
 class WeightAdapter(Adapter):
@@ -201,9 +321,12 @@ class WeightAdapter(Adapter):
         from studio import concept_tokens
 
         self.check_backbone(backbone)
-        fused = _fused(backbone)
-        if self.name in fused:
+        table = attachments(backbone)
+        if table.get(self.name, {}).get("fused") is not None:
             raise InvalidArgumentError(f"adapter {self.name!r} is already fused into {backbone.source!r}.")
+        if self.name in table:
+            raise InvalidArgumentError(f"adapter {self.name!r} is attached to {backbone.source!r}; detach it before "
+                                       f"fusing it.")
         concept_tokens.check(backbone, self.name, self.tokens)
         modules = module_table(backbone)
         new: dict[str, torch.Tensor] = {}
@@ -224,7 +347,7 @@ class WeightAdapter(Adapter):
                 originals[module_name] = parameter.detach().clone()
                 parameter.copy_(value)
         concept_tokens.add(backbone, self.name, self.tokens)
-        fused[self.name] = originals
+        table[self.name] = {"adapter": self, "weight": weight, "inputs": {}, "fused": originals}
 
     def unfuse(self, backbone: Backbone) -> None:
         """Put back the weights `fuse` changed, exactly."""
@@ -232,9 +355,11 @@ class WeightAdapter(Adapter):
 
         from studio import concept_tokens
 
-        originals = _fused(backbone).pop(self.name, None)
+        table = attachments(backbone)
+        originals = table.get(self.name, {}).get("fused")
         if originals is None:
             raise InvalidArgumentError(f"adapter {self.name!r} is not fused into {backbone.source!r}.")
+        del table[self.name]
         concept_tokens.remove(backbone, self.name)
         modules = module_table(backbone)
         with torch.no_grad():
@@ -242,10 +367,26 @@ class WeightAdapter(Adapter):
                 modules[module_name].weight.copy_(value)
 
 
-def _fused(backbone: Backbone) -> dict[str, dict[str, Any]]:
-    if not hasattr(backbone, "fused_adapters"):
-        backbone.fused_adapters = {}
-    return backbone.fused_adapters
+def attachments(backbone: Backbone) -> dict[str, dict[str, Any]]:
+    """The backbone's one table of what is attached, in attach order: name -> row. A row holds "adapter",
+    "weight", "inputs" (as given to `attach`), "fused" (the weights a fused adapter replaced; absent when
+    attached unfused) and the kind's own fields (`Adapter._entry`)."""
+    return backbone.__dict__.setdefault("attachments", {})
+
+
+def attached_of(backbone: Backbone, kind: type[Adapter]) -> dict[str, dict[str, Any]]:
+    """The rows of adapters of `kind` (subclasses too) attached unfused, in attach order."""
+    return {name: entry for name, entry in attachments(backbone).items()
+            if isinstance(entry["adapter"], kind) and entry.get("fused") is None}
+
+
+def check_family(backbone: Backbone, family: str, what: str, base: str = "") -> None:
+    """Refuse `backbone` when it is not of `family`, the one `what` (an adapter, a config) was made for:
+    the one family check of every kind, done before anything changes."""
+    if backbone.family.name != family:
+        raise IncompatibleAdapterError(
+            f"{what} was made for {family} ({base or 'unknown base'}), but the backbone {backbone.source!r} is "
+            f"{backbone.family.name}; load a {family} backbone or use one made for {backbone.family.name}.")
 
 
 # -------------------------------------------------------------------------------- module naming
@@ -297,6 +438,21 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, metadata
 
 
+def read_manifest(metadata: dict[str, str], where: str | Path = "") -> dict[str, Any] | None:
+    """The studio manifest of a file's metadata, decoded; None when it has none (another tool wrote the file)."""
+    text = metadata.get(MANIFEST_KEY)
+    if text is None:
+        return None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as error:
+        manifest = error
+    if not isinstance(manifest, dict):
+        raise AdapterFileError(f"{str(where)!r}: its {MANIFEST_KEY} metadata is not a JSON object ({manifest}); the "
+                               f"file was damaged or edited: write it again from its source.")
+    return manifest
+
+
 def write_adapter_file(path: str | Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], *,
                        overwrite: bool = False, extra_metadata: dict[str, str] | None = None) -> Path:
     """`tensors` with the studio manifest and modelspec keys, written atomically."""
@@ -312,10 +468,8 @@ def write_adapter_file(path: str | Path, tensors: dict[str, torch.Tensor], manif
     if bad:
         raise InvalidArgumentError(f"adapter tensors {bad[:3]} hold NaN or Inf; nothing was written.")
     metadata = {MANIFEST_KEY: json.dumps(manifest), **modelspec(manifest), **(extra_metadata or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return path
 
 
@@ -342,31 +496,28 @@ def modelspec(manifest: dict[str, Any]) -> dict[str, str]:
 
 
 def load_adapter(path: str | Path, backbone: Backbone | None = None, *, allow_partial: bool = False) -> Adapter:
-    """A studio adapter file, or a LoRA / LyCORIS file written by another tool (diffusers/PEFT, kohya,
-    LyCORIS: reading those needs the `backbone` to map its key names), or a control model's diffusers folder."""
-    from studio.adapters.control import ControlAdapter, hub_folder
-
-    from studio.backbones import is_hub_id
-
-    if Path(path).is_dir():  # a diffusers folder: a control model (ControlNet, T2I-Adapter)
-        return ControlAdapter.from_folder(path, backbone)
-    if not Path(path).exists() and is_hub_id(str(path)) and not str(path).endswith(".safetensors"):  # a control model's hub repo (lllyasviel/sd-controlnet-canny)
-        return ControlAdapter.from_folder(hub_folder(str(path)), backbone)
+    """A studio adapter file, or what another tool wrote and a kind reads (`Adapter.read_folder`,
+    `Adapter.read_foreign`): LoRA / LyCORIS files of diffusers/PEFT, kohya and LyCORIS, published IP-Adapters
+    (reading those needs the `backbone` to map their key names), control models' diffusers folders or hub ids."""
+    readers = sorted({klass for cls in adapter_kinds().values() for klass in cls.__mro__ if klass.__dict__.get("reads")},
+                     key=lambda cls: cls.reads)
+    for reader in readers:
+        adapter = reader.read_folder(path, backbone)
+        if adapter is not None:
+            return adapter
     tensors, metadata = read_safetensors(path)
-    if MANIFEST_KEY in metadata:
-        manifest = json.loads(metadata[MANIFEST_KEY])
+    manifest = read_manifest(metadata, path)
+    if manifest is not None:
         adapter = adapter_kinds().get_or_raise(manifest.get("kind", "")).from_manifest(manifest, tensors)
     else:
-        from studio.adapters.ip_adapter import IpAdapter, is_ip_adapter_file
-        from studio.adapters.lora import LoraAdapter
-
         if backbone is None:
             raise AdapterFileError(f"{str(path)!r} has no studio manifest: it was written by another tool, and "
                                    f"reading it needs the backbone it is for (pass backbone=..., --backbone).")
-        if is_ip_adapter_file(tensors):  # a published IP-Adapter (h94/IP-Adapter layout)
-            adapter = IpAdapter.from_official(tensors, backbone, source=Path(path).name)
-        else:
-            adapter = LoraAdapter.from_foreign(tensors, metadata, backbone, allow_partial=allow_partial,
-                                               source=Path(path).name)
+        adapter = next((found for reader in readers
+                        if (found := reader.read_foreign(Path(path), tensors, metadata, backbone,
+                                                         allow_partial=allow_partial)) is not None), None)
+        if adapter is None:
+            raise AdapterFileError(f"{str(path)!r} has no studio manifest and no kind reads its keys "
+                                   f"(e.g. {next(iter(tensors), 'none')!r}).")
     adapter.path = Path(path)
     return adapter

@@ -33,17 +33,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studio.adapters.base import (
-    MANIFEST_KEY,
     Adapter,
     AdapterConfig,
     AdapterFileError,
     IncompatibleAdapterError,
+    attached_of,
+    check_family,
+    option,
+    read_manifest,
     read_safetensors,
     register,
     write_adapter_file,
 )
 
 from studio.errors import InvalidArgumentError
+from studio.home import atomic_path
 from studio.registry import Registry
 
 if TYPE_CHECKING:
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from studio.backbones import Backbone
+    from studio.recipe import AdapterUse
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # the diffusers class of each control kind per family (what a folder's config.json `_class_name` says)
@@ -185,7 +190,9 @@ def preview(image: Any, preprocess: str) -> Image.Image:
 class ControlConfig(AdapterConfig):
     """A control model: its family and the preprocessor its maps come from by default."""
 
-    condition: str = "none"  # canny, soft_edge, mask (derived from an image) or none (maps given as they are)
+    # attached: canny, soft_edge, mask (derived from an image) or none (maps given as they are)
+    condition: str = option("none", "each image's control map: canny, soft_edge, mask (NAME.mask.png, else derived) "
+                                    "or paired (conditions/NAME.png beside each image) [default: the recipe's].")
     layers: int = 0  # SD3 ControlNet: transformer blocks copied (0 = half of the backbone's, at least 1)
 
     def __post_init__(self):
@@ -193,6 +200,19 @@ class ControlConfig(AdapterConfig):
         if self.condition == "paired":  # trained on user-made maps: they are given as they are
             self.condition = "none"
         PREPROCESSORS.get_or_raise(self.condition)
+
+    @classmethod
+    def training_output(cls, stem: str, kind: str) -> str:
+        return f"{stem}-{kind}"  # a diffusers folder
+
+    @classmethod
+    def prepare_training_options(cls, options: dict[str, Any], run: Any) -> None:
+        """A control model is saved as a diffusers folder and trains on maps of one of CONDITIONS."""
+        if str(run.out).endswith(".safetensors"):
+            raise InvalidArgumentError(f"out={run.out!r}: a {run.kind} is saved as a diffusers folder; give a "
+                                       f"folder name (e.g. {str(run.out).removesuffix('.safetensors')!r}).")
+        if options.get("condition") not in CONDITIONS:
+            raise InvalidArgumentError(f"condition={options.get('condition')!r}; choose one of {', '.join(CONDITIONS)}.")
 
 
 class ControlAdapter(Adapter):
@@ -222,6 +242,19 @@ class ControlAdapter(Adapter):
     def build(cls, backbone: Backbone, config: ControlConfig) -> Any:
         raise NotImplementedError
 
+    reads = 10  # folders and hub ids, asked first
+
+    @classmethod
+    def read_folder(cls, path: str | Path, backbone: Backbone | None) -> ControlAdapter | None:
+        """A diffusers folder, or a hub repo id (lllyasviel/sd-controlnet-canny) that is not a file here."""
+        from studio.backbones import is_hub_id
+
+        if Path(path).is_dir():
+            return cls.from_folder(path, backbone)
+        if not Path(path).exists() and is_hub_id(str(path)) and not str(path).endswith(".safetensors"):
+            return cls.from_folder(hub_folder(str(path)), backbone)
+        return None
+
     @classmethod
     def from_folder(cls, folder: str | Path, backbone: Backbone | None = None) -> ControlAdapter:
         """A diffusers control folder: studio's (its manifest in the weights' metadata) or a published one (its
@@ -240,10 +273,9 @@ class ControlAdapter(Adapter):
             raise ControlError(f"{str(folder)!r}: the weights do not match its config.json ({len(missing)} missing, "
                                f"{len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]}); download it again.")
         model = model.float().eval()
-        if MANIFEST_KEY in metadata:
-            manifest = json.loads(metadata[MANIFEST_KEY])
-            data = {k: v for k, v in manifest.items() if k not in ("kind", "format_version")}
-            adapter = adapter_class(adapter_class.config_class.from_dict(data), _state_dict(model), model)
+        manifest = read_manifest(metadata, folder)
+        if manifest is not None:
+            adapter = adapter_class(adapter_class.config_from(manifest), _state_dict(model), model)
         else:
             if backbone is None:
                 raise ControlError(f"{str(folder)!r} is a published {class_name} without a studio manifest: reading it "
@@ -263,7 +295,6 @@ class ControlAdapter(Adapter):
     def save(self, path: str | Path, *, overwrite: bool = False, half: bool = False) -> Path:
         """Write the diffusers folder (config.json + weights with the manifest), atomically; `half`: the weights in
         fp16 (half the size; diffusers' `from_pretrained` and studio load them as float32)."""
-        import shutil
         import time
 
         path = Path(path)
@@ -274,15 +305,10 @@ class ControlAdapter(Adapter):
             raise InvalidArgumentError(f"{str(path)!r} exists; choose another name or pass overwrite=True (--overwrite).")
         if not self.config.created:
             self.config.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        tmp = path.with_name(f".{path.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.model.save_config(tmp)
-        tensors = {k: v.half() if half and v.is_floating_point() else v for k, v in self.tensors.items()}
-        write_adapter_file(tmp / WEIGHTS, tensors, self.manifest(), overwrite=True, extra_metadata={"format": "pt"})
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.replace(path)
+        with atomic_path(path, folder=True) as tmp:
+            self.model.save_config(tmp)
+            tensors = {k: v.half() if half and v.is_floating_point() else v for k, v in self.tensors.items()}
+            write_adapter_file(tmp / WEIGHTS, tensors, self.manifest(), overwrite=True, extra_metadata={"format": "pt"})
         self.path = path
         return path
 
@@ -291,11 +317,7 @@ class ControlAdapter(Adapter):
     def check_backbone(self, backbone: Backbone) -> None:
         """Refuse another family, or a denoiser whose blocks the model's features do not fit, before any change."""
         _check_supported(self.kind, backbone)
-        if backbone.family.name != self.config.family:
-            raise IncompatibleAdapterError(
-                f"{self.kind} {self.name!r} was made for {self.config.family} ({self.config.base or 'unknown base'}), "
-                f"but the backbone {backbone.source!r} is {backbone.family.name}; use a {self.kind} made for "
-                f"{backbone.family.name}.")
+        check_family(backbone, self.config.family, f"{self.kind} {self.name!r}", self.config.base)
         wanted, found = self.expected(backbone), {k: self.model.config.get(k) for k in self.expected(backbone)}
         wrong = {k: (found[k], v) for k, v in wanted.items() if _plain(found[k]) != _plain(v)}
         if wrong:
@@ -309,11 +331,14 @@ class ControlAdapter(Adapter):
         """The model config values the backbone's blocks need."""
         raise NotImplementedError
 
-    def attach(self, backbone: Backbone, weight: float = 1.0, **inputs: Any) -> None:
+    @property
+    def label(self) -> str:
+        return self.kind
+
+    def _entry(self, backbone: Backbone, weight: Any, inputs: dict[str, Any]) -> dict[str, Any]:
         """Attach at conditioning scale `weight`. Inputs: `image` (the control image: PIL, path or array; or
         `images=[one]`), `preprocess` (canny, soft_edge, mask or none; default: the model's own condition),
         `start` / `end` (the fraction of the steps it acts in). Without an image it attaches for training."""
-        self.check_backbone(backbone)
         _check_scale(weight)
         unknown = sorted(set(inputs) - {"image", "images", "preprocess", "start", "end", "image_sha256"})
         if unknown:
@@ -329,33 +354,26 @@ class ControlAdapter(Adapter):
         preprocess = inputs.get("preprocess") or self.config.condition
         sha = inputs.get("image_sha256")
         sha = sha[0] if isinstance(sha, list) else sha
-        stack = attached(backbone)
-        if self.name in stack:
-            raise InvalidArgumentError(f"{self.kind} {self.name!r} is already attached to {backbone.source!r}.")
-        entry = {"adapter": self, "scale": float(weight), "start": start, "end": end, "preprocess": preprocess,
-                 "map": None, "record": {}}
+        entry = {"weight": float(weight), "start": start, "end": end, "preprocess": preprocess, "map": None,
+                 "record": {}}
         if images:
             entry["map"], entry["record"] = control_map(images[0], preprocess, sha256=sha)
         else:
             PREPROCESSORS.get_or_raise(preprocess)
+        return entry
+
+    def _apply(self, backbone: Backbone, entry: dict[str, Any]) -> None:
         if _place(self.model) != (backbone.device, backbone.dtype):
             self.model.to(backbone.device, backbone.dtype)
-        stack[self.name] = entry
         _install_hook(backbone)
 
-    def detach(self, backbone: Backbone) -> None:
-        stack = attached(backbone)
-        if stack.pop(self.name, None) is None:
-            raise InvalidArgumentError(f"{self.kind} {self.name!r} is not attached to {backbone.source!r}.")
-        if not stack:
+    def _remove(self, backbone: Backbone, entry: dict[str, Any]) -> None:
+        if not attached(backbone):
             _remove_hook(backbone)
 
-    def set_weight(self, backbone: Backbone, weight: float) -> None:
-        entry = attached(backbone).get(self.name)
-        if entry is None:
-            raise InvalidArgumentError(f"{self.kind} {self.name!r} is not attached to {backbone.source!r}.")
+    def _reweight(self, backbone: Backbone, entry: dict[str, Any], weight: Any) -> float:
         _check_scale(weight)
-        entry["scale"] = float(weight)
+        return float(weight)
 
     def inputs_record(self, backbone: Backbone) -> dict[str, Any]:
         """The run-time inputs as the recipe keeps them (`attach(**record)` attaches the same way again)."""
@@ -574,12 +592,13 @@ CONTROL_KINDS: dict[str, type[ControlAdapter]] = {"controlnet": ControlNet, "t2i
 
 
 def attached(backbone: Backbone) -> dict[str, dict[str, Any]]:
-    """The controls attached to `backbone`, in attach order: name -> entry."""
-    return _state(backbone)["stack"]
+    """The controls attached to `backbone` (their rows of the attachments table), in attach order."""
+    return attached_of(backbone, ControlAdapter)
 
 
 def _state(backbone: Backbone) -> dict[str, Any]:
-    return backbone.__dict__.setdefault("_controls", {"stack": {}, "hook": None, "calls": 0, "cache": {}})
+    """The hook's own state: the forward pre-hook, the step count of this generation, its cache."""
+    return backbone.__dict__.setdefault("control_hook", {"hook": None, "calls": 0, "cache": {}})
 
 
 def _install_hook(backbone: Backbone) -> None:
@@ -607,7 +626,7 @@ def _add_controls(backbone: Backbone, args: tuple, kwargs: dict[str, Any]) -> tu
         timesteps = getattr(backbone.pipe.scheduler, "timesteps", None)
         total = max(1, len(timesteps) if timesteps is not None else 1)
     added: dict[str, Any] = {}
-    for entry in state["stack"].values():
+    for entry in attached(backbone).values():
         adapter = entry["adapter"]
         if training is None:
             if entry["map"] is None or step / total < entry["start"] or (step + 1) / total > entry["end"]:
@@ -615,7 +634,7 @@ def _add_controls(backbone: Backbone, args: tuple, kwargs: dict[str, Any]) -> tu
             condition = _condition(backbone, entry, args, kwargs)
         else:
             condition = training
-        for key, value in adapter.residuals(backbone, entry, condition, entry["scale"], args, kwargs,
+        for key, value in adapter.residuals(backbone, entry, condition, entry["weight"], args, kwargs,
                                               training=training is not None).items():
             if key not in added or added[key] is None or isinstance(value, bool):
                 added[key] = value
@@ -760,26 +779,17 @@ def _guess_condition(name: str) -> str:
     return "none"
 
 
-def training_map(item: Any, condition: str) -> tuple[Path | None, str]:
-    """Where an image's training map comes from: (path, preprocessor). `paired`: conditions/NAME.* beside it
-    (None when missing); `mask`: its NAME.mask.png when there is one (exact), else the mask preprocessor;
-    canny / soft_edge: the image itself through the preprocessor."""
-    from studio.training.data import IMAGE_SUFFIXES
+def control_use(backbone: Backbone, model: str, image: Any, scale: float = 1.0, *, preprocess: str | None = None,
+                end: float = 1.0) -> AdapterUse:
+    """The request for a control reading `image`: `model` is a control model's folder or hub id, or a kind
+    (controlnet, t2i_adapter) for the backbone's own; no `preprocess`: the model's own condition."""
+    from studio.recipe import AdapterUse
 
-    if condition == "paired":
-        for suffix in IMAGE_SUFFIXES:
-            candidate = item.path.parent / "conditions" / (item.path.stem + suffix)
-            if candidate.is_file():
-                return candidate, "none"
-        return None, "none"
-    if condition == "mask" and item.mask is not None and item.mask != item.path:
-        return item.mask, "none"
-    return item.path, condition
-
-
-# the control models studio ships, per (kind, embedded backbone): trained on mask maps by bench/control.py
-SHIPPED = {("controlnet", "world-sd"): "control/controlnet-world-sd",
-           ("t2i_adapter", "world-sd"): "control/t2i_adapter-world-sd"}
+    path = default_control(backbone, model) if model in CONTROL_KINDS else model
+    inputs: dict[str, Any] = {"image": image, "end": float(end)}
+    if preprocess:
+        inputs["preprocess"] = preprocess
+    return AdapterUse(str(path), float(scale), inputs)
 
 
 def attach_control(pipeline: Any, model: str, image: Any, scale: float = 1.0, *, preprocess: str | None = None,
@@ -795,11 +805,12 @@ def attach_control(pipeline: Any, model: str, image: Any, scale: float = 1.0, *,
 
 def default_control(backbone: Backbone, kind: str) -> Path:
     """The backbone's own control model of `kind` (world-sd ships a mask ControlNet and T2I-Adapter)."""
-    from studio.world import ASSETS
+    from studio.embedded import ships
 
-    if (kind, backbone.source) not in SHIPPED:
+    own = ships(backbone.source, kind)
+    if own is None:
         raise InvalidArgumentError(
             f"{backbone.source!r} ships no {kind}: name a control model folder instead of the kind (--control "
             f"FOLDER:IMAGE, e.g. lllyasviel/sd-controlnet-canny downloaded for SD1.5), or train one: studio train "
             f"FOLDER --kind {kind} --condition canny.")
-    return ASSETS / SHIPPED[(kind, backbone.source)]
+    return own

@@ -31,7 +31,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from studio.adapters.base import Adapter, AdapterConfig, AdapterFileError, IncompatibleAdapterError, register
+from studio.adapters.base import (
+    Adapter,
+    AdapterConfig,
+    AdapterFileError,
+    IncompatibleAdapterError,
+    attached_of,
+    check_family,
+    option,
+    register,
+)
 
 from studio.errors import InvalidArgumentError
 from studio.limits import open_image
@@ -57,7 +66,6 @@ ROUTES: dict[str, dict[str, Any]] = {
     "world-dit": {"style": {2: 1.0, 5: 1.0}},
 }
 ROUTINGS = ("all", "style", "layout", "style+layout")
-DEFAULT_ENCODERS = {"world-sd": "world-clip", "world-dit": "world-clip"}
 # DiT families whose IP-Adapter is diffusers' SD3 kind (joint attention, timestep-aware resampler)
 JOINT_FAMILIES = ("sd3",)
 DEFAULT_TOKENS = {"unet": 4, "joint": 16}  # image tokens: the plain IP-Adapter's 4; a resampler's queries on SD3
@@ -73,9 +81,9 @@ class IpAdapterConfig(AdapterConfig):
     # diffusers' loader reads; an SD3-class DiT's resampler 16 queries)
     tokens: int = 0
     plus: bool = False  # the "plus" kind: a resampler over the encoder's patch features (published files)
-    # the CLIP vision model whose embeddings it reads: a folder or hub id; "" = the backbone's own default
-    # (world-clip for the shapes world)
-    image_encoder: str = ""
+    # "" = the backbone's own default (world-clip for the shapes world)
+    image_encoder: str = option("", "the CLIP image encoder it reads (folder or hub id) [default: the backbone's, "
+                                    "world-clip].")
     # training (METHODS.md, IP-Adapter): each example drops its text, its image or both with these odds
     text_dropout: float = 0.05
     image_dropout: float = 0.05
@@ -174,6 +182,13 @@ class IpAdapter(Adapter):
             tensors[f"ip_adapter.{n}.to_v_ip.weight"] = attention.to_v.weight.detach().float().clone()
         return cls(config, tensors)
 
+    reads = 50  # published IP-Adapter files (h94/IP-Adapter layout)
+
+    @classmethod
+    def read_foreign(cls, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                     backbone: Backbone, *, allow_partial: bool = False) -> IpAdapter | None:
+        return cls.from_official(tensors, backbone, source=path.name) if is_ip_adapter_file(tensors) else None
+
     @classmethod
     def from_official(cls, tensors: dict[str, torch.Tensor], backbone: Backbone, *, source: str = "",
                       image_encoder: str = "") -> IpAdapter:
@@ -250,13 +265,14 @@ class IpAdapter(Adapter):
                 f"IP-Adapter {self.name!r} was made for another transformer ({len(extra)} extra layers, to_k_ip "
                 f"{found} where {backbone.source!r} has ({width}, {width})); use the IP-Adapter made for this backbone.")
 
-    def attach(self, backbone: Backbone, weight: float = 1.0, **inputs: Any) -> None:
+    label = "IP-Adapter"
+
+    def _entry(self, backbone: Backbone, weight: Any, inputs: dict[str, Any]) -> dict[str, Any]:
         """Attach at scale `weight` (λ; a number). Inputs: `image` or `images` (PIL images or paths: the
         image prompt, several are read together), `routing` ("all", "style", "layout", "style+layout" or a
         diffusers scale dict), `mask` (a black/white image: where the image prompt applies), `content`
         (words naming the reference's content, subtracted from its embedding: InstantStyle) and
         `content_scale` (how much, default 0.5). Without images it attaches for training."""
-        self.check_backbone(backbone)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise InvalidArgumentError(f"an IP-Adapter's weight is its scale λ, one number (e.g. 0.6); got {weight!r}. "
                                        f"Route it to blocks with routing='style' instead.")
@@ -265,39 +281,33 @@ class IpAdapter(Adapter):
         if unknown:
             raise InvalidArgumentError(f"IP-Adapter inputs {unknown} are not known; use image/images, routing, mask, "
                                        f"content, content_scale, image_encoder.")
-        stack = attached(backbone)
-        if self.name in stack:
-            raise InvalidArgumentError(f"IP-Adapter {self.name!r} is already attached to {backbone.source!r}.")
         if joint(backbone):
-            _check_joint_inputs(backbone, stack, inputs)
+            _check_joint_inputs(backbone, attached(backbone), inputs)
         routing = inputs.get("routing") or "all"
         scale_config(backbone, routing, float(weight))  # checked before anything changes
         images = inputs.get("images") or ([inputs["image"]] if inputs.get("image") is not None else [])
         encoder_name = inputs.get("image_encoder") or self.config.image_encoder
         install_encoder(backbone, encoder_name)
-        entry = {"adapter": self, "weight": float(weight), "routing": routing, "mask": inputs.get("mask"),
-                 "embeds": None, "references": [], "content": inputs.get("content") or "",
+        entry = {"weight": float(weight), "routing": routing, "mask": inputs.get("mask"), "embeds": None,
+                 "references": [], "content": inputs.get("content") or "",
                  "content_scale": float(inputs.get("content_scale", 0.5))}
         if images:
             entry["embeds"], entry["references"] = reference_embeds(
                 backbone, images, plus=self.config.plus, content=entry["content"], content_scale=entry["content_scale"],
                 encoder_name=encoder_name, sha256=inputs.get("image_sha256"))
-        stack[self.name] = entry
+        return entry
+
+    def _apply(self, backbone: Backbone, entry: dict[str, Any]) -> None:
         _rebuild(backbone)
 
-    def detach(self, backbone: Backbone) -> None:
-        stack = attached(backbone)
-        if stack.pop(self.name, None) is None:
-            raise InvalidArgumentError(f"IP-Adapter {self.name!r} is not attached to {backbone.source!r}.")
+    def _remove(self, backbone: Backbone, entry: dict[str, Any]) -> None:
         _rebuild(backbone)
 
-    def set_weight(self, backbone: Backbone, weight: float) -> None:
-        entry = attached(backbone).get(self.name)
-        if entry is None:
-            raise InvalidArgumentError(f"IP-Adapter {self.name!r} is not attached to {backbone.source!r}.")
+    def _reweight(self, backbone: Backbone, entry: dict[str, Any], weight: Any) -> float:
         scale_config(backbone, entry["routing"], float(weight))
         entry["weight"] = float(weight)
         _set_scales(backbone)
+        return entry["weight"]
 
     def inputs_record(self, backbone: Backbone) -> dict[str, Any]:
         """The run-time inputs as the recipe keeps them: `attach(**record)` attaches the same way again
@@ -419,10 +429,7 @@ def _official_proj_key(key: str) -> str:
 
 
 def _check_family(backbone: Backbone, family: str, name: str = "") -> None:
-    if backbone.family.name != family:
-        raise IncompatibleAdapterError(
-            f"IP-Adapter {name or ''!r} was made for {family}, but {backbone.source!r} is {backbone.family.name}; use "
-            f"the IP-Adapter made for {backbone.family.name} (IP-Adapter weights are specific to a family).")
+    check_family(backbone, family, f"IP-Adapter {name!r}" if name else "an IP-Adapter")
     if backbone.family.arch != "unet" and not joint(backbone):
         raise IncompatibleAdapterError(
             f"IP-Adapter on {backbone.family.title} ({backbone.source!r}) is not supported yet: studio attaches and "
@@ -474,10 +481,9 @@ def _create_joint(backbone: Backbone, config: IpAdapterConfig, seed: int) -> dic
 
 
 def attached(backbone: Backbone) -> dict[str, dict[str, Any]]:
-    """The IP-Adapters on this backbone, in attach order (their order in diffusers' processor lists)."""
-    if not hasattr(backbone, "ip_adapters"):
-        backbone.ip_adapters = {}
-    return backbone.ip_adapters
+    """The IP-Adapters on this backbone (their rows of the attachments table), in attach order (their order in
+    diffusers' processor lists)."""
+    return attached_of(backbone, IpAdapter)
 
 
 def _rebuild(backbone: Backbone) -> None:
@@ -560,17 +566,16 @@ def _times(config: Any, weight: float) -> Any:
 
 
 def encoder_folder(backbone: Backbone, name: str = "") -> str:
-    """Where the image encoder comes from: `name`, or the backbone's default (world-clip in `assets/`)."""
-    name = name or DEFAULT_ENCODERS.get(backbone.source, "")
+    """Where the image encoder comes from: `name`, or the one the backbone ships (the world's: world-clip)."""
+    from studio.embedded import ships
+
+    own = ships(backbone.source, "image_encoder")
+    name = name or (str(own) if own else "")
     if not name:
         raise IpAdapterError(
             f"an IP-Adapter on {backbone.source!r} needs its CLIP image encoder: pass image_encoder=<folder or hub id> "
             f"(--ip-encoder), e.g. the image_encoder folder published beside the IP-Adapter weights "
             f"(h94/IP-Adapter: models/image_encoder for SD1.5, sdxl_models/image_encoder for SDXL).")
-    if name == "world-clip":
-        from studio.world.models import world_folder
-
-        return str(world_folder("world-clip"))
     return name
 
 
@@ -708,16 +713,13 @@ def _mask_tensor(backbone: Backbone, mask: Any, count: int) -> torch.Tensor:
     return tensor.reshape(1, 1, *tensor.shape[-2:]).repeat(1, count, 1, 1)
 
 
-# the IP-Adapters studio ships, per embedded backbone (trained by bench/image_prompt.py)
-SHIPPED = {"world-sd": "ip-adapter/world-sd.safetensors"}
-
-
 def default_ip_adapter(backbone: Backbone) -> Path:
     """The backbone's own IP-Adapter file (world-sd ships one); others must name theirs."""
-    from studio.world import ASSETS
+    from studio.embedded import ships
 
-    if backbone.source not in SHIPPED:
+    own = ships(backbone.source, "ip_adapter")
+    if own is None:
         raise InvalidArgumentError(
             f"{backbone.source!r} has no IP-Adapter of its own: name one with --ip-adapter FILE (ip_adapter=...), e.g. "
             f"h94/IP-Adapter's ip-adapter_sd15.safetensors for SD1.5, or train one: studio train FOLDER --kind ip_adapter.")
-    return ASSETS / SHIPPED[backbone.source]
+    return own

@@ -13,21 +13,25 @@ import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studio.adapters.base import (
     AdapterConfig,
     IncompatibleAdapterError,
     WeightAdapter,
+    attached_of,
     components,
     module_table,
+    option,
     register,
+    register_alias,
 )
 
 from studio import concept_tokens
+from studio.blocks import parse_weight
 from studio.errors import InvalidArgumentError
 from studio.limits import check_rank
-from studio.blocks import parse_weight
 
 if TYPE_CHECKING:
     import torch
@@ -53,17 +57,17 @@ SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
 
 @dataclass(kw_only=True)
 class LoraConfig(AdapterConfig):
-    rank: int = 16
-    alpha: float | None = None  # scale alpha / rank while training; None = rank (scale 1)
-    dora: bool = False  # DoRA (Liu et al. 2024, arXiv:2402.09353): magnitude and direction apart
-    target: str = "attention"  # a TARGET_PRESETS name or a regular expression over module names
-    text_encoder: bool = False  # train the text encoders' attention too
+    rank: int = option(16, "Rank [default: the recipe's].")
+    alpha: float | None = option(None, "kohya's alpha: B's forward scale alpha / rank while training (with Adam: "
+                                       "its learning rate x alpha / rank) [default: the recipe's, else rank].")
+    dora: bool = option(False, "DoRA (Liu et al. 2024, arXiv:2402.09353): magnitude and direction trained apart.")
+    target: str = option("attention", f"{', '.join(TARGET_PRESETS)}, or a regex over module names.")
+    text_encoder: bool = option(False, "Train the text encoders' attention too.")
     source_format: str = "studio"  # studio | diffusers | kohya | lycoris: who wrote the file
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise InvalidArgumentError(f"rank={self.rank!r} must be an integer >= 1 (e.g. 16).")
+        check_lora_rank(self.rank)
         if self.alpha is not None and not self.alpha > 0:
             raise InvalidArgumentError(f"alpha={self.alpha!r} must be > 0, or None for alpha = rank.")
         if self.target not in TARGET_PRESETS:
@@ -72,6 +76,21 @@ class LoraConfig(AdapterConfig):
             except re.error as error:
                 raise InvalidArgumentError(f"target={self.target!r} is neither a preset "
                                            f"({', '.join(TARGET_PRESETS)}) nor a valid regular expression: {error}.") from error
+
+    @classmethod
+    def prepare_training_options(cls, options: dict[str, Any], run: Any) -> None:
+        """A run's rank is checked before any model loads."""
+        if options.get("rank") is not None:
+            check_lora_rank(options["rank"])
+        super().prepare_training_options(options, run)
+
+
+def check_lora_rank(rank: Any) -> None:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise InvalidArgumentError(f"rank={rank!r} must be an integer >= 1 (e.g. 16).")
+
+
+register_alias("dora", "lora", dora=True)  # DoRA trains as a LoRA with dora=True
 
 
 def target_modules(backbone: Backbone, target: str = "attention", *, text_encoder: bool = False) -> list[str]:
@@ -122,17 +141,15 @@ class PeftAdapter(WeightAdapter):
         """The PEFT config that injects this adapter into these modules of one component."""
         raise NotImplementedError
 
-    def attach(self, backbone: Backbone, weight: float = 1.0, **inputs: Any) -> None:
-        """Inject unfused through PEFT, at `weight`; other attached adapters stay active."""
+    def _entry(self, backbone: Backbone, weight: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        super()._entry(backbone, weight, inputs)
+        concept_tokens.check(backbone, self.name, self.tokens)
+        return {"weight": parse_weight(weight, what="adapter weight")}
+
+    def _apply(self, backbone: Backbone, entry: dict[str, Any]) -> None:
+        """Inject unfused through PEFT, at the row's weight; other attached adapters stay active."""
         from peft import inject_adapter_in_model
 
-        if inputs:
-            raise InvalidArgumentError(f"a {self.kind} adapter takes no inputs, got {sorted(inputs)}.")
-        attached = attached_adapters(backbone)
-        if self.name in attached:
-            raise InvalidArgumentError(f"an adapter named {self.name!r} is already attached; detach it or rename one.")
-        self.check_backbone(backbone)
-        concept_tokens.check(backbone, self.name, self.tokens)
         parts = components(backbone)
         by_component: dict[str, list[str]] = {}
         for name in self.target_names():
@@ -143,7 +160,6 @@ class PeftAdapter(WeightAdapter):
                 inject_adapter_in_model(self.peft_config(names), parts[component], adapter_name=self.name)
         self.load_values(backbone, self.tensors)
         concept_tokens.add(backbone, self.name, self.tokens)
-        attached[self.name] = {"adapter": self, "weight": parse_weight(weight, what="adapter weight")}
         activate(backbone)
 
     def load_values(self, backbone: Backbone, tensors: dict[str, torch.Tensor]) -> None:
@@ -159,21 +175,16 @@ class PeftAdapter(WeightAdapter):
             if unexpected:
                 raise IncompatibleAdapterError(f"adapter {self.name!r}: PEFT did not place {unexpected[:3]}.")
 
-    def set_weight(self, backbone: Backbone, weight: float) -> None:
-        attached = attached_adapters(backbone)
-        if self.name not in attached:
-            raise InvalidArgumentError(f"adapter {self.name!r} is not attached to {backbone.source!r}.")
-        attached[self.name]["weight"] = parse_weight(weight, what="adapter weight")
+    def _reweight(self, backbone: Backbone, entry: dict[str, Any], weight: Any) -> Any:
+        entry["weight"] = parse_weight(weight, what="adapter weight")
         activate(backbone)
+        return entry["weight"]
 
-    def detach(self, backbone: Backbone) -> None:
+    def _remove(self, backbone: Backbone, entry: dict[str, Any]) -> None:
         """Remove the adapter's layers; once none is left a module is unwrapped, so the backbone's
         modules, state-dict keys and outputs are exactly those before `attach`."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        attached = attached_adapters(backbone)
-        if attached.pop(self.name, None) is None:
-            raise InvalidArgumentError(f"adapter {self.name!r} is not attached to {backbone.source!r}.")
         concept_tokens.remove(backbone, self.name)
         for model in components(backbone).values():
             for parent in list(model.modules()):
@@ -284,6 +295,13 @@ class LoraAdapter(PeftAdapter):
         config.targets = sorted(deltas)
         return cls(config, tensors)
 
+    reads = 100  # asked last: any LoRA-like file another tool wrote
+
+    @classmethod
+    def read_foreign(cls, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                     backbone: Backbone, *, allow_partial: bool = False) -> LoraAdapter:
+        return cls.from_foreign(tensors, metadata, backbone, allow_partial=allow_partial, source=path.name)
+
     @classmethod
     def from_foreign(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str], backbone: Backbone, *,
                      allow_partial: bool = False, source: str = "") -> LoraAdapter:
@@ -366,10 +384,8 @@ class LoraAdapter(PeftAdapter):
 
 
 def attached_adapters(backbone: Backbone) -> dict[str, dict[str, Any]]:
-    """name -> {"adapter", "weight"} of the weight adapters attached unfused, in attach order."""
-    if not hasattr(backbone, "attached_adapters"):
-        backbone.attached_adapters = {}
-    return backbone.attached_adapters
+    """The rows of the weight adapters PEFT injected (attached unfused), in attach order."""
+    return attached_of(backbone, PeftAdapter)
 
 
 def activate(backbone: Backbone) -> None:

@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from studio.adapters.base import AdapterConfig, module_table, register
+from studio.adapters.base import AdapterConfig, module_table, option, register
 from studio.adapters.lora import TARGET_PRESETS, PeftAdapter, target_modules
 
 from studio.errors import InvalidArgumentError
@@ -29,11 +29,12 @@ if TYPE_CHECKING:
 
 @dataclass(kw_only=True)
 class OftConfig(AdapterConfig):
-    block_size: int = 8  # OFT: size of each orthogonal block (PEFT's oft_block_size)
+    block_size: int = option(8, "size of each orthogonal block (PEFT's oft_block_size) [default: the recipe's].",
+                             keyword="oft_block_size")
     coft: bool = False  # constrained OFT: keep ||R - I|| <= eps
     eps: float = 6e-5
-    target: str = "attention"
-    text_encoder: bool = False
+    target: str = option("attention", "attention or all-linear: the linear layers OFT rotates.")
+    text_encoder: bool = option(False, "Rotate the text encoders' attention too.")
 
     def __post_init__(self):
         super().__post_init__()
@@ -78,11 +79,11 @@ class OftAdapter(PeftAdapter):
         adapter.detach(backbone)
         return adapter
 
-    def attach(self, backbone: Backbone, weight: float = 1.0, **inputs: Any) -> None:
+    def _entry(self, backbone: Backbone, weight: Any, inputs: dict[str, Any]) -> dict[str, Any]:
         if weight != 1.0:
             raise InvalidArgumentError(f"{self.kind} rotates weights and has no partial strength when attached "
                                        f"(weight={weight}); fuse it with a weight instead, which blends the change.")
-        super().attach(backbone, weight, **inputs)
+        return super()._entry(backbone, weight, inputs)
 
     def deltas(self, backbone: Backbone | None = None, *, weight: float = 1.0) -> dict[str, Delta]:
         """ΔW per layer, from PEFT's merge applied to a copy of the layer."""

@@ -20,10 +20,10 @@ import math
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from studio.adapters.base import module_table, register
+from studio.adapters.base import module_table, option, register
 from studio.adapters.lora import LoraAdapter, LoraConfig, layer_widths, target_modules
 
 from studio.errors import InvalidArgumentError
@@ -52,12 +52,14 @@ def disjoint_concepts(config: OrthogonalConfig, widths: list[int]) -> int:
 
 @dataclass(kw_only=True)
 class OrthogonalConfig(LoraConfig):
-    rank: int = 20  # the paper's r
-    concept_seed: int = 0  # picks this adapter's columns; give each concept its own
+    rank: int = option(20, "Rank (the paper's r) [default: the recipe's].")
+    concept_seed: int = option(0, "which basis columns, one per concept [default: a hash of the trigger].")
     # > 0: each layer's rank is min(rank, its input size // slots), so `slots` concepts (seeds 0..slots-1) stay
     # disjoint in every layer and wide layers (a 3x3 conv reads 9x its channels) get the rank they can hold;
     # 0: `rank` everywhere, and the narrowest layer decides how many concepts are disjoint
-    slots: int = 0
+    slots: int = option(0, "each layer's rank is min(rank, its input size // slots), so that many concepts stay "
+                           "disjoint in every layer; 0 = rank everywhere [default: the recipe's].",
+                        keyword="concept_slots")
     basis_seed: int = PUBLIC_BASIS_SEED
     columns: dict[str, list[int]] = field(default_factory=dict)  # module -> its columns of the basis
 
@@ -67,6 +69,14 @@ class OrthogonalConfig(LoraConfig):
             raise InvalidArgumentError(f"slots={self.slots!r} must be a whole number >= 0 (0 = one rank everywhere).")
         if self.dora:
             raise InvalidArgumentError("an orthogonal adapter cannot be a DoRA: DoRA's norm couples the concepts.")
+
+    @classmethod
+    def prepare_training_options(cls, options: dict[str, Any], run: Any) -> None:
+        """A run without a concept seed takes the hash of its trigger (or its name), so adapters trained apart
+        take different columns."""
+        super().prepare_training_options(options, run)
+        if options.get("concept_seed") is None:
+            options["concept_seed"] = hashed_seed(run.trigger or run.name or run.paths()["out"].stem)
 
 
 def _layer_rng(seed: int, name: str, size: int, salt: int) -> np.random.Generator:

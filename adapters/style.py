@@ -18,7 +18,14 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from studio.adapters.base import Adapter, AdapterConfig, IncompatibleAdapterError, register
+from studio.adapters.base import (
+    Adapter,
+    AdapterConfig,
+    IncompatibleAdapterError,
+    attached_of,
+    attachments,
+    register,
+)
 from studio.adapters.lora import LoraAdapter, LoraConfig, target_modules
 
 from studio.errors import InvalidArgumentError
@@ -86,23 +93,26 @@ class BLoraAdapter(LoraAdapter):
         prefixes = tuple(f"unet.{block}." for block in self.config.blocks[part])
         return {k: v for k, v in self.tensors.items() if k.startswith(prefixes)}
 
-    def attach(self, backbone: Backbone, weight: float = 1.0, **inputs: Any) -> None:
-        """Attach the content half, the style half or both (`part=`, default both)."""
-        part = inputs.pop("part", None) or "both"
+    def _entry(self, backbone: Backbone, weight: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Input: `part`, the content half, the style half or both (default)."""
+        part = inputs.get("part") or "both"
+        return {**super()._entry(backbone, weight, {k: v for k, v in inputs.items() if k != "part"}), "part": part}
+
+    def _apply(self, backbone: Backbone, entry: dict[str, Any]) -> None:
         everything = self.tensors
-        self.tensors = self.part_tensors(part)
+        self.tensors = self.part_tensors(entry["part"])
         try:
-            super().attach(backbone, weight, **inputs)
+            super()._apply(backbone, entry)
         finally:
             self.tensors = everything
-        self.part = part
 
     def inputs_record(self, backbone: Backbone) -> dict[str, Any]:
-        return {"part": getattr(self, "part", "both")}
+        return {"part": attachments(backbone).get(self.name, {}).get("part", "both")}
 
     def sync_from(self, backbone: Backbone) -> None:
-        if getattr(self, "part", "both") != "both":
-            raise InvalidArgumentError(f"B-LoRA {self.name!r} is attached as its {self.part} half; attach both to train.")
+        part = self.inputs_record(backbone)["part"]
+        if part != "both":
+            raise InvalidArgumentError(f"B-LoRA {self.name!r} is attached as its {part} half; attach both to train.")
         super().sync_from(backbone)
 
 
@@ -224,31 +234,36 @@ class StyleInjection(Adapter):
         if not self.layer_names(backbone):
             raise IncompatibleAdapterError(f"layers={self.config.layers!r} names no self-attention of {backbone.source!r}.")
 
-    def attach(self, backbone: Backbone, weight: float = 1.0, **inputs: Any) -> None:
-        """Inputs: `image` (the reference, a PIL image or path) or `shared=True`."""
-        import torch
+    label = "style injection"
 
-        self.check_backbone(backbone)
+    def _entry(self, backbone: Backbone, weight: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Inputs: `image` (the reference, a PIL image or path) or `shared=True`."""
         unknown = sorted(set(inputs) - {"image", "shared", "image_sha256"})
         if unknown:
             raise InvalidArgumentError(f"style injection takes image= or shared=True, not {unknown}.")
         if (inputs.get("image") is None) == (not inputs.get("shared")):
             raise InvalidArgumentError("style injection needs a reference: image=REFERENCE, or shared=True (the "
                                        "batch's first image is the reference), not both.")
-        if getattr(backbone, "style_injection", None) is not None:
+        if attached_of(backbone, StyleInjection):
             raise InvalidArgumentError("a style injection is already attached; detach it first.")
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
             raise InvalidArgumentError(f"a style injection's weight is one number >= 0 (e.g. 1); got {weight!r}.")
-        from studio.adapters.ip_adapter import open_reference
-
-        state = _Shared(float(weight))
-        unet = backbone.denoiser
-        record: dict[str, Any] = {"shared": bool(inputs.get("shared"))}
-        hooks = []
+        entry: dict[str, Any] = {"weight": float(weight), "state": _Shared(float(weight)), "hooks": [],
+                                 "record": {"shared": bool(inputs.get("shared"))}, "latent": None}
         if inputs.get("image") is not None:
+            from studio.adapters.ip_adapter import open_reference
+
             image, reference = open_reference(inputs["image"], inputs.get("image_sha256"))
-            record = {"image": reference.get("path"), "image_sha256": reference.get("sha256")}
-            latent = _encode_reference(backbone, image)
+            entry["record"] = {"image": reference.get("path"), "image_sha256": reference.get("sha256")}
+            entry["latent"] = _encode_reference(backbone, image)
+        return entry
+
+    def _apply(self, backbone: Backbone, entry: dict[str, Any]) -> None:
+        import torch
+
+        state, latent = entry["state"], entry["latent"]
+        unet = backbone.denoiser
+        if latent is not None:
             trajectory: dict[float, Any] = {}  # timestep -> the reference's DDIM-inverted latent there
             scheduler_config = backbone.pipe.scheduler.config
 
@@ -281,43 +296,34 @@ class StyleInjection(Adapter):
                 output.sample = output.sample[:-1]
                 return output
 
-            hooks = [unet.register_forward_pre_hook(add_reference, with_kwargs=True),
-                     unet.register_forward_hook(drop_reference, with_kwargs=True)]
-        originals = dict(unet.attn_processors)
+            entry["hooks"] = [unet.register_forward_pre_hook(add_reference, with_kwargs=True),
+                              unet.register_forward_hook(drop_reference, with_kwargs=True)]
+        entry["originals"] = originals = dict(unet.attn_processors)
         names = self.layer_names(backbone)
         unet.set_attn_processor({n: SharedAttentionProcessor(state, self.config.adain) if n in names else p
                                  for n, p in originals.items()})
-        backbone.style_injection = {"adapter": self, "state": state, "hooks": hooks, "originals": originals,
-                                    "record": record}
 
-    def detach(self, backbone: Backbone) -> None:
-        entry = getattr(backbone, "style_injection", None)
-        if entry is None or entry["adapter"] is not self:
-            raise InvalidArgumentError(f"style injection {self.name!r} is not attached to {backbone.source!r}.")
+    def _remove(self, backbone: Backbone, entry: dict[str, Any]) -> None:
         for hook in entry["hooks"]:
             hook.remove()
         unet = backbone.denoiser
         current = unet.attn_processors
         unet.set_attn_processor({n: entry["originals"][n] if isinstance(p, SharedAttentionProcessor) else p
                                  for n, p in current.items()})
-        backbone.style_injection = None
 
-    def set_weight(self, backbone: Backbone, weight: float) -> None:
-        entry = getattr(backbone, "style_injection", None)
-        if entry is None or entry["adapter"] is not self:
-            raise InvalidArgumentError(f"style injection {self.name!r} is not attached to {backbone.source!r}.")
+    def _reweight(self, backbone: Backbone, entry: dict[str, Any], weight: Any) -> float:
         entry["state"].weight = float(weight)
+        return float(weight)
 
     def inputs_record(self, backbone: Backbone) -> dict[str, Any]:
-        entry = getattr(backbone, "style_injection", None) or {}
-        return dict(entry.get("record", {}))
+        return dict(attachments(backbone).get(self.name, {}).get("record", {}))
 
 
 def _encode_reference(backbone: Backbone, image: Any):
     """The reference's VAE latent at the backbone's default size."""
     import torch
 
-    from studio.training.data import encode_images, fit
+    from studio.images import encode_images, fit
 
     side = backbone.default_size
     with torch.no_grad():

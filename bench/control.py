@@ -204,13 +204,11 @@ def main() -> None:
     from studio.adapters.base import load_adapter
 
     if args.ship:
-        from studio.adapters.control import SHIPPED
-
-        from studio.world import ASSETS
+        from studio.embedded import ships
 
         for (kind, backbone), path in paths.items():
-            if (kind, backbone) in SHIPPED:  # in fp16: the world's assets stay within their 40 MB
-                destination = load_adapter(path).save(ASSETS / SHIPPED[(kind, backbone)], overwrite=True, half=True)
+            if ships(backbone, kind) is not None:  # in fp16: the world's assets stay within their 40 MB
+                destination = load_adapter(path).save(ships(backbone, kind), overwrite=True, half=True)
                 print(f"shipped {destination}")
 
     scenes = cases(args.n, args.seed)

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from studio.adapters.erase import erase
 from studio.pipelines import StudioPipeline
 
 from studio.backbones import load_backbone
+from studio.training.erasing import erase
 from studio.training.trainer import parse_overrides
 from studio.world.captions import BACKGROUND_WORDS, caption
 from studio.world.evaluator import evaluate

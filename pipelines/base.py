@@ -15,7 +15,7 @@ from studio.backbones import Backbone, load_backbone
 from studio.blocks import parse_weight
 from studio.errors import InvalidArgumentError, InvalidSizeError, RecipeError, UnknownFamilyError
 from studio.limits import check_count, check_generation_size
-from studio.recipe import Recipe, save_png
+from studio.recipe import AdapterUse, Recipe, save_png
 from studio.registry import Registry
 from studio.schedulers import get_scheduler_spec, scheduler_kind
 
@@ -88,7 +88,6 @@ class StudioPipeline:
         elif load_options:
             raise InvalidArgumentError(f"load options {sorted(load_options)} apply only to a backbone source.")
         self.backbone = backbone
-        self.adapters: list[dict[str, Any]] = []  # attached: {"adapter", "weight", "inputs"}, in order
 
     def __repr__(self) -> str:
         return f"StudioPipeline({self.backbone!r})"
@@ -97,33 +96,37 @@ class StudioPipeline:
     def pipe(self):
         return self.backbone.pipe
 
+    @property
+    def adapters(self) -> list[dict[str, Any]]:
+        """What is attached to the backbone unfused, in attach order: the rows of its attachments table
+        ({"adapter", "weight", "inputs", ...}; `studio.adapters.base.attachments`)."""
+        from studio.adapters.base import attachments
+
+        return [entry for entry in attachments(self.backbone).values() if entry.get("fused") is None]
+
     # ------------------------------------------------------------------------------------ adapters
 
-    def attach(self, adapter: Any, weight: float | str = 1.0, **inputs: Any) -> Any:
+    def attach(self, adapter: Any, weight: float | str = 1.0, *, allow_partial: bool = False, **inputs: Any) -> Any:
         """Attach an adapter (an `Adapter` or a file path) at `weight`: a number, or per-block weights
         such as "1,up_blocks.1=0,down_blocks=0.5" (see `studio.blocks`); returns the adapter."""
         from studio.adapters.base import Adapter, load_adapter
 
         if not isinstance(adapter, Adapter):
-            adapter = load_adapter(adapter, self.backbone)
-        weight = parse_weight(weight, what="adapter weight")
-        adapter.attach(self.backbone, weight, **inputs)
-        self.adapters.append({"adapter": adapter, "weight": weight, "inputs": inputs})
+            adapter = load_adapter(adapter, self.backbone, allow_partial=allow_partial)
+        adapter.attach(self.backbone, parse_weight(weight, what="adapter weight"), **inputs)
         return adapter
 
     def detach(self, adapter: Any = None) -> None:
         """Detach one adapter (the object or its name), or all of them."""
-        for entry in list(self.adapters):
+        for entry in self.adapters:
             if adapter is None or entry["adapter"] is adapter or entry["adapter"].name == adapter:
                 entry["adapter"].detach(self.backbone)
-                self.adapters.remove(entry)
 
     def set_weight(self, adapter: Any, weight: float | str) -> None:
         weight = parse_weight(weight, what="adapter weight")
         for entry in self.adapters:
             if entry["adapter"] is adapter or entry["adapter"].name == adapter:
                 entry["adapter"].set_weight(self.backbone, weight)
-                entry["weight"] = weight
                 return
         raise InvalidArgumentError(f"no attached adapter {adapter!r}; attached: {[e['adapter'].name for e in self.adapters]}.")
 
@@ -139,40 +142,48 @@ class StudioPipeline:
                       "weight": weight if isinstance(weight, float) else str(weight),
                       "path": str(path.resolve()) if path else None,
                       "sha256": hash_files(path) if path else None}  # a file, or a control model's folder
-            if hasattr(adapter, "inputs_record"):  # run-time inputs (reference images...) that remake the image
-                record["inputs"] = adapter.inputs_record(self.backbone)
+            inputs = adapter.inputs_record(self.backbone)  # run-time inputs (reference images...) that remake it
+            if inputs is not None:
+                record["inputs"] = inputs
             if path is None and adapter.weightless:  # nothing but its manifest: the recipe can carry it
                 record["manifest"] = adapter.manifest()
             records.append(record)
         return records
 
-    def _match_adapters(self, recipe: Recipe) -> None:
-        """Make the attached adapters those the recipe names (files checked by hash), at its weights."""
+    def use(self, adapters: list[AdapterUse | dict[str, Any]]) -> None:
+        """Make the attached adapters exactly `adapters`, in order: `AdapterUse` requests, or a recipe's adapter
+        records (their files checked by hash, so a remade image uses the very same weights). Nothing is
+        detached when a record cannot be attached again; an unchanged stack is left as it is."""
         from studio.hashing import hash_files
 
-        if recipe.adapters == self._adapter_records():
+        if adapters == self._adapter_records():
             return
-        for record in recipe.adapters:
-            if not record.get("path") and not record.get("manifest"):
-                raise RecipeError(f"the recipe uses adapter {record.get('name')!r}, which was never saved to a "
+        requests = []
+        for item in adapters:
+            if isinstance(item, AdapterUse):
+                requests.append(item)
+                continue
+            if not item.get("path") and not item.get("manifest"):
+                raise RecipeError(f"the recipe uses adapter {item.get('name')!r}, which was never saved to a "
                                   f"file; it cannot be attached again.")
-            if record.get("path") and (not Path(record["path"]).exists()
-                                       or hash_files(Path(record["path"])) != record["sha256"]):
-                raise RecipeError(f"the recipe's adapter {record['path']!r} is missing or changed (sha256 "
-                                  f"{record['sha256'][:10]}); put that file back to remake the image.")
-        self.detach()
-        for record in recipe.adapters:
-            inputs = record.get("inputs") or {}
+            if item.get("path") and (not Path(item["path"]).exists()
+                                     or hash_files(Path(item["path"])) != item["sha256"]):
+                raise RecipeError(f"the recipe's adapter {item['path']!r} is missing or changed (sha256 "
+                                  f"{item['sha256'][:10]}); put that file back to remake the image.")
+            inputs = item.get("inputs") or {}
             if None in inputs.get("images", []):
-                raise RecipeError(f"the recipe's adapter {record.get('name')!r} read a reference image that was never "
+                raise RecipeError(f"the recipe's adapter {item.get('name')!r} read a reference image that was never "
                                   f"a file; it cannot be attached again.")
-            if record.get("path"):
-                self.attach(record["path"], record["weight"], **inputs)
+            if item.get("path"):
+                requests.append(AdapterUse(item["path"], item["weight"], inputs))
             else:
                 from studio.adapters.base import adapter_kinds
 
-                kind = adapter_kinds().get_or_raise(record["manifest"]["kind"])
-                self.attach(kind.from_manifest(record["manifest"], {}), record["weight"], **inputs)
+                kind = adapter_kinds().get_or_raise(item["manifest"]["kind"])
+                requests.append(AdapterUse(kind.from_manifest(item["manifest"], {}), item["weight"], inputs))
+        self.detach()
+        for request in requests:
+            self.attach(request.source, request.weight, allow_partial=request.allow_partial, **request.inputs)
 
     def recipe(self, prompt: str, *, negative_prompt: str = "", n: int = 1, seed: int | None = None,
                steps: int | None = None, guidance: float | None = None, width: int | None = None,
@@ -235,8 +246,12 @@ class StudioPipeline:
     def generate(self, prompt: str, *, negative_prompt: str = "", n: int = 1, seed: int | None = None,
                  steps: int | None = None, guidance: float | None = None, width: int | None = None,
                  height: int | None = None, scheduler: str | None = None,
+                 adapters: list[AdapterUse | dict[str, Any]] | None = None,
                  progress: Progress | None = None) -> Generation:
-        """Generate `n` images of `prompt`; image i uses seed + i, as in A1111."""
+        """Generate `n` images of `prompt`; image i uses seed + i, as in A1111. `adapters` (requests, see
+        `use`) replace the attached ones first; without it the attached adapters are used."""
+        if adapters is not None:
+            self.use(adapters)
         recipe = self.recipe(prompt, negative_prompt=negative_prompt, n=n, seed=seed, steps=steps,
                              guidance=guidance, width=width, height=height, scheduler=scheduler)
         return Generation(self.run(recipe, progress=progress), recipe)
@@ -244,21 +259,20 @@ class StudioPipeline:
     def run(self, recipe: Recipe, *, progress: Progress | None = None) -> list[Image.Image]:
         """Run a complete recipe through the family's diffusers pipeline (the whole batch)."""
         import torch
-        from studio.adapters.base import adapter_kinds
 
         self._check_settings(n=recipe.n, seed=recipe.seed, steps=recipe.steps, guidance=recipe.guidance,
                              width=recipe.width, height=recipe.height, scheduler=recipe.scheduler)
-        self._match_adapters(recipe)
+        self.use(recipe.adapters)
         pipe = self.backbone.pipe
         pipe.scheduler = self.backbone.scheduler(recipe.scheduler)
         # One CPU generator per image: image i is reproducible from seed + i on any device.
         generators = [torch.Generator("cpu").manual_seed(recipe.seed + i) for i in range(recipe.n)]
         # adapters that depend on the prompt (SPM's facilitated transport) set themselves for this call
-        prepared = [e["adapter"] for e in self.adapters if hasattr(e["adapter"], "prepare")]
+        prepared = [e["adapter"] for e in self.adapters]
         for adapter in prepared:
             adapter.prepare(self.backbone, [recipe.prompt], recipe.n)
         extra: dict[str, Any] = {}  # run-time inputs of attention-space adapters (IP-Adapter's image embeddings)
-        for kind in {cls for cls in adapter_kinds().values() if hasattr(cls, "call_arguments")}:
+        for kind in dict.fromkeys(type(adapter) for adapter in prepared):
             extra.update(kind.call_arguments(self.backbone, recipe.guidance))
         try:
             # a trigger learned as several token vectors is written out as that many tokens

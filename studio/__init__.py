@@ -27,7 +27,7 @@ _EXPORTS = {
     "train_batch": "studio.training.batch",
     "Library": "studio.library",
     "load_adapter": "studio.adapters.base",
-    "erase": "studio.adapters.erase",
+    "erase": "studio.training.erasing",
 }
 # `studio.merge` is the merge package, callable as the merge function (studio/merge/__init__.py)
 

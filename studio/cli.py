@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,6 +16,9 @@ from studio.backbones import DEFAULT_BACKBONE, FAMILIES
 from studio.errors import StudioError
 from studio.progress import clock
 from studio.schedulers import SCHEDULERS
+
+if TYPE_CHECKING:
+    from studio.recipe import AdapterUse
 
 app = typer.Typer(name="studio", help="Teach, steer, erase and merge diffusion-model adapters.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -63,12 +67,13 @@ def _load_pipeline(backbone: str | None, family: Enum | None, device: str | None
         return StudioPipeline(backbone, family=_value(family), device=device, dtype=dtype, config=config)
 
 
-def _attach_adapters(pipeline, specs: list[str] | None, allow_partial: bool) -> None:
-    """`FILE[:WEIGHT][@PART]` specs attached in order; WEIGHT is a number or block weights, PART a B-LoRA's
-    half (content or style)."""
-    from studio.adapters.base import load_adapter
+def _adapter_uses(specs: list[str] | None, allow_partial: bool) -> list[AdapterUse]:
+    """`FILE[:WEIGHT][@PART]` specs, in order; WEIGHT is a number or block weights, PART a B-LoRA's half
+    (content or style)."""
     from studio.blocks import parse_weight
+    from studio.recipe import AdapterUse
 
+    uses = []
     for spec in specs or []:
         inputs = {}
         if "@" in spec and not Path(spec).exists():
@@ -77,33 +82,36 @@ def _attach_adapters(pipeline, specs: list[str] | None, allow_partial: bool) -> 
         head, _, tail = spec.rpartition(":")
         if head and not Path(spec).exists():
             path, weight = head, parse_weight(tail, what=f"--adapter {spec!r}: the weight after ':'")
-        pipeline.attach(load_adapter(path, pipeline.backbone, allow_partial=allow_partial), weight, **inputs)
+        uses.append(AdapterUse(path, weight, inputs, allow_partial=allow_partial))
+    return uses
 
 
-def _attach_image_prompt(pipeline, images: list[Path] | None, adapter: Path | None, scale: float, style_only: bool,
-                         layout_only: bool, content: str | None, encoder: str | None) -> None:
+def _image_prompt_uses(backbone, images: list[Path] | None, adapter: Path | None, scale: float, style_only: bool,
+                       layout_only: bool, content: str | None, encoder: str | None) -> list[AdapterUse]:
     """--ip-image and its options: the IP-Adapter (given, or the backbone's own) with those references."""
     from studio.adapters.ip_adapter import default_ip_adapter
     from studio.errors import InvalidArgumentError
+    from studio.recipe import AdapterUse
 
     if not images:
         if adapter or style_only or layout_only or content:
             raise InvalidArgumentError("--ip-adapter, --style-only, --layout-only and --ip-content steer an image "
                                        "prompt: add --ip-image REFERENCE.png.")
-        return
+        return []
     routing = "+".join(name for name, on in (("style", style_only), ("layout", layout_only)) if on) or "all"
     inputs = dict(images=list(images), routing=routing, content=content or "")
     if encoder:
         inputs["image_encoder"] = encoder
-    pipeline.attach(str(adapter or default_ip_adapter(pipeline.backbone)), scale, **inputs)
+    return [AdapterUse(str(adapter or default_ip_adapter(backbone)), scale, inputs)]
 
 
-def _attach_controls(pipeline, specs: list[str] | None, preprocess: str | None, end: float) -> None:
-    """--control KIND:IMAGE[:SCALE] specs attached in order: KIND is controlnet or t2i_adapter (the backbone's own
-    model: world-sd ships both) or a control model folder."""
-    from studio.adapters.control import attach_control
+def _control_uses(backbone, specs: list[str] | None, preprocess: str | None, end: float) -> list[AdapterUse]:
+    """--control KIND:IMAGE[:SCALE] specs, in order: KIND is controlnet or t2i_adapter (the backbone's own model:
+    world-sd ships both) or a control model folder."""
+    from studio.adapters.control import control_use
     from studio.errors import InvalidArgumentError
 
+    uses = []
     for spec in specs or []:
         parts = spec.split(":")
         scale = 1.0
@@ -116,18 +124,19 @@ def _attach_controls(pipeline, specs: list[str] | None, preprocess: str | None, 
         if len(parts) < 2:
             raise InvalidArgumentError(f"--control {spec!r} must be KIND:IMAGE[:SCALE] (KIND: controlnet, t2i_adapter "
                                        f"or a control model folder), e.g. controlnet:edges.png:0.8.")
-        attach_control(pipeline, parts[0], ":".join(parts[1:]), scale, preprocess=preprocess, end=end)
+        uses.append(control_use(backbone, parts[0], ":".join(parts[1:]), scale, preprocess=preprocess, end=end))
+    return uses
 
 
-def _attach_style_image(pipeline, image: Path | None, weight: float) -> None:
+def _style_image_uses(backbone, image: Path | None, weight: float) -> list[AdapterUse]:
     """--style-image: a training-free style injection with that reference."""
     if image is None:
-        return
+        return []
     from studio.adapters.style import StyleInjection, StyleInjectionConfig
+    from studio.recipe import AdapterUse
 
-    injection = StyleInjection.create(pipeline.backbone, StyleInjectionConfig(family=pipeline.backbone.family.name,
-                                                                              name="style-image"))
-    pipeline.attach(injection, weight, image=image)
+    injection = StyleInjection.create(backbone, StyleInjectionConfig(family=backbone.family.name, name="style-image"))
+    return [AdapterUse(injection, weight, {"image": image})]
 
 
 class JobProgress:
@@ -276,10 +285,12 @@ def generate(
         attaching = bool(adapter or ip_image or style_image or control)
 
         def attach_all(pipeline) -> None:  # the adapters and image inputs named on this command line
-            _attach_adapters(pipeline, adapter, allow_partial)
-            _attach_image_prompt(pipeline, ip_image, ip_adapter, ip_scale, style_only, layout_only, ip_content, ip_encoder)
-            _attach_style_image(pipeline, style_image, style_weight)
-            _attach_controls(pipeline, control, preprocess, control_end)
+            backbone = pipeline.backbone
+            pipeline.use([*_adapter_uses(adapter, allow_partial),
+                          *_image_prompt_uses(backbone, ip_image, ip_adapter, ip_scale, style_only, layout_only,
+                                              ip_content, ip_encoder),
+                          *_style_image_uses(backbone, style_image, style_weight),
+                          *_control_uses(backbone, control, preprocess, control_end)])
 
         if from_image is None:
             if prompt is None:
@@ -296,7 +307,7 @@ def generate(
             if attaching:
                 attach_all(pipeline)
             elif original.adapters:
-                pipeline._match_adapters(original)
+                pipeline.use(original.adapters)
             if changes or attaching:  # a new recipe from the old one
                 fields = dict(prompt=original.prompt, negative_prompt=original.negative_prompt, seed=original.image_seed,
                               steps=original.steps, guidance=original.guidance, width=original.width,
@@ -389,19 +400,68 @@ def eval_(
     out_console.print(f"{json_path}\n{png_path}", highlight=False)
 
 
+def _trainable_kinds(one_file: bool = False) -> list[str]:
+    """The kinds `studio train` takes (the registry's, with a recipe); `one_file`: those that write one file."""
+    from studio.training.recipes import config_class, trainable_kinds
+
+    return [kind for kind in trainable_kinds()
+            if not one_file or config_class(kind).training_output("", kind).endswith(".safetensors")]
+
+
+def _kinds_help(kinds: list[str]) -> str:
+    from studio.training.trainer import TrainConfig
+
+    return (f"{', '.join(kinds[:-1])} or {kinds[-1]}; `studio recipes --kind KIND` says what each is for "
+            f"[default: {TrainConfig.kind}].")
+
+
+def _with_kind_options(kinds: list[str]) -> Callable:
+    """Decorator: the command also takes a flag per own option of `kinds`, as each kind's config declares it
+    (`studio.adapters.base.option`: keyword, type, help), passed on in its **kind_options (None: not given)."""
+    import inspect
+    import typing
+
+    from studio.training.recipes import config_class
+
+    flags: dict[str, tuple[Any, Any, list[str]]] = {}  # keyword -> (field, type, kinds that have it)
+    for kind in kinds:
+        cls = config_class(kind)
+        hints = typing.get_type_hints(cls)
+        for keyword, option in cls.training_options().items():
+            flags.setdefault(keyword, (option, hints[option.name], []))[2].append(kind)
+
+    def parameter(keyword: str, option: Any, kind_type: Any, having: list[str]) -> inspect.Parameter:
+        value_type = next((t for t in typing.get_args(kind_type) if t is not type(None)), kind_type)
+        flag = "--" + keyword.replace("_", "-")
+        help_text = option.metadata["help"] if having == kinds else f"{', '.join(having)}: {option.metadata['help']}"
+        declared = typer.Option(f"{flag}/--no-{flag[2:]}" if value_type is bool else flag, help=help_text)
+        return inspect.Parameter(keyword, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                 annotation=Annotated[value_type | None, declared])
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command, eval_str=True)
+        params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        command.__signature__ = signature.replace(
+            parameters=[*params, *(parameter(k, *entry) for k, entry in flags.items())])
+        return command
+
+    return decorate
+
+
+TRAIN_KINDS, BATCH_KINDS = _trainable_kinds(), _trainable_kinds(one_file=True)
+
+
 @app.command()
+@_with_kind_options(TRAIN_KINDS)
 def train(
     folder: Annotated[Path, typer.Argument(help="Reference images: flat, or kohya `N_words` subfolders; .txt captions.")],
     out: Annotated[Path | None, typer.Option(help="The adapter file [default: <folder name>.safetensors; a control "
                                                   "model's folder: <folder name>-<kind>].")] = None,
-    kind: Annotated[str, typer.Option(help="lora, dora, orthogonal, oft, boft, blora (content and style halves), "
-                                                "ip_adapter (image prompt: each image is its own prompt), controlnet or "
-                                                "t2i_adapter (structure control: written as a diffusers folder).")] = "lora",
+    kind: Annotated[str | None, typer.Option(help=_kinds_help(TRAIN_KINDS))] = None,
     backbone: BackboneOpt = None,
     recipe_name: Annotated[str | None, typer.Option(
         "--recipe", help="A variant of the backbone's and kind's recipe (fast, quality, style) or a full name "
                          "(sdxl/lora@quality); `studio recipes` lists them [default: the backbone's and kind's].")] = None,
-    rank: Annotated[int | None, typer.Option(help="Rank [default: the recipe's].")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps [default: the recipe's].")] = None,
     batch: Annotated[int | None, typer.Option(help="Batch size [default: the recipe's].")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate [default: the recipe's].")] = None,
@@ -409,11 +469,6 @@ def train(
         help="LoRA+: the output side (B) learns this many times faster than A [default: the recipe's; 1 = plain "
              "LoRA].")] = None,
     trigger: Annotated[str | None, typer.Option(help="Trigger word (caption of images without one).")] = None,
-    concept_seed: Annotated[int | None, typer.Option(
-        help="Orthogonal: which basis columns, one per concept [default: a hash of the trigger].")] = None,
-    target: Annotated[str | None, typer.Option(help="attention, blocks, all-linear, locon, or a regex over module names.")] = None,
-    text_encoder: Annotated[bool | None, typer.Option(
-        "--text-encoder/--no-text-encoder", help="Train the text encoders' attention too.")] = None,
     class_prompt: Annotated[list[str] | None, typer.Option(
         help="Prior preservation: the class the backbone draws its own class images of (repeatable: taken in "
              "turn), e.g. 'a photo of a dog'.")] = None,
@@ -436,32 +491,27 @@ def train(
              "concept then survives merges better) [default: the recipe's; 0 = off].")] = None,
     token_lr: Annotated[float | None, typer.Option(
         help="Learning rate of those token vectors [default: the recipe's].")] = None,
-    image_encoder: Annotated[str | None, typer.Option(
-        help="ip_adapter: the CLIP image encoder (folder or hub id) [default: the backbone's, world-clip].")] = None,
-    condition: Annotated[str | None, typer.Option(
-        help="controlnet / t2i_adapter: each image's control map: canny, soft_edge, mask (NAME.mask.png, else "
-             "derived) or paired (conditions/NAME.png beside each image) [default: the recipe's].")] = None,
     recipe: Annotated[Path | None, typer.Option(
         "--config", help="A YAML/TOML recipe with any TrainConfig keys; options given here win.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the unfinished run of the same --out.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     device: DeviceOpt = None,
+    **kind_options: Any,
 ) -> None:
     """Train an adapter on a folder of reference images (on several GPUs: `accelerate launch --multi_gpu
     --num_processes N -m studio.cli train ...`)."""
-    from studio.adapters.control import CONTROL_KINDS
-    from studio.training.recipes import recipe_line
+    from studio.training.recipes import config_class, recipe_line
     from studio.training.trainer import TrainConfig, processes
     from studio.training.trainer import train as run_training
 
-    name = folder.resolve().name
-    default_out = Path(f"{name}-{kind}" if kind in CONTROL_KINDS else f"{name}.safetensors")
+    # the kind: given here, else the --config file's, else TrainConfig's (a default here would beat the file's)
+    kind = kind or (TrainConfig.read_recipe(recipe).get("kind") if recipe else None) or TrainConfig.kind
+    default_out = config_class(kind).training_output(folder.resolve().name, kind)
     options = dict(folder=str(folder), out=str(out or default_out), kind=kind, backbone=backbone, recipe=recipe_name,
-                   rank=rank, steps=steps, batch=batch, lr=lr, loraplus_ratio=loraplus_ratio, trigger=trigger,
-                   concept_seed=concept_seed, device=device, target=target, text_encoder=text_encoder,
+                   steps=steps, batch=batch, lr=lr, loraplus_ratio=loraplus_ratio, trigger=trigger, device=device,
                    class_prompt=class_prompt or None, class_images=class_images, masked_loss=masked_loss, flip=flip,
                    timestep_bias=timestep_bias, anchor_weight=anchor_weight, anchor_phrase=anchor_phrase,
-                   tokens=tokens, token_lr=token_lr, image_encoder=image_encoder, condition=condition)
+                   tokens=tokens, token_lr=token_lr, **kind_options)
     options = {k: v for k, v in options.items() if v is not None}
     config = TrainConfig.from_file(recipe, **options) if recipe else TrainConfig(**options)
     if processes()[0] == 0:
@@ -477,12 +527,12 @@ def train(
 
 
 @app.command("train-batch")
+@_with_kind_options(BATCH_KINDS)
 def train_batch(
     parent: Annotated[Path, typer.Argument(help="A folder with one subfolder of images per concept.")],
     out: Annotated[Path, typer.Option(help="Folder for the adapters (<subfolder>.safetensors).")] = Path("adapters"),
-    kind: Annotated[str | None, typer.Option(help="lora, orthogonal, oft or boft [default: lora].")] = None,
+    kind: Annotated[str | None, typer.Option(help=_kinds_help(BATCH_KINDS))] = None,
     backbone: BackboneOpt = None,
-    rank: Annotated[int | None, typer.Option(help="Rank.")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps per adapter.")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
     recipe_name: Annotated[str | None, typer.Option(
@@ -499,6 +549,7 @@ def train_batch(
     runtime_env: Annotated[Path | None, typer.Option(
         help="ray: a YAML/JSON runtime env for the workers (pip, env_vars, working_dir).")] = None,
     device: DeviceOpt = None,
+    **kind_options: Any,
 ) -> None:
     """Train one adapter per subfolder; the job list survives crashes (run it again to continue)."""
     import yaml
@@ -508,8 +559,8 @@ def train_batch(
     from studio.training.trainer import TrainConfig
 
     options = TrainConfig.read_recipe(recipe) if recipe else {}
-    options.update({k: v for k, v in dict(kind=kind, backbone=backbone, rank=rank, steps=steps, lr=lr,
-                                          recipe=recipe_name, device=device).items() if v is not None})
+    options.update({k: v for k, v in dict(kind=kind, backbone=backbone, steps=steps, lr=lr, recipe=recipe_name,
+                                          device=device, **kind_options).items() if v is not None})
     environment = yaml.safe_load(runtime_env.read_text(encoding="utf-8")) if runtime_env else None
     with JobProgress("batch", None, fields=()) as progress:
         jobs = run_batch(parent, out, log=lambda line: console.print(line, highlight=False), progress=progress,
@@ -523,7 +574,8 @@ def train_batch(
 
 @app.command()
 def recipes(
-    kind: Annotated[str | None, typer.Option(help="Only this kind's recipes (lora, orthogonal, controlnet, ...).")] = None,
+    kind: Annotated[str | None, typer.Option(
+        help=f"Only this kind's recipes: {', '.join(TRAIN_KINDS)}.")] = None,
 ) -> None:
     """List the training recipes: per backbone family (or embedded backbone) and kind, with their variants."""
     from rich.table import Table
@@ -582,8 +634,8 @@ def merge(
     overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
 ) -> None:
     """Merge adapters into one file (or a baked backbone), or print how much they would interfere."""
-    from studio.errors import InvalidArgumentError
     from studio.blocks import parse_weight
+    from studio.errors import InvalidArgumentError
 
     target = out or Path("merged.safetensors")
     exports = [target, *([target.with_name(f"{target.stem}.{export}.safetensors")] if export else []),
@@ -663,8 +715,8 @@ def erase(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Make a concept eraser: an adapter that stacks with the others (`generate --adapter FILE`)."""
-    from studio.adapters.erase import erase as make
     from studio.backbones import load_backbone
+    from studio.training.erasing import erase as make
 
     target = out or Path(f"erase-{'-'.join(c.replace(' ', '_') for c in concepts)}.safetensors")
     _outputs_first([target], overwrite)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from studio import concept_tokens
+from studio.adapters.base import MANIFEST_KEY, read_manifest
 from studio.backbones import (
     PICKLE_SUFFIXES,
     detect_family_from_keys,
@@ -55,8 +56,7 @@ def _inspect_safetensors(path: Path) -> dict[str, Any]:
         "tensors": len(keys),
         "parameters": sum(prod(s) for s in shapes.values()),
     }
-    if "studio.manifest" in metadata:
-        manifest = json.loads(metadata["studio.manifest"])
+    if (manifest := read_manifest(metadata, path)) is not None:
         info |= {"kind": f"studio adapter ({manifest.get('kind', '?')})", "family": manifest.get("family"),
                  "manifest": manifest}
     elif adapter := next((name for name, marks in ADAPTER_MARKERS.items()
@@ -73,7 +73,7 @@ def _inspect_safetensors(path: Path) -> dict[str, Any]:
         info["concept_tokens"] = {trigger: next(iter(parts.values()))[0] for trigger, parts in tokens.items()}
     info["top_level"] = dict(Counter(k.split(".")[0] for k in keys).most_common(8))
     info["metadata"] = {k: (v if len(v) < 200 else v[:200] + "...") for k, v in metadata.items()
-                        if k != "studio.manifest"}
+                        if k != MANIFEST_KEY}
     return info
 
 

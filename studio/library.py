@@ -61,7 +61,7 @@ class Library:
 
     def add_adapter(self, path: str | Path, *, tags: list[str] | None = None, thumbnail: str | None = None) -> dict:
         """Index an adapter file, or a control model's folder (its manifest's kind, family, trigger words; its hash)."""
-        from studio.adapters.base import MANIFEST_KEY, read_safetensors
+        from studio.adapters.base import read_manifest, read_safetensors
         from studio.hashing import hash_files
 
         path = Path(path).resolve()
@@ -71,7 +71,7 @@ class Library:
             _, metadata = read_safetensors(path / WEIGHTS)
         else:
             _, metadata = read_safetensors(path)
-        manifest = json.loads(metadata.get(MANIFEST_KEY, "{}"))
+        manifest = read_manifest(metadata, path) or {}
         row = {"path": str(path), "name": manifest.get("name") or path.stem, "kind": manifest.get("kind", "lora"),
                "family": manifest.get("family", ""), "base": manifest.get("base", ""),
                "trigger_words": json.dumps(manifest.get("trigger_words", [])), "tags": json.dumps(tags or []),

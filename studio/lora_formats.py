@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from studio import concept_tokens
 from studio.adapters.base import AdapterFileError, UnknownKeysError, module_table
 from studio.deltas import Delta, Dense, LowRank
+from studio.home import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -251,7 +252,7 @@ def convert_file(path: str | Path, to: str, out: str | Path, *, backbone: Backbo
     its `clip_l` / `clip_g` tensors, as diffusers' advanced DreamBooth script writes them)."""
     import json as json_
 
-    from studio.adapters.base import MANIFEST_KEY, load_adapter, modelspec, read_safetensors
+    from studio.adapters.base import load_adapter, modelspec, read_manifest, read_safetensors
     from studio.backbones import load_backbone
     from studio.errors import InvalidArgumentError
 
@@ -265,11 +266,11 @@ def convert_file(path: str | Path, to: str, out: str | Path, *, backbone: Backbo
     else:
         source = backbone
         if source is None:
-            _, metadata = read_safetensors(path)
-            if MANIFEST_KEY not in metadata:
+            manifest = read_manifest(read_safetensors(path)[1], path)
+            if manifest is None:
                 raise InvalidArgumentError(f"{str(path)!r} was written by another tool: say which backbone it is for "
                                            f"with --backbone.")
-            source = json_.loads(metadata[MANIFEST_KEY]).get("base") or None
+            source = manifest.get("base") or None
         bb = load_backbone(source)
     adapter = load_adapter(path, bb)
     if not hasattr(adapter, "factors"):
@@ -292,8 +293,6 @@ def convert_file(path: str | Path, to: str, out: str | Path, *, backbone: Backbo
 def _write_plain(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return path

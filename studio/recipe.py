@@ -25,6 +25,19 @@ PARAMETERS_CHUNK = "parameters"
 RECIPE_VERSION = 1
 
 
+@dataclass
+class AdapterUse:
+    """One adapter of a generation request: what to attach (a file, a control model's folder or hub id, or an
+    `Adapter` object), at which weight (a number or block weights, "1,up_blocks.1=0"), with which run-time
+    inputs (reference or control images, routing...). The CLI and the UI build these and hand them to
+    `StudioPipeline.use` / `generate(adapters=...)`; a recipe's adapter records are read the same way."""
+
+    source: Any
+    weight: float | str = 1.0
+    inputs: dict[str, Any] = field(default_factory=dict)
+    allow_partial: bool = False  # a foreign LoRA file with keys this backbone lacks: attach the rest
+
+
 @dataclass(kw_only=True)
 class Recipe:
     """One image's recipe; `n` and `index` place it in the batch that made it (its seed is seed + index)."""

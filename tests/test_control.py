@@ -142,11 +142,11 @@ def test_start_end_and_two_controlnets_match_diffusers_multicontrolnet(world, tm
 
 
 def test_control_lora_ip_adapter_and_eraser_in_one_call_and_the_recipe_remakes_it(world, tmp_path):
-    from studio.adapters.erase import erase
     from studio.adapters.ip_adapter import default_ip_adapter
     from test_lora import random_lora
 
     from studio.recipe import read_recipe
+    from studio.training.erasing import erase
 
     control_path = tmp_path / "map.png"
     reference_path = tmp_path / "ref.png"

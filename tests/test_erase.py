@@ -7,20 +7,12 @@ import re
 import pytest
 import torch
 from studio.adapters.base import IncompatibleAdapterError, load_adapter
-from studio.adapters.erase import (
-    EraseConfig,
-    EraseError,
-    concept_rows,
-    erase,
-    method_targets,
-    text_states,
-    transport_factors,
-    without,
-)
-from studio.adapters.lora import attached_adapters
+from studio.adapters.erase import EraseConfig, EraseError, method_targets, transport_factors
+from studio.adapters.lora import attached_adapters, without
 from studio.pipelines import StudioPipeline
 
 from studio.backbones import load_backbone
+from studio.training.erasing import concept_rows, erase, text_states
 from studio.training.objectives import objective_for
 from tests.test_lora import denoise, random_lora
 
@@ -99,7 +91,7 @@ def test_uce_rank_truncation_keeps_the_largest_directions(world):
 def test_training_moves_the_concept_prediction_towards_negative_guidance(source, method, variant):
     """After a few steps the eraser's prediction for the concept prompt is closer to
     ε(x) - η(ε(x, c) - ε(x)) than the base model's, on bank states it was not trained on."""
-    from studio.adapters.erase import trajectory_bank
+    from studio.training.erasing import trajectory_bank
 
     backbone = load_backbone(source)
     adapter = erase("circle", method=method, backbone=backbone, steps=30, lr=5e-3, templates=["a {}"], seed=0,

@@ -8,9 +8,9 @@ from studio.adapters.base import IncompatibleAdapterError, UnknownKeysError, loa
 from studio.adapters.lora import LoraAdapter, LoraConfig, target_modules
 
 from studio.backbones import load_backbone
+from studio.deltas import LowRank
 from studio.errors import UnsafeFileError
 from studio.lora_formats import kohya_names, to_kohya
-from studio.deltas import LowRank
 
 
 def random_deltas(backbone, names, rank=4, seed=0, alpha=None):

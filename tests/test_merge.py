@@ -17,10 +17,10 @@ from test_lora import denoise, random_lora
 
 import studio
 from studio.backbones import load_backbone
-from studio.errors import InvalidArgumentError
-from studio.merge import methods as M
 from studio.blocks import block_name, parse_weight
 from studio.deltas import Dense, LowRank
+from studio.errors import InvalidArgumentError
+from studio.merge import methods as M
 from studio.merge.engine import bake
 from studio.merge.interference import plan
 from studio.merge.learned import search_weights

@@ -29,8 +29,7 @@ RUN_ONLY = ("folder", "out", "name", "sample_every", "sample_prompts", "checkpoi
 
 
 def _out(kind: str, tmp_path: Path, stem: str = "a") -> str:
-    return str(tmp_path / (stem if getattr(adapter_kinds().get_or_raise(recipes.base_kind(kind)), "folder", False)
-                           else f"{stem}.safetensors"))
+    return str(tmp_path / recipes.config_class(kind).training_output(stem, kind))
 
 
 @pytest.mark.parametrize("name", recipes.names())
@@ -46,10 +45,9 @@ def test_every_shipped_recipe_resolves_and_validates_against_its_kind(name, tmp_
     for key, value in recipe.options.items():  # the recipe's values reach the run (class images: see below)
         if key not in ("class_images", "class_prompt") and key != "kind":
             assert getattr(config, key) == value, (name, key)
-    own = {recipes.ADAPTER_FIELDS[k]: getattr(config, k) for k in recipes.ADAPTER_FIELDS
-           if getattr(config, k) is not None}
+    assert recipe.adapter.items() <= config.adapter.items()
     config_class = adapter_kinds().get_or_raise(config.kind).config_class
-    config_class(family="sd1", **own)  # the kind's own config takes the recipe's adapter section
+    config_class(family="sd1", **config.adapter)  # the kind's own config takes the recipe's adapter section
 
 
 def test_recipes_follow_the_backbone_and_the_kind():
@@ -127,10 +125,10 @@ def test_per_kind_defaults_are_the_recipes_through_the_api(tmp_path):
     for kind in ("lora", "orthogonal", "oft", "boft"):
         config = TrainConfig(folder=".", out=_out(kind, tmp_path), kind=kind, backbone="tiny-sd1")
         adapter = kind_config(config, backbone)
-        expected = recipes.resolve("tiny-sd1", kind).options
-        for key in ("rank", "oft_block_size", "target"):
+        expected = recipes.resolve("tiny-sd1", kind).adapter
+        for key in ("rank", "block_size", "target"):
             if key in expected:
-                assert getattr(adapter, recipes.ADAPTER_FIELDS[key]) == expected[key], (kind, key)
+                assert getattr(adapter, key) == expected[key], (kind, key)
     assert kind_config(TrainConfig(folder=".", out=_out("orthogonal", tmp_path), kind="orthogonal",
                                    backbone="tiny-sd1"), backbone).rank == 20  # the paper's, not LoRA's 16
 
@@ -163,7 +161,7 @@ def test_cli_api_and_ui_train_with_the_same_recipe(tmp_path, monkeypatch):
     app.JOBS.threads[job].join(timeout=300)
     ui = next((tmp_path / "home" / "adapters").glob("ui.safetensors"))
     cli, api_, ui_ = (_training(p) for p in (tmp_path / "cli.safetensors", api, ui))
-    assert cli == api_ == ui_ and cli["recipe"] == "sd1/orthogonal" and cli["rank"] == 20
+    assert cli == api_ == ui_ and cli["recipe"] == "sd1/orthogonal" and cli["adapter"]["rank"] == 20
     # the concept seed is the trigger's hash wherever the run starts
     assert len({load_adapter(p).config.concept_seed for p in (tmp_path / "cli.safetensors", api, ui)}) == 1
 

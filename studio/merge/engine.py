@@ -5,7 +5,6 @@ a backbone or export it for other tools."""
 from __future__ import annotations
 
 import inspect
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from studio.adapters.base import Adapter, IncompatibleAdapterError, WeightAdapter, load_adapter
-from studio.errors import InvalidArgumentError
 from studio.blocks import BlockWeights, parse_weight, weight_of
 from studio.deltas import Delta, Dense, LowRank
+from studio.errors import InvalidArgumentError
+from studio.home import atomic_path
 from studio.merge.methods import METHODS, as_low_rank, rerank
 
 if TYPE_CHECKING:
@@ -230,12 +230,8 @@ def bake(adapters: list[tuple[WeightAdapter, float]], backbone: Backbone, out: s
         if single_file:
             save_single_file(backbone, out)
         else:
-            tmp = out.with_name(f".{out.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            backbone.pipe.save_pretrained(tmp, safe_serialization=True)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.replace(out)
+            with atomic_path(out, folder=True) as tmp:
+                backbone.pipe.save_pretrained(tmp, safe_serialization=True)
     finally:
         for adapter in reversed(fused):
             adapter.unfuse(backbone)

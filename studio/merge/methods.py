@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from studio.errors import InvalidArgumentError
 from studio.deltas import Delta, Dense, LowRank
+from studio.errors import InvalidArgumentError
 from studio.registry import Registry
 
 MergeFn = Callable[..., Delta]

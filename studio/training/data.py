@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studio.errors import InvalidArgumentError, StudioError
+from studio.home import atomic_path
+from studio.images import IMAGE_SUFFIXES, encode_images, fit  # noqa: F401  (the training data's names too)
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt", ".caption")
 MASK_SUFFIX = ".mask.png"
 
@@ -162,34 +162,6 @@ def bucket_of(image_size: tuple[int, int], choices: list[tuple[int, int]]) -> tu
     return min(choices, key=lambda wh: abs(math.log(wh[0] / wh[1]) - ratio))
 
 
-def fit(image: Image.Image, bucket: tuple[int, int], *, flip: bool = False, crop_at: tuple[float, float] = (0.5, 0.5),
-        mode: str = "RGB"):
-    """Resize to cover the bucket, crop to it (centre unless `crop_at` says where), optionally mirror."""
-    from PIL import Image as PILImage
-
-    width, height = bucket
-    scale = max(width / image.width, height / image.height)
-    resized = image.convert(mode).resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-                                          PILImage.LANCZOS)
-    left = round((resized.width - width) * crop_at[0])
-    top = round((resized.height - height) * crop_at[1])
-    out = resized.crop((left, top, left + width, top + height))
-    return out.transpose(PILImage.FLIP_LEFT_RIGHT) if flip else out
-
-
-def encode_images(backbone: Any, images: list[Image.Image]) -> torch.Tensor:
-    """Latents as the family's denoiser sees them: (sample mean - shift) * scale."""
-    import numpy as np
-    import torch
-
-    vae = backbone.pipe.vae
-    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        latents = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean.float()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
-
-
 def mask_weights(item: Item, bucket: tuple[int, int], latent_size: tuple[int, int], *, flip: bool,
                  floor: float) -> torch.Tensor:
     """Per-latent-pixel loss weights (1, h, w): `floor` outside the subject, 1 on it, the mask fitted
@@ -236,13 +208,26 @@ class LatentCache:
         from safetensors.torch import save_file
 
         path = self._path(kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def check_size(size: int, factor: int) -> int:
     if not isinstance(size, int) or size < factor or size % factor:
         raise InvalidArgumentError(f"size={size!r} must be a positive multiple of {factor} for this backbone.")
     return size
+
+
+def training_map(item: Any, condition: str) -> tuple[Path | None, str]:
+    """Where an image's training map comes from: (path, preprocessor). `paired`: conditions/NAME.* beside it
+    (None when missing); `mask`: its NAME.mask.png when there is one (exact), else the mask preprocessor;
+    canny / soft_edge: the image itself through the preprocessor."""
+    if condition == "paired":
+        for suffix in IMAGE_SUFFIXES:
+            candidate = item.path.parent / "conditions" / (item.path.stem + suffix)
+            if candidate.is_file():
+                return candidate, "none"
+        return None, "none"
+    if condition == "mask" and item.mask is not None and item.mask != item.path:
+        return item.mask, "none"
+    return item.path, condition

@@ -1,11 +1,12 @@
 """Training recipes as data: the options a run takes, per backbone family (or embedded backbone) and kind.
 
-The files live in `studio/recipes/`: `defaults.yaml` (every option a recipe controls), `any/<kind>.yaml` (a
+The files live in `studio/recipes/`: `defaults.yaml` (every run option a recipe controls), `any/<kind>.yaml` (a
 kind on any backbone) and `<target>/<kind>.yaml` (a kind on one family: sd1, sd2, sdxl, sd3, flux, pixart; or an
 embedded backbone: world-sd, world-dit), each naming its source. A file holds `about`, `source`, `train:`
-(trainer options), `adapter:` (the kind's own options, named as its config names them) and `variants:`
-(`fast`, `quality`, `style`, ...: the same sections on top). Layers, each on the one before: defaults <-
-any/<kind> <- <target>/<kind> <- the variant <- the run's own options (--config, then the command line).
+(run options), `adapter:` (the kind's own options, named as its config names them: the fields it declares with
+`studio.adapters.base.option`) and `variants:` (`fast`, `quality`, `style`, ...: the same sections on top).
+Layers, each on the one before: defaults <- any/<kind> <- (an alias kind's options: dora) <- any/<alias> <-
+<target>/<kind> <- <target>/<alias> <- the variant <- the run's own options (--config, then the command line).
 
 kohya, ai-toolkit and OneTrainer ship presets per model family; these are the same idea, resolved by one
 function (`resolve`) that the CLI, the API (`TrainConfig`) and the UI's Train tab all call.
@@ -16,30 +17,39 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from studio.errors import InvalidArgumentError
 
+if TYPE_CHECKING:
+    from dataclasses import Field
+
+    from studio.adapters.base import AdapterConfig, KindAlias
+
 ROOT = Path(__file__).resolve().parent.parent / "recipes"
-# TrainConfig's name of a kind's own option -> the name its config class (and a recipe's `adapter:`) uses
-ADAPTER_FIELDS = {"rank": "rank", "alpha": "alpha", "dora": "dora", "target": "target",
-                  "text_encoder": "text_encoder", "concept_seed": "concept_seed", "concept_slots": "slots",
-                  "oft_block_size": "block_size", "image_encoder": "image_encoder", "condition": "condition"}
-ALIASES = {"dora": "lora"}  # a recipe kind that trains as another kind (with its own options on top)
 SECTIONS = ("about", "source", "extends", "train", "adapter", "variants")
 
 
 @dataclass
 class Recipe:
     """A resolved recipe: its name ("world-sd/lora", "sdxl/lora@quality"), what it is for, where its values
-    come from, and the TrainConfig options it sets."""
+    come from, the kind it trains (an alias's kind: dora trains a lora), the run options it sets (`train`) and
+    the kind's own (`adapter`, by its config's names)."""
 
     name: str
     about: str
     sources: list[str]
-    options: dict[str, Any]
+    kind: str
+    train: dict[str, Any]
+    adapter: dict[str, Any]
     variants: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)  # options its layers set above defaults.yaml
+    changed: list[str] = field(default_factory=list)  # options (by keyword) its layers set above defaults.yaml
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Every option it sets, flat, by the names TrainConfig's keywords and `studio train`'s flags give them
+        (rank, concept_slots)."""
+        return {"kind": self.kind, **self.train, **keyword_view(self.kind, self.adapter)}
 
     def line(self, options: dict[str, Any] | None = None) -> str:
         """The recipe in one line, as `studio train` prints it: steps, batch, lr and what it sets beyond the
@@ -58,8 +68,81 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+def kind_alias(kind: str) -> KindAlias | None:
+    """What `kind` is an alias of (a kind module declares it: `register_alias`), or None."""
+    from studio.adapters.base import KIND_ALIASES, adapter_kinds
+
+    adapter_kinds()  # every kind module has registered its kinds and aliases
+    return KIND_ALIASES.get(kind)
+
+
 def base_kind(kind: str) -> str:
-    return ALIASES.get(kind, kind)
+    """The kind `kind` trains as: itself, or the kind it is an alias of."""
+    alias = kind_alias(kind)
+    return alias.kind if alias else kind
+
+
+def config_class(kind: str) -> type[AdapterConfig]:
+    """The config class of `kind` (of an alias: its kind's); an unknown kind raises, naming the registered ones."""
+    from studio.adapters.base import adapter_kinds
+
+    return adapter_kinds().get_or_raise(base_kind(kind)).config_class
+
+
+def kind_options(kind: str) -> dict[str, Field]:
+    """The kind's own training options (its config's fields declared with `option`), by keyword."""
+    return config_class(kind).training_options()
+
+
+def adapter_options(kind: str) -> set[str]:
+    """The kind's own options a recipe (or the trainer) can set, by its config's names."""
+    return {f.name for f in kind_options(kind).values()}
+
+
+def option_keywords() -> set[str]:
+    """The keywords of every registered kind's options (TrainConfig's flat names: rank, concept_slots...)."""
+    from studio.adapters.base import adapter_kinds
+
+    return {keyword for cls in adapter_kinds().values() for keyword in cls.config_class.training_options()}
+
+
+def kind_section(kind: str, section: dict[str, Any] | None,
+                 flat: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The kind's own options from `section` (by its config's names: a recipe's `adapter:`, TrainConfig's
+    `adapter`) and `flat` (by keyword: TrainConfig's flat keywords and the flags, rank=8, concept_slots=4; None is
+    not given; they win) -> (the options by config name, what the kind does not have as it was named)."""
+    if not isinstance(section, dict | None):
+        raise InvalidArgumentError(f"adapter={section!r} must map the kind's options to values (e.g. {{'rank': 8}}).")
+    own = kind_options(kind)
+    names = {f.name for f in own.values()}
+    options: dict[str, Any] = {}
+    unknown: dict[str, Any] = {}
+    for name, value in (section or {}).items():
+        (options if name in names else unknown)[name] = value
+    for keyword, value in (flat or {}).items():
+        if value is None:
+            continue
+        if keyword in own:
+            options[own[keyword].name] = value
+        else:
+            unknown[keyword] = value
+    return options, unknown
+
+
+def keyword_view(kind: str, adapter: dict[str, Any]) -> dict[str, Any]:
+    """The kind's options `adapter` (by config name) by their keywords, in their order."""
+    keywords = {f.name: keyword for keyword, f in kind_options(kind).items()}
+    return {keywords[name]: value for name, value in adapter.items()}
+
+
+def trainable_kinds() -> list[str]:
+    """The registered kinds, each followed by its aliases, that have a recipe (any/<kind>.yaml): what `studio
+    train` takes, in the registry's order."""
+    from studio.adapters.base import KIND_ALIASES, adapter_kinds
+
+    names = [name for kind in adapter_kinds()
+             for name in (kind, *(a for a, alias in KIND_ALIASES.items() if alias.kind == kind))]
+    return [name for name in names if (ROOT / "any" / f"{name}.yaml").is_file()]
 
 
 def recipe_kinds() -> list[str]:
@@ -86,6 +169,7 @@ def _layers(target: str, kind: str) -> list[tuple[str, dict[str, Any]]]:
     """(file name, contents) of each layer that exists, from the bottom; a file that `extends` another
     ("world-sd/lora") has that one's layer just below its own."""
     names = ["defaults", f"any/{base_kind(kind)}", f"any/{kind}", f"{target}/{base_kind(kind)}", f"{target}/{kind}"]
+    alias = kind_alias(kind)
     layers: list[tuple[str, dict[str, Any]]] = []
 
     def add(name: str, chain: tuple[str, ...] = ()) -> None:
@@ -101,40 +185,34 @@ def _layers(target: str, kind: str) -> list[tuple[str, dict[str, Any]]]:
             layers.append((name, data))
 
     for name in names:
+        if alias and name == f"any/{kind}":  # what the alias declares, under its recipe files
+            layers.append((f"kind {kind}", {"adapter": alias.options}))
         if (ROOT / f"{name}.yaml").is_file():
             add(name)
     return layers
 
 
-def section_options(section: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
-    """A layer's `train:` and `adapter:` as TrainConfig options; a key the kind (or the trainer) does not have
-    is refused, naming the key and the kind."""
-    from studio.training.trainer import TrainConfig
+def run_options() -> set[str]:
+    """The run options a recipe's `train:` sets: those defaults.yaml holds."""
+    return set(_read(ROOT / "defaults.yaml").get("train") or {})
 
-    train_keys = {f.name for f in fields(TrainConfig)} - set(ADAPTER_FIELDS) - {"folder", "out", "kind", "recipe"}
-    options: dict[str, Any] = {}
+
+def section_options(section: dict[str, Any], kind: str, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A layer's `train:` (run options) and `adapter:` (the kind's own, by its config's names); a key the trainer
+    or the kind does not have is refused, naming the key and the kind."""
+    train_keys = run_options()
+    train: dict[str, Any] = {}
     for key, value in (section.get("train") or {}).items():
         if key not in train_keys:
-            hint = " (it is the kind's own option: put it under adapter:)" if key in ADAPTER_FIELDS else ""
+            hint = " (it is the kind's own option: put it under adapter:)" if key in option_keywords() else ""
             raise InvalidArgumentError(f"{where}: train key {key!r} is not a training option{hint}; training options: "
                                        f"{', '.join(sorted(train_keys))}.")
-        options[key] = value
-    own = adapter_options(kind)
-    by_config_name = {v: k for k, v in ADAPTER_FIELDS.items()}
-    for key, value in (section.get("adapter") or {}).items():
-        if key not in own:
-            raise InvalidArgumentError(f"{where}: adapter key {key!r} is not an option of kind {kind!r}; its options: "
-                                       f"{', '.join(sorted(own)) or 'none'}.")
-        options[by_config_name[key]] = value
-    return options
-
-
-def adapter_options(kind: str) -> set[str]:
-    """The kind's own options a recipe (or the trainer) can set, by its config's names."""
-    from studio.adapters.base import adapter_kinds
-
-    config_fields = {f.name for f in fields(adapter_kinds().get_or_raise(base_kind(kind)).config_class)}
-    return {name for name in ADAPTER_FIELDS.values() if name in config_fields}
+        train[key] = value
+    adapter, unknown = kind_section(kind, section.get("adapter"))
+    if unknown:
+        raise InvalidArgumentError(f"{where}: adapter key {next(iter(unknown))!r} is not an option of kind {kind!r}; "
+                                   f"its options: {', '.join(sorted(adapter_options(kind))) or 'none'}.")
+    return train, adapter
 
 
 def parse_name(name: str) -> tuple[str | None, str | None, str | None]:
@@ -168,12 +246,20 @@ def resolve(backbone: str | None, kind: str, recipe: str | None = None) -> Recip
     if not (ROOT / "any" / f"{kind}.yaml").is_file():
         raise InvalidArgumentError(f"no recipe for kind {kind!r}; kinds with recipes: {', '.join(recipe_kinds())}.")
     layers = _layers(target, kind)
-    options: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+    adapter: dict[str, Any] = {}
     sources, about, variants = [], "", {}
     changed: list[str] = []
+
+    def apply(data: dict[str, Any], where: str) -> list[str]:
+        """The layer's options on those below; returns their keywords."""
+        layer_train, layer_adapter = section_options(data, kind, where)
+        train.update(layer_train)
+        adapter.update(layer_adapter)
+        return [*layer_train, *keyword_view(kind, layer_adapter)]
+
     for where, data in layers:
-        layer = section_options(data, kind, f"recipe {where}")
-        options.update(layer)
+        layer = apply(data, f"recipe {where}")
         if where != "defaults":
             changed += [k for k in layer if k not in changed]
         about = data.get("about", about)
@@ -187,15 +273,13 @@ def resolve(backbone: str | None, kind: str, recipe: str | None = None) -> Recip
             raise InvalidArgumentError(f"recipe {recipe!r}: {name} has no variant {variant!r}; recipes for it: "
                                        f"{', '.join([name, *(f'{name}@{v}' for v in sorted(variants))])}.")
         for where, body in variants[variant]:
-            layer = section_options(body, kind, f"recipe {where}@{variant}")
-            options.update(layer)
+            layer = apply(body, f"recipe {where}@{variant}")
             changed += [k for k in layer if k not in changed]
             about = body.get("about", about)
         name = f"{name}@{variant}"
-    if base_kind(kind) != kind:
-        options.setdefault("kind", base_kind(kind))
-    return Recipe(name=name, about=about, sources=sources, options=options, variants=sorted(variants),
-                  changed=changed)
+    return Recipe(name=name, about=about, sources=sources, kind=base_kind(kind), train=train,
+                  adapter={k: v for k, v in adapter.items() if v is not None},  # None: the config's default
+                  variants=sorted(variants), changed=changed)
 
 
 def names_of_files() -> list[str]:
@@ -245,5 +329,6 @@ def recipe_target(backbone: str | None) -> str:
 
 def recipe_line(config: Any) -> str:
     """A resolved TrainConfig's recipe in one line, at the run's values (its overrides included)."""
+    values = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "adapter"}
     return resolve(config.backbone, config.kind, config.recipe).line(
-        {f.name: getattr(config, f.name) for f in fields(config)})
+        {**values, **keyword_view(config.kind, config.adapter)})

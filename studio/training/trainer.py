@@ -15,6 +15,7 @@ the files; the adapter equals the one-process run's (tests/test_scale_out.py).
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import math
@@ -22,12 +23,13 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from studio import faults
 from studio.errors import InvalidArgumentError, StudioError
+from studio.training import recipes
 from studio.training.objectives import check_timestep_bias
 
 Progress = Callable[[int, int, float], None]  # (step done, total steps, loss)
@@ -96,32 +98,39 @@ class TrainingCancelled(TrainingError):
     """The run was asked to stop; its checkpoint is saved and `resume=True` continues it."""
 
 
+def _kind_keywords(cls: type) -> type:
+    """`cls` (TrainConfig) also takes a kind's options flat, by keyword (rank=8, concept_slots=4: each is declared
+    on its kind's config field); they reach __post_init__ as `keywords`, which routes them into `adapter`."""
+    init = cls.__init__
+    own = {f.name for f in fields(cls)}
+
+    @functools.wraps(init)
+    def __init__(self, **options: Any) -> None:
+        flat = [name for name in options if name not in own and name in recipes.option_keywords()]
+        keywords = {name: options.pop(name) for name in flat}
+        init(self, **options, keywords=keywords)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_kind_keywords
 @dataclass(kw_only=True)
 class TrainConfig:
     """Everything a run needs; YAML/TOML recipes load into it and unknown keys raise."""
 
     folder: str
     out: str
-    kind: str = "lora"  # or dora (a LoRA with dora=True)
+    kind: str = "lora"  # a trainable kind or an alias of one (dora: a LoRA with dora=True)
     backbone: str | None = None  # default: the embedded world-sd
     # the recipe (studio.training.recipes): a variant of the backbone's and kind's ("quality") or a full name
     # ("sdxl/lora@quality"); every option left None below takes its value, and the name resolved is kept here
     recipe: str | None = None
-    # --- the kind's own options (None: the recipe's, else the kind's config default)
-    rank: int | None = None
-    alpha: float | None = None  # kohya's alpha: with Adam, B's learning rate x alpha / rank
-    dora: bool | None = None
-    target: str | None = None  # attention, blocks, all-linear, locon or a regex over module names
-    text_encoder: bool | None = None
-    # orthogonal: which basis columns; default: a stable hash of the trigger (or the adapter's name), so adapters
-    # trained apart take different columns (studio.adapters.orthogonal.hashed_seed)
-    concept_seed: int | None = None
-    concept_slots: int | None = None  # orthogonal: per-layer rank min(rank, input size // slots) (OrthogonalConfig.slots)
-    oft_block_size: int | None = None  # oft/boft
-    image_encoder: str | None = None  # ip_adapter: the CLIP image encoder (folder or hub id); "" = the backbone's
-    # controlnet / t2i_adapter: each image's control map: canny, soft_edge, mask (NAME.mask.png, else derived) or
-    # paired (conditions/NAME.png beside it, as given)
-    condition: str | None = None
+    # the kind's own options by its config's names ({"rank": 8}), on top of the recipe's `adapter:`; the kind's
+    # config class declares them (`studio.adapters.base.option`) and completes or refuses them before any model
+    # loads (`prepare_training_options`). Each is also a flat keyword, given or read: rank=8, config.concept_slots
+    adapter: dict[str, Any] = field(default_factory=dict)
+    keywords: InitVar[dict[str, Any] | None] = None  # those flat keywords (the class decorator fills it)
     trigger: str = ""
     # --- training options (None: the recipe's; studio/recipes/defaults.yaml holds every one)
     steps: int | None = None
@@ -178,38 +187,29 @@ class TrainConfig:
     device: str | None = None
     name: str = ""
 
-    def __post_init__(self):
-        from studio.adapters.base import adapter_kinds
-        from studio.training.recipes import ADAPTER_FIELDS, adapter_options, base_kind, resolve
-
+    def __post_init__(self, keywords: dict[str, Any] | None):
         asked = self.kind
-        kind = adapter_kinds().get_or_raise(base_kind(asked))
-        own = adapter_options(asked)
-        given = [name for name, config_name in ADAPTER_FIELDS.items()
-                 if getattr(self, name) is not None and config_name not in own]
-        if given:
-            raise InvalidArgumentError(f"{', '.join(f'{n}={getattr(self, n)!r}' for n in given)}: not an option of kind "
+        recipes.config_class(asked)  # an unknown kind raises, naming the kinds
+        given, unknown = recipes.kind_section(asked, self.adapter, keywords)
+        if unknown:
+            own = recipes.adapter_options(asked)
+            raise InvalidArgumentError(f"{', '.join(f'{n}={v!r}' for n, v in unknown.items())}: not an option of kind "
                                        f"{asked!r} (its options: {', '.join(sorted(own)) or 'none'}); leave "
-                                       f"{'them' if len(given) > 1 else 'it'} out.")
+                                       f"{'them' if len(unknown) > 1 else 'it'} out.")
         given_prompt, given_count = self.class_prompt, self.class_images
         # resolved here, so the manifest and a checkpoint record what the run used
-        recipe = resolve(self.backbone, asked, self.recipe)
-        for name, value in recipe.options.items():
-            if name == "kind" or getattr(self, name) is None:
+        recipe = recipes.resolve(self.backbone, asked, self.recipe)
+        for name, value in recipe.train.items():
+            if getattr(self, name) is None:
                 setattr(self, name, value)
-        self.recipe = recipe.name
+        self.kind, self.recipe = recipe.kind, recipe.name
+        self.adapter = {**recipe.adapter, **{k: v for k, v in given.items() if v is not None}}
         if isinstance(self.class_prompt, str):
             self.class_prompt = [self.class_prompt]
-        if self.kind == "orthogonal" and self.concept_seed is None:
-            from studio.adapters.orthogonal import hashed_seed
-
-            self.concept_seed = hashed_seed(self.trigger or self.name or Path(self.out).stem)
         for name in ("steps", "batch", "grad_accumulation", "checkpoint_every", "anchor_variants"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidArgumentError(f"{name}={value!r} must be an integer >= 1.")
-        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
-            raise InvalidArgumentError(f"rank={self.rank!r} must be an integer >= 1.")
         self._check_class_options(given_prompt, given_count)
         if not self.lr > 0:
             raise InvalidArgumentError(f"lr={self.lr!r} must be > 0 (e.g. 1e-4).")
@@ -239,16 +239,16 @@ class TrainConfig:
             raise InvalidArgumentError(f"caption_dropout={self.caption_dropout!r} must be in [0, 1).")
         if self.precision not in ("auto", "no", "fp16", "bf16"):
             raise InvalidArgumentError(f"precision={self.precision!r}; choose auto, no, fp16 or bf16.")
-        if getattr(kind, "folder", False):
-            from studio.adapters.control import CONDITIONS
+        recipes.config_class(self.kind).prepare_training_options(self.adapter, self)
 
-            if str(self.out).endswith(".safetensors"):
-                raise InvalidArgumentError(f"out={self.out!r}: a {self.kind} is saved as a diffusers folder; give a "
-                                           f"folder name (e.g. {str(self.out).removesuffix('.safetensors')!r}).")
-            if self.condition not in CONDITIONS:
-                raise InvalidArgumentError(f"condition={self.condition!r}; choose one of {', '.join(CONDITIONS)}.")
-        elif not str(self.out).endswith(".safetensors"):
-            raise InvalidArgumentError(f"out={self.out!r} must be a .safetensors file name.")
+    def __getattr__(self, name: str) -> Any:
+        """A kind's option read flat, by its keyword (config.rank, config.concept_seed): its value in `adapter`;
+        None where it is not set or the kind has no such option."""
+        if not name.startswith("__") and "adapter" in self.__dict__:
+            option = recipes.kind_options(self.kind).get(name)
+            if option or name in recipes.option_keywords():
+                return self.adapter.get(option.name) if option else None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _check_class_options(self, given_prompt: Any, given_count: Any) -> None:
         """Prior preservation's options, as given and as the recipe filled them: a count is whole and >= 0; a class
@@ -295,7 +295,7 @@ class TrainConfig:
                                        f"({where}); fix the file.") from None
         if not isinstance(data, dict):
             raise InvalidArgumentError(f"recipe {str(path)!r} must be a mapping of option: value.")
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | recipes.option_keywords()
         unknown = sorted(set(data) - known)
         if unknown:
             raise InvalidArgumentError(f"recipe {str(path)!r} has unknown keys {unknown}; known keys: {sorted(known)}.")
@@ -314,16 +314,11 @@ def run_paths(out: str | Path) -> dict[str, Path]:
 
 
 def kind_config(config: TrainConfig, backbone: Any):
-    """The adapter kind's own config from the run's options (those left None take the config's defaults)."""
-    from studio.adapters.base import adapter_kinds
-    from studio.training.recipes import ADAPTER_FIELDS
-
-    cls = adapter_kinds().get_or_raise(config.kind).config_class
-    wanted = dict(family=backbone.family.name, base=backbone.source, name=config.name or Path(config.out).stem,
-                  trigger_words=[config.trigger] if config.trigger else [],
-                  **{ADAPTER_FIELDS[name]: getattr(config, name) for name in ADAPTER_FIELDS})
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in wanted.items() if k in known and v is not None})
+    """The adapter kind's own config from the run's `adapter` section (options it leaves out take the config's
+    defaults)."""
+    return recipes.config_class(config.kind)(
+        family=backbone.family.name, base=backbone.source, name=config.name or Path(config.out).stem,
+        trigger_words=[config.trigger] if config.trigger else [], **config.adapter)
 
 
 class Run:
@@ -467,7 +462,8 @@ class Run:
     def _encode_conditions(self) -> None:
         """Each example's control map (fitted like its latent), as the control model reads it, cached; images
         without a paired map are left out, and said."""
-        from studio.adapters.control import control_map, training_map
+        from studio.adapters.control import control_map
+        from studio.training.data import training_map
 
         condition = self.config.condition
         sources = {id(e): training_map(e["item"], condition) for e in self.examples}

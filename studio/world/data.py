@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
-from studio.home import cache_dir
+from studio.home import atomic_path, cache_dir
 from studio.world.render import layers, render, sample_labels
 from studio.world.vocab import ATTRIBUTES, VALUES, Labels
 
@@ -59,9 +58,8 @@ def _cached_set(n: int, seed: int, held_out: bool, workers: int, *, as_layers: b
     else:
         parts = [_render_chunk(job) for job in jobs]
     data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **data)
-    Path(tmp).replace(path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **data)
     return data
 
 

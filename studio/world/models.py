@@ -40,3 +40,9 @@ def world_dit():
 
 
 BUILDERS = {"world-sd": world_sd, "world-dit": world_dit}
+# what each world backbone ships beside its weights, by adapter kind (or "image_encoder"), under assets/world:
+# the IP-Adapter (bench/image_prompt.py trained it), the mask control models (bench/control.py) and the CLIP
+# image encoder both read
+SHIPS = {"world-sd": {"ip_adapter": "ip-adapter/world-sd.safetensors", "controlnet": "control/controlnet-world-sd",
+                      "t2i_adapter": "control/t2i_adapter-world-sd", "image_encoder": "world-clip"},
+         "world-dit": {"image_encoder": "world-clip"}}

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from studio.home import atomic_path
 from studio.world import ASSETS
 from studio.world.captions import MAX_TOKENS, world_tokenizer
 from studio.world.data import render_set, to_tensor
@@ -364,9 +365,8 @@ def generated_like_pool(vae, n: int, seed: int) -> dict[str, np.ndarray]:
     pool = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     trip = np.flatnonzero(rng.random(n) < 0.5)
     pool["images"][trip] = vae_roundtrip(vae, pool["images"][trip])
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **pool)
-    Path(tmp).replace(path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **pool)
     return pool
 
 
@@ -468,10 +468,10 @@ def _checkpoint(path: Path, model, opt, step: int) -> None:
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors.tmp")
-    (path / "model.safetensors.tmp").replace(path / "model.safetensors")
-    torch.save(opt.state_dict(), path / "optimizer.pt.tmp")  # tensors only: reloaded with weights_only=True
-    (path / "optimizer.pt.tmp").replace(path / "optimizer.pt")
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    with atomic_path(path / "optimizer.pt") as tmp:
+        torch.save(opt.state_dict(), tmp)  # tensors only: reloaded with weights_only=True
     (path / "step.json").write_text(json.dumps({"step": step}))
 
 
