@@ -157,6 +157,9 @@ class Adapter:
     kind: ClassVar[str] = ""
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     weightless: ClassVar[bool] = False  # a kind with no tensors (its manifest says everything)
+    # config options of a small instance on the tiny test backbones (tiny-sd1): the contract tests build every
+    # registered kind with them, so a new kind is covered by declaring them here
+    sample_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: AdapterConfig, tensors: dict[str, torch.Tensor]):
         if not isinstance(config, self.config_class):

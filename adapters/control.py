@@ -792,17 +792,6 @@ def control_use(backbone: Backbone, model: str, image: Any, scale: float = 1.0, 
     return AdapterUse(str(path), float(scale), inputs)
 
 
-def attach_control(pipeline: Any, model: str, image: Any, scale: float = 1.0, *, preprocess: str | None = None,
-                   end: float = 1.0) -> None:
-    """Attach a control reading `image` to a StudioPipeline: `model` is a control model's folder or hub id, or a kind
-    (controlnet, t2i_adapter) for the backbone's own; no `preprocess`: the model's own condition."""
-    path = default_control(pipeline.backbone, model) if model in CONTROL_KINDS else model
-    inputs: dict[str, Any] = {"image": image, "end": float(end)}
-    if preprocess:
-        inputs["preprocess"] = preprocess
-    pipeline.attach(str(path), float(scale), **inputs)
-
-
 def default_control(backbone: Backbone, kind: str) -> Path:
     """The backbone's own control model of `kind` (world-sd ships a mask ControlNet and T2I-Adapter)."""
     from studio.embedded import ships

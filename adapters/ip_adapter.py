@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from studio.backbones import Backbone
+    from studio.recipe import AdapterUse
 
 # InstantStyle (Wang et al. 2024, arXiv:2404.02733) block routing, as diffusers' `set_ip_adapter_scale`
 # reads it: which cross-attention layers receive the image tokens. SDXL's are the paper's; SD1.5's style
@@ -711,6 +712,19 @@ def _mask_tensor(backbone: Backbone, mask: Any, count: int) -> torch.Tensor:
     image, _ = open_reference(mask)
     tensor = IPAdapterMaskProcessor().preprocess([image.convert("L")], height=image.size[1], width=image.size[0])
     return tensor.reshape(1, 1, *tensor.shape[-2:]).repeat(1, count, 1, 1)
+
+
+def image_prompt_use(backbone: Backbone, images: list[Any], scale: float = 1.0, *, routing: str = "all",
+                     content: str = "", adapter: str | Path | None = None, encoder: str | None = None) -> AdapterUse:
+    """The request for an image prompt: `adapter` (default: the backbone's own IP-Adapter) reading `images` at
+    `scale`, routed to `routing`, with `content` words subtracted (`studio generate --ip-image`, the Generate
+    tab's image prompt)."""
+    from studio.recipe import AdapterUse
+
+    inputs: dict[str, Any] = {"images": list(images), "routing": routing or "all", "content": (content or "").strip()}
+    if encoder:
+        inputs["image_encoder"] = encoder
+    return AdapterUse(str(adapter or default_ip_adapter(backbone)), float(scale), inputs)
 
 
 def default_ip_adapter(backbone: Backbone) -> Path:

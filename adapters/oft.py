@@ -52,6 +52,7 @@ class BoftConfig(OftConfig):
 @register("oft")
 class OftAdapter(PeftAdapter):
     config_class = OftConfig
+    sample_options = {"block_size": 4}
     pattern = re.compile(r"\.oft_[A-Za-z_]+(\.weight)?$")
 
     def target_names(self) -> list[str]:
@@ -80,10 +81,17 @@ class OftAdapter(PeftAdapter):
         return adapter
 
     def _entry(self, backbone: Backbone, weight: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        self._check_whole(weight)
+        return super()._entry(backbone, weight, inputs)
+
+    def _reweight(self, backbone: Backbone, entry: dict[str, Any], weight: Any) -> Any:
+        self._check_whole(weight)
+        return super()._reweight(backbone, entry, weight)
+
+    def _check_whole(self, weight: Any) -> None:
         if weight != 1.0:
             raise InvalidArgumentError(f"{self.kind} rotates weights and has no partial strength when attached "
                                        f"(weight={weight}); fuse it with a weight instead, which blends the change.")
-        return super()._entry(backbone, weight, inputs)
 
     def deltas(self, backbone: Backbone | None = None, *, weight: float = 1.0) -> dict[str, Delta]:
         """ΔW per layer, from PEFT's merge applied to a copy of the layer."""

@@ -112,6 +112,7 @@ class OrthogonalAdapter(LoraAdapter):
     """A LoRA whose lora_A rows are frozen columns of the shared basis."""
 
     config_class = OrthogonalConfig
+    sample_options = {"concept_seed": 3, "rank": 4}
 
     @classmethod
     def create(cls, backbone: Backbone, config: OrthogonalConfig, *, seed: int = 0) -> OrthogonalAdapter:

@@ -32,6 +32,7 @@ from studio.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from studio.backbones import Backbone
+    from studio.recipe import AdapterUse
 
 # content and style blocks (diffusers module paths) per backbone name or family: SDXL's are the paper's;
 # world-sd's are the layers where an image prompt moved the shape and colour (content) and the
@@ -73,6 +74,8 @@ class BLoraAdapter(LoraAdapter):
     """A LoRA on a content block and a style block; `attach(..., part="content"|"style"|"both")`."""
 
     config_class = BLoraConfig
+    # tiny-sd1 has no B-LoRA blocks of its own: name two
+    sample_options = {"rank": 2, "blocks": {"content": ["down_blocks.0.attentions.0"], "style": ["up_blocks.1.attentions.1"]}}
 
     @classmethod
     def create(cls, backbone: Backbone, config: BLoraConfig, *, seed: int = 0) -> BLoraAdapter:
@@ -317,6 +320,15 @@ class StyleInjection(Adapter):
 
     def inputs_record(self, backbone: Backbone) -> dict[str, Any]:
         return dict(attachments(backbone).get(self.name, {}).get("record", {}))
+
+
+def style_use(backbone: Backbone, image: Any, weight: float = 1.0) -> AdapterUse:
+    """The request for a training-free style injection reading `image` at `weight` (`studio generate
+    --style-image`, the Generate tab's style reference)."""
+    from studio.recipe import AdapterUse
+
+    injection = StyleInjection.create(backbone, StyleInjectionConfig(family=backbone.family.name, name="style-image"))
+    return AdapterUse(injection, float(weight), {"image": image})
 
 
 def _encode_reference(backbone: Backbone, image: Any):

@@ -156,7 +156,7 @@ class StudioPipeline:
         detached when a record cannot be attached again; an unchanged stack is left as it is."""
         from studio.hashing import hash_files
 
-        if adapters == self._adapter_records():
+        if adapters == self._adapter_records() or self._same_stack(adapters):
             return
         requests = []
         for item in adapters:
@@ -184,6 +184,17 @@ class StudioPipeline:
         self.detach()
         for request in requests:
             self.attach(request.source, request.weight, allow_partial=request.allow_partial, **request.inputs)
+
+    def _same_stack(self, requests: list[Any]) -> bool:
+        """The requests name exactly the attached files at their weights, none with run-time inputs (images are
+        read again on every request: an upload path can be written over)."""
+        rows = self.adapters
+        if len(rows) != len(requests) or not all(isinstance(r, AdapterUse) and not r.inputs for r in requests):
+            return False
+        return all(not row["inputs"] and row["adapter"].path is not None and isinstance(r.source, (str, Path))
+                   and Path(r.source).resolve() == row["adapter"].path.resolve()
+                   and parse_weight(r.weight, what="adapter weight") == row["weight"]
+                   for row, r in zip(rows, requests, strict=True))
 
     def recipe(self, prompt: str, *, negative_prompt: str = "", n: int = 1, seed: int | None = None,
                steps: int | None = None, guidance: float | None = None, width: int | None = None,

@@ -89,9 +89,8 @@ def _adapter_uses(specs: list[str] | None, allow_partial: bool) -> list[AdapterU
 def _image_prompt_uses(backbone, images: list[Path] | None, adapter: Path | None, scale: float, style_only: bool,
                        layout_only: bool, content: str | None, encoder: str | None) -> list[AdapterUse]:
     """--ip-image and its options: the IP-Adapter (given, or the backbone's own) with those references."""
-    from studio.adapters.ip_adapter import default_ip_adapter
+    from studio.adapters.ip_adapter import image_prompt_use
     from studio.errors import InvalidArgumentError
-    from studio.recipe import AdapterUse
 
     if not images:
         if adapter or style_only or layout_only or content:
@@ -99,10 +98,8 @@ def _image_prompt_uses(backbone, images: list[Path] | None, adapter: Path | None
                                        "prompt: add --ip-image REFERENCE.png.")
         return []
     routing = "+".join(name for name, on in (("style", style_only), ("layout", layout_only)) if on) or "all"
-    inputs = dict(images=list(images), routing=routing, content=content or "")
-    if encoder:
-        inputs["image_encoder"] = encoder
-    return [AdapterUse(str(adapter or default_ip_adapter(backbone)), scale, inputs)]
+    return [image_prompt_use(backbone, images, scale, routing=routing, content=content or "", adapter=adapter,
+                             encoder=encoder)]
 
 
 def _control_uses(backbone, specs: list[str] | None, preprocess: str | None, end: float) -> list[AdapterUse]:
@@ -130,13 +127,9 @@ def _control_uses(backbone, specs: list[str] | None, preprocess: str | None, end
 
 def _style_image_uses(backbone, image: Path | None, weight: float) -> list[AdapterUse]:
     """--style-image: a training-free style injection with that reference."""
-    if image is None:
-        return []
-    from studio.adapters.style import StyleInjection, StyleInjectionConfig
-    from studio.recipe import AdapterUse
+    from studio.adapters.style import style_use
 
-    injection = StyleInjection.create(backbone, StyleInjectionConfig(family=backbone.family.name, name="style-image"))
-    return [AdapterUse(injection, weight, {"image": image})]
+    return [] if image is None else [style_use(backbone, image, weight)]
 
 
 class JobProgress:

@@ -14,35 +14,41 @@ from studio.adapters.base import IncompatibleAdapterError, adapter_kinds, load_a
 from test_lora import denoise
 
 from studio.backbones import load_backbone
+from studio.errors import InvalidArgumentError
 
-KINDS = {"lora": {}, "dora": {"dora": True}, "orthogonal": {"concept_seed": 3, "rank": 4},
-         "oft": {"block_size": 4}, "boft": {"block_size": 4},
-         "erase": {"method": "spm", "concepts": ["cat"], "rank": 1, "transport": True},
-         # tiny-sd1 has no B-LoRA blocks of its own: name two
-         "blora": {"rank": 2, "blocks": {"content": ["down_blocks.0.attentions.0"], "style": ["up_blocks.1.attentions.1"]}}}
 ATTENTION_KINDS = ("ip_adapter", "style_injection")
 RESIDUAL_KINDS = ("controlnet", "t2i_adapter")
 
 
+def weight_kinds() -> dict[str, tuple[str, dict]]:
+    """Every registered weight-space kind and alias: name -> (the kind that trains it, its sample options)."""
+    from studio.adapters.base import KIND_ALIASES, WeightAdapter
+
+    kinds = {name: (name, dict(cls.sample_options)) for name, cls in adapter_kinds().items()
+             if issubclass(cls, WeightAdapter)}
+    for name, alias in KIND_ALIASES.items():
+        kinds[name] = (alias.kind, {**kinds[alias.kind][1], **alias.options})
+    return kinds
+
+
+KINDS = weight_kinds()
+
+
 def make(kind: str, backbone, seed: int = 0):
     """A fresh adapter of `kind` with its trainable tensors randomised (created ones are identities)."""
-    options = dict(KINDS[kind])
-    cls = adapter_kinds().get_or_raise("lora" if kind == "dora" else kind)
+    base, options = KINDS[kind]
+    cls = adapter_kinds().get_or_raise(base)
     config = cls.config_class(family=backbone.family.name, name=f"{kind}-{seed}", **options)
     adapter = cls.create(backbone, config, seed=seed)
     g = torch.Generator().manual_seed(seed)
-    frozen = ("lora_A",) if kind == "orthogonal" else ()
-    adapter.tensors = {k: v if any(f in k for f in frozen) or "magnitude" in k
+    adapter.tensors = {k: v if "magnitude" in k or any(not adapter.trains(part) for part in k.split("."))
                        else v + torch.randn(v.shape, generator=g) * 0.2 for k, v in adapter.tensors.items()}
     return adapter
 
 
 def test_every_registered_kind_is_covered():
-    from studio.adapters.base import WeightAdapter
-
-    weight = {k for k, cls in adapter_kinds().items() if issubclass(cls, WeightAdapter)}
-    assert weight == {k for k in KINDS if k != "dora"}
-    assert set(adapter_kinds()) - weight == set(ATTENTION_KINDS) | set(RESIDUAL_KINDS)
+    assert set(adapter_kinds()) == {k for k, (base, _) in KINDS.items() if k == base} | set(ATTENTION_KINDS) \
+        | set(RESIDUAL_KINDS)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -54,6 +60,18 @@ def test_contract(kind, tmp_path):
     adapter.attach(backbone)
     attached = denoise(backbone)
     assert (attached - base).abs().max() > 1e-3  # non-identity
+    try:  # every hook of the table runs: set_weight's
+        adapter.set_weight(backbone, 0.5)
+    except InvalidArgumentError:  # a rotation has no partial strength: refused, nothing changed
+        pass
+    else:
+        assert not torch.equal(denoise(backbone), attached)
+    adapter.set_weight(backbone, 1.0)
+    assert torch.equal(denoise(backbone), attached)
+    adapter.prepare(backbone, ["a cat"], 1)  # the optional hooks, declared on the base class
+    adapter.release()
+    assert adapter.inputs_record(backbone) in (None, {"part": "both"})
+    assert type(adapter).call_arguments(backbone, 7.5) == {}
     adapter.detach(backbone)
     assert torch.equal(denoise(backbone), base) and list(backbone.denoiser.state_dict()) == keys
     adapter.fuse(backbone)

@@ -5,6 +5,7 @@ state lives in the library."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,11 +30,12 @@ def home(tmp_path, monkeypatch):
 GENERIC = "any/lora"
 NO_IMAGE_PROMPT = [None, 1.0, "all", ""]  # reference image, scale, routing, content words
 NO_CONTROL = [None, "controlnet", "", "", 1.0, 1.0]  # control image, kind, model folder, preprocessor, scale, end
+NO_STYLE = [None, 1.0]  # style image, weight
 
 
 def empty_slots() -> list:
-    """The image-prompt and control inputs left empty, then the adapter stack's empty slots."""
-    return NO_IMAGE_PROMPT + NO_CONTROL + [None, 1.0, True] * app.SLOTS
+    """The image-prompt, control and style inputs left empty, then the adapter stack's empty slots."""
+    return NO_IMAGE_PROMPT + NO_CONTROL + NO_STYLE + [None, 1.0, True] * app.SLOTS
 
 
 def wait_for(job_id: int, timeout: float = 120) -> dict:
@@ -164,8 +166,8 @@ def test_training_job_runs_in_a_thread_and_lands_in_the_library(trained, home, t
     assert [row[0] for row in app.library_view("zwx")[1]] == ["heart-adapter"]  # search by trigger word
     # stacked in Generate: the recipe names the adapter at its weight
     gallery, recipes, parameters = app.generate_images(
-        "a red sks star", "", "world-sd", 1, 5, 2, 7.0, 64, 64, "", *NO_IMAGE_PROMPT, *NO_CONTROL, star, 0.8, True, heart,
-        1.0, False,
+        "a red sks star", "", "world-sd", 1, 5, 2, 7.0, 64, 64, "", *NO_IMAGE_PROMPT, *NO_CONTROL, *NO_STYLE, star, 0.8,
+        True, heart, 1.0, False,
         *([None, 1.0, True] * (app.SLOTS - 2)))
     adapters = json.loads(recipes[0])["adapters"]
     assert [(a["name"], a["weight"]) for a in adapters] == [("star-adapter", 0.8)]
@@ -241,13 +243,22 @@ def test_erase_tab_makes_an_eraser_previews_it_and_stacks_it_in_generate(home):
                                    "a large red {} on a plain background, in the centre\n{} , small , top left")
     assert Path(path) == home / "adapters" / "no_circle.safetensors" and "uce eraser of circle" in note
     assert "no_circle" in {row[0] for row in app.library_view("eraser")[1]}
+    # each eraser was a job of the UI's job system, in the library's jobs table, its view drawn like training's
+    from studio.ui.erase import erase_view
+
+    jobs = {row["name"]: row for row in app.library().jobs("erase")}
+    assert {name: row["status"] for name, row in jobs.items()} == {"erase-circle": "failed", "no_circle": "done"}
+    assert "preserve list names" in jobs["erase-circle"]["error"]
+    assert erase_view(jobs["no_circle"]["id"]) == ("<div class='progress-wrap' data-status='done'><b>no_circle</b>: "
+                                                   "done</div>",)
     grid = app.erase_preview(path, "a large red circle on a plain background, in the centre", "world-sd")
     assert [c for _, c in grid] == ["before: a large red circle on a plain background, in the centre",
                                     "after: a large red circle on a plain background, in the centre"]
     before, after = (np.asarray(Image.open(p), dtype=np.int16) for p, _ in grid)
     assert np.abs(before - after).mean() > 5  # the eraser changed the circle's image
     gallery, _, parameters = app.generate_images("a red circle", "", "world-sd", 1, 3, 4, 5.0, 64, 64, "",
-                                                 *NO_IMAGE_PROMPT, *NO_CONTROL, path, 1.0, True, *[None, 1.0, True] * (app.SLOTS - 1))
+                                                 *NO_IMAGE_PROMPT, *NO_CONTROL, *NO_STYLE, path, 1.0, True,
+                                                 *[None, 1.0, True] * (app.SLOTS - 1))
     assert "<lora:no_circle:1>" in parameters
 
 
@@ -307,6 +318,30 @@ def test_image_prompt_in_generate_goes_into_the_recipe_and_reuse_brings_it_back(
     assert np.abs(pixels(Image.open(plain[0][0])) - pixels(Image.open(gallery[0][0]))).mean() > 1
 
 
+def test_style_image_in_generate_goes_into_the_recipe_and_reuse_brings_it_back(home, tmp_path):
+    import numpy as np
+    from conftest import pixels
+    from PIL import Image
+
+    from studio.world.render import render, sample_labels
+
+    reference = tmp_path / "style.png"
+    render(sample_labels(np.random.default_rng(5), background="stripes"), seed=5)[0].save(reference)
+    settings = ["a blue square", "", "world-sd", 1, 8, 4, 7.0, 64, 64, ""]
+    gallery, recipes, _ = app.generate_images(*settings, *NO_IMAGE_PROMPT, *NO_CONTROL, str(reference), 0.9,
+                                              *[None, 1.0, True] * app.SLOTS)
+    (style,) = json.loads(recipes[0])["adapters"]  # recorded as the API records it: kind, weight, reference, manifest
+    assert (style["kind"], style["weight"], style["path"]) == ("style_injection", 0.9, None)
+    assert style["inputs"]["image"] == str(reference.resolve()) and style["manifest"]["kind"] == "style_injection"
+    values = app.reuse_recipe(recipes[0])
+    assert values[20:22] == [str(reference.resolve()), 0.9] and values[22::3] == [None] * app.SLOTS
+    again, _, _ = app.generate_images(*values)
+    assert np.abs(pixels(Image.open(again[0][0])) - pixels(Image.open(gallery[0][0]))).max() <= 1
+    plain, recipes, _ = app.generate_images(*settings, *empty_slots())
+    assert json.loads(recipes[0])["adapters"] == []  # the injection is gone from the shared pipeline
+    assert np.abs(pixels(Image.open(plain[0][0])) - pixels(Image.open(gallery[0][0]))).mean() > 5
+
+
 def test_control_in_generate_previews_its_map_goes_into_the_recipe_and_reuse_brings_it_back(home, tmp_path):
     import numpy as np
     from conftest import pixels
@@ -325,7 +360,7 @@ def test_control_in_generate_previews_its_map_goes_into_the_recipe_and_reuse_bri
     Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
     gallery, recipes, parameters = app.generate_images(
         "a red square on a plain background", "", "world-sd", 1, 8, 4, 7.0, 64, 64, "", *NO_IMAGE_PROMPT,
-        str(mask_path), "controlnet", "", "none", 0.9, 0.8, *[None, 1.0, True] * app.SLOTS)
+        str(mask_path), "controlnet", "", "none", 0.9, 0.8, *NO_STYLE, *[None, 1.0, True] * app.SLOTS)
     assert 'Module: none, Model: controlnet-world-sd' in parameters and "Weight: 0.9" in parameters
     assert "Guidance End: 0.8" in parameters and "<lora:" not in parameters
     values = app.reuse_recipe(recipes[0])
@@ -367,7 +402,7 @@ def test_train_tab_trains_a_controlnet_into_the_library_and_generate_uses_its_fo
     Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(tmp_path / "blank.png")
     gallery, _, parameters = app.generate_images(
         "a red circle", "", "world-sd", 1, 1, 2, 7.0, 64, 64, "", *NO_IMAGE_PROMPT, str(refs / "000.png"),
-        "controlnet", str(path), "", 1.0, 1.0, *[None, 1.0, True] * app.SLOTS)
+        "controlnet", str(path), "", 1.0, 1.0, *NO_STYLE, *[None, 1.0, True] * app.SLOTS)
     assert 'Module: soft_edge, Model: edges' in parameters
 
 
@@ -474,7 +509,7 @@ def test_an_image_over_the_pixel_limit_is_refused_and_a_failed_upload_leaves_no_
 
     second = _png(tmp_path / "second.png")
     with monkeypatch.context() as patch, pytest.raises(gr.Error):
-        patch.setattr(app.shutil, "copyfile", full_disk)
+        patch.setattr(shutil, "copyfile", full_disk)
         app.stage_uploads([str(good), str(second)], "sks")
     assert copies and list((home / "uploads").iterdir()) == [Path(staged)]
     staged, rows, note = app.stage_uploads([str(bomb)], "sks")  # nothing usable: no folder either

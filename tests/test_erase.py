@@ -12,6 +12,7 @@ from studio.adapters.lora import attached_adapters, without
 from studio.pipelines import StudioPipeline
 
 from studio.backbones import load_backbone
+from studio.errors import InvalidArgumentError
 from studio.training.erasing import concept_rows, erase, text_states
 from studio.training.objectives import objective_for
 from tests.test_lora import denoise, random_lora
@@ -241,3 +242,26 @@ def test_cli_erase_to_a_file_shows_each_stage_with_an_eta(tmp_path):
     assert len(bank) == 10 and bank[-1].startswith("trajectory bank: 20/20 (100%)") and "ETA" in bank[0]
     assert len(training) == 10 and training[-1].startswith("esd: 10/10 (100%)") and "ETA" in training[0]
     assert text.index(bank[-1]) < text.index(training[0])
+
+
+def test_a_cancelled_eraser_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
+    """ESD trains through the one run loop: a stop leaves a checkpoint, calling erase again goes on from it, and
+    the eraser is the one an uninterrupted run makes, bit for bit; a checkpoint of another request is refused."""
+    from studio.training.trainer import TrainingCancelled
+
+    backbone = load_backbone("tiny-sd1")
+    options = dict(method="spm", backbone=backbone, steps=6, lr=1e-2, templates=["a {}"], seed=3)
+    whole = erase("cat", out=str(tmp_path / "whole.safetensors"), **options)
+    out = tmp_path / "cut.safetensors"
+    seen = []
+    with pytest.raises(TrainingCancelled):
+        erase("cat", out=str(out), should_stop=lambda: len(seen) >= 3, progress=lambda s, n, loss: seen.append(s),
+              **options)
+    assert seen == [1, 2, 3] and not out.exists() and (tmp_path / "cut.checkpoint" / "state.json").is_file()
+    assert not attached_adapters(backbone)  # the stopped run detached its eraser
+    with pytest.raises(InvalidArgumentError, match="other options"):  # another request: its checkpoint is refused
+        erase("cat", out=str(out), **{**options, "lr": 2e-2})
+    resumed = erase("cat", out=str(out), progress=lambda s, n, loss: seen.append(s), **options)
+    assert seen == [1, 2, 3, 4, 5, 6] and not (tmp_path / "cut.checkpoint").exists()
+    assert resumed.tensors.keys() == whole.tensors.keys()
+    assert all(torch.equal(resumed.tensors[k], whole.tensors[k]) for k in whole.tensors)

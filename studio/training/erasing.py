@@ -8,14 +8,15 @@ The papers and what each method changes are in the kind's module docstring.
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
 import random
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from studio.adapters.base import module_table
+from studio.adapters.base import load_adapter, module_table
 from studio.adapters.erase import (
     CLOSED_FORM,
     METHOD_DEFAULTS,
@@ -44,18 +45,22 @@ def erase(concepts: str | list[str], *, method: str = "esd", backbone: Backbone 
           lr: float | None = None, rank: int | None = None, out: str | None = None, overwrite: bool = False,
           seed: int = 0, name: str = "", progress: Callable[[int, int, float], None] | None = None,
           bank_progress: Callable[[int, int], None] | None = None, warn: Callable[[str], None] | None = None,
+          should_stop: Callable[[], bool] | None = None, log: Callable[[str], None] = lambda line: None,
           **options: Any) -> EraseAdapter:
     """Make an eraser for `concepts` (one for ESD/SPM, several for UCE) and save it to `out` when given.
 
         studio.erase("circle", method="uce", preserve=["square", "ring"], out="no-circle.safetensors")
 
     `options` are other EraseConfig fields (eta, variant, anchor_weight, transport, destination, lam,
-    preserve_scale, push). `progress(step, steps, loss)` follows ESD/SPM training, `bank_progress(step, steps)`
-    the sampling of their trajectory bank before it."""
+    preserve_scale, push). ESD and SPM train through the one run loop (`studio.training.trainer.run_loop`):
+    `progress(step, steps, loss)` follows it, `bank_progress(step, steps)` the sampling of their trajectory bank
+    before it; with `out`, checkpoints go beside it, a run a kill stopped goes on from its last one when called
+    again, and `should_stop` stops it with a checkpoint (`TrainingCancelled`)."""
     from studio.backbones import Backbone as BackboneClass
     from studio.backbones import load_backbone
     from studio.limits import check_count
     from studio.outputs import claim
+    from studio.training.trainer import latest_checkpoint, run_paths, supervise
 
     if method not in METHODS:
         raise InvalidArgumentError(f"method={method!r}; choose one of {', '.join(METHODS)}.")
@@ -67,25 +72,55 @@ def erase(concepts: str | list[str], *, method: str = "esd", backbone: Backbone 
     defaults = dict(METHOD_DEFAULTS[method])
     given = {k: defaults.pop(k, None) for k in ("steps", "lr", "rank")}
     steps, lr, rank = (given[k] if v is None else v for k, v in (("steps", steps), ("lr", lr), ("rank", rank)))
-    # the output is checked and held before the backbone loads
-    with claim(out, overwrite=overwrite) if out is not None else contextlib.nullcontext():
-        backbone = backbone if isinstance(backbone, BackboneClass) else load_backbone(backbone)
-        config = EraseConfig(family=backbone.family.name, method=method, name=name, concepts=concepts,
+    # what this eraser is made of: a checkpoint of another request is refused, a finished output of this one kept
+    request = {"concepts": concepts, "method": method, "preserve": preserve, "templates": templates, "steps": steps,
+               "lr": lr, "rank": rank, "seed": seed, "name": name, "options": options,
+               "backbone": backbone.source if isinstance(backbone, BackboneClass) else backbone}
+    request = json.loads(json.dumps(request, default=str))
+
+    def make(paths: dict[str, Path] | None, resume: bool) -> EraseAdapter:
+        loaded = backbone if isinstance(backbone, BackboneClass) else load_backbone(backbone)
+        config = EraseConfig(family=loaded.family.name, method=method, name=name, concepts=concepts,
                              preserve=list(preserve) if not isinstance(preserve, str) else preserve,
                              rank=rank or 1, **({"templates": list(templates)} if templates else {}),
                              **{**defaults, **options})
-        adapter = make_eraser(backbone, config, steps=steps, lr=lr, rank=rank, seed=seed, progress=progress,
-                              bank_progress=bank_progress, warn=warn)
-        if out is not None:
+        return make_eraser(loaded, config, steps=steps, lr=lr, rank=rank, seed=seed, progress=progress,
+                           bank_progress=bank_progress, warn=warn, paths=paths, request=request, resume=resume,
+                           should_stop=should_stop, log=log)
+
+    if out is None:
+        return make(None, False)
+    paths = run_paths(out)
+    if method in CLOSED_FORM_ONLY:  # nothing to checkpoint: made whole, then written
+        with claim(out, overwrite=overwrite):
+            adapter = make(None, False)
             adapter.save(out, overwrite=True)  # claimed above: new, or overwrite asked for
-    return adapter
+            return adapter
+    # the output is checked and held before the backbone loads; a run a kill stopped goes on from its checkpoint
+    result = supervise(paths, lambda resume: make(paths, resume), resume=latest_checkpoint(paths["checkpoint"]) is not None,
+                       overwrite=overwrite, finished=lambda: _finished(out, request), log=log)
+    return result if isinstance(result, EraseAdapter) else load_adapter(result)
+
+
+CLOSED_FORM_ONLY = ("uce",)  # methods made in closed form, without a run
+
+
+def _finished(out: str | Path, request: dict[str, Any]) -> bool:
+    """`out` is the finished eraser of this very request."""
+    try:
+        return load_adapter(out).config.training.get("request") == request
+    except Exception:  # noqa: BLE001 - anything unreadable is not a finished result
+        return False
 
 
 def make_eraser(backbone: Backbone, config: EraseConfig, *, steps: int | None = None, lr: float | None = None,
                 rank: int | None = None, batch: int = 2, bank_images: int = 8, bank_steps: int = 20, seed: int = 0,
                 progress: Callable[[int, int, float], None] | None = None,
                 bank_progress: Callable[[int, int], None] | None = None,
-                warn: Callable[[str], None] | None = None) -> EraseAdapter:
+                warn: Callable[[str], None] | None = None, paths: dict[str, Path] | None = None,
+                request: dict[str, Any] | None = None, resume: bool = False,
+                should_stop: Callable[[], bool] | None = None,
+                log: Callable[[str], None] = lambda line: None) -> EraseAdapter:
     """An eraser for `config.concepts` on `backbone`: UCE in closed form (exact, or SVD-truncated to
     `rank`), ESD/SPM trained for `steps` at `config.rank`."""
     import warnings
@@ -107,11 +142,21 @@ def make_eraser(backbone: Backbone, config: EraseConfig, *, steps: int | None = 
         config.transport_floor = min(float(kept.max()), 0.99)  # kept prompts get γ 0 (shared tokens aside)
     if config.method == "uce":
         return uce(backbone, config, rank=rank)
+    from studio.training.trainer import run_loop
+
     defaults = METHOD_DEFAULTS[config.method]  # one place for them: `erase` reads the same table
-    return train_eraser(backbone, config, steps=defaults["steps"] if steps is None else steps,
-                        lr=defaults["lr"] if lr is None else lr, batch=batch,
-                        bank_images=bank_images, bank_steps=bank_steps, seed=seed, progress=progress,
-                        bank_progress=bank_progress)
+    steps = defaults["steps"] if steps is None else steps
+    run = EraseRun(backbone, config, steps=steps, lr=defaults["lr"] if lr is None else lr, batch=batch,
+                   bank_images=bank_images, bank_steps=bank_steps, seed=seed, paths=paths, request=request or {},
+                   bank_progress=bank_progress, log=log)
+    try:
+        return run_loop(run, paths, steps=steps, checkpoint_every=CHECKPOINT_EVERY, resume=resume, progress=progress,
+                        log=log, should_stop=should_stop)
+    finally:
+        run.close()
+
+
+CHECKPOINT_EVERY = 100  # an eraser's checkpoints, in steps (a few seconds of CPU each)
 
 
 def encode(objective, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -253,69 +298,123 @@ def random_anchors(backbone: Backbone, config: EraseConfig, count: int, rng: ran
     return anchors[:count]
 
 
-def train_eraser(backbone: Backbone, config: EraseConfig, *, steps: int, lr: float, batch: int, bank_images: int,
-                 bank_steps: int, seed: int, progress: Callable[[int, int, float], None] | None,
-                 bank_progress: Callable[[int, int], None] | None = None) -> EraseAdapter:
-    """ESD / SPM: the erase target on bank states, plus anchoring to the base model on the anchors."""
-    import torch
+class EraseRun:
+    """ESD / SPM as a run of the one run loop: the erase target on bank states, plus anchoring to the base model on
+    the anchors. Its checkpoint holds the adapter, the optimizer, the step and the sampler's random state, so a
+    resumed run ends bit for bit where an uninterrupted one does."""
 
-    from studio.training.objectives import objective_for
+    rank = 0  # one process
 
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    objective = objective_for(backbone)
-    prompts = config.prompts(config.concepts)
-    bank = trajectory_bank(backbone, prompts, images=bank_images, steps=bank_steps, seed=seed, progress=bank_progress)
-    cond = encode(objective, prompts)
-    null = encode(objective, [""])
-    anchor_prompts = config.prompts(config.preserve) if config.preserve else []
-    if config.anchor_weight > 0:
-        anchor_prompts += random_anchors(backbone, config, 64, rng)
-    anchors = encode(objective, anchor_prompts) if anchor_prompts else None
-    config.targets = []
-    adapter = EraseAdapter.create(backbone, config, seed=seed)
-    adapter.attach(backbone)
-    denoiser = backbone.denoiser
-    base_model = without(backbone, adapter)
-    try:
-        params = [p for group in adapter.trainable_parameters(backbone).values() for p in group]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    def __init__(self, backbone: Backbone, config: EraseConfig, *, steps: int, lr: float, batch: int, bank_images: int,
+                 bank_steps: int, seed: int, paths: dict[str, Path] | None, request: dict[str, Any],
+                 bank_progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] = print):
+        import torch
+
+        from studio.training.objectives import objective_for
+
+        torch.manual_seed(seed)
+        self.backbone, self.config, self.paths, self.request, self.log = backbone, config, paths, request, log
+        self.steps, self.lr, self.batch, self.seed = steps, lr, batch, seed
+        self.bank_images, self.bank_steps = bank_images, bank_steps
+        self.rng = random.Random(seed)
+        self.objective = objective = objective_for(backbone)
+        prompts = config.prompts(config.concepts)
+        self.bank = trajectory_bank(backbone, prompts, images=bank_images, steps=bank_steps, seed=seed,
+                                    progress=bank_progress)
+        self.cond = encode(objective, prompts)
+        self.null = encode(objective, [""])
+        self.anchor_prompts = config.prompts(config.preserve) if config.preserve else []
+        if config.anchor_weight > 0:
+            self.anchor_prompts += random_anchors(backbone, config, 64, self.rng)
+        self.anchors = encode(objective, self.anchor_prompts) if self.anchor_prompts else None
+        config.targets = []
+        self.adapter = EraseAdapter.create(backbone, config, seed=seed)
+        self.adapter.attach(backbone)
+        self.base_model = without(backbone, self.adapter)
+        self.params = [p for group in self.adapter.trainable_parameters(backbone).values() for p in group]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        self.step_done, self.losses = 0, []
+
+    def step(self) -> float:
+        import torch
+
+        config, rng, batch, objective = self.config, self.rng, self.batch, self.objective
+        denoiser = self.backbone.denoiser
 
         def pick(table: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
             return {k: v[rows] for k, v in table.items()}
 
-        for step in range(steps):
-            chosen = [bank[rng.randrange(len(bank))] for _ in range(batch)]
-            xt = torch.stack([c[0] for c in chosen]).to(denoiser.device, denoiser.dtype)
-            t = torch.stack([torch.as_tensor(c[1]) for c in chosen]).to(denoiser.device)
-            rows = [c[2] for c in chosen]
-            concept = pick(cond, rows)
-            with torch.no_grad(), base_model:
-                e_c = objective.predict(denoiser, xt, t, **concept)
-                e_u = objective.predict(denoiser, xt, t, **pick(null, [0] * batch))
-                target = e_u - config.eta * (e_c - e_u)
-                if anchors is not None:
-                    a_rows = [rng.randrange(len(anchor_prompts)) for _ in range(batch)]
-                    a_target = objective.predict(denoiser, xt, t, **pick(anchors, a_rows))
-            loss = torch.nn.functional.mse_loss(objective.predict(denoiser, xt, t, **concept).float(), target.float())
-            if anchors is not None:
-                weight = config.anchor_weight if config.anchor_weight > 0 else 1.0
-                anchored = objective.predict(denoiser, xt, t, **pick(anchors, a_rows)).float()
-                loss = loss + weight * torch.nn.functional.mse_loss(anchored, a_target.float())
-            if not torch.isfinite(loss):
-                raise EraseError(f"the erase loss became {loss.item()} at step {step}; lower the learning rate (--lr).")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            if progress is not None:
-                progress(step + 1, steps, float(loss.detach()))
-        adapter.sync_from(backbone)
-    finally:
-        adapter.detach(backbone)
-    config.training = {**config.training, "method": config.method, "steps": steps, "lr": lr, "batch": batch,
-                       "bank_images": bank_images, "bank_steps": bank_steps, "anchors": len(anchor_prompts),
-                       "seed": seed}
-    return adapter
+        chosen = [self.bank[rng.randrange(len(self.bank))] for _ in range(batch)]
+        xt = torch.stack([c[0] for c in chosen]).to(denoiser.device, denoiser.dtype)
+        t = torch.stack([torch.as_tensor(c[1]) for c in chosen]).to(denoiser.device)
+        concept = pick(self.cond, [c[2] for c in chosen])
+        with torch.no_grad(), self.base_model:
+            e_c = objective.predict(denoiser, xt, t, **concept)
+            e_u = objective.predict(denoiser, xt, t, **pick(self.null, [0] * batch))
+            target = e_u - config.eta * (e_c - e_u)
+            if self.anchors is not None:
+                a_rows = [rng.randrange(len(self.anchor_prompts)) for _ in range(batch)]
+                a_target = objective.predict(denoiser, xt, t, **pick(self.anchors, a_rows))
+        loss = torch.nn.functional.mse_loss(objective.predict(denoiser, xt, t, **concept).float(), target.float())
+        if self.anchors is not None:
+            weight = config.anchor_weight if config.anchor_weight > 0 else 1.0
+            anchored = objective.predict(denoiser, xt, t, **pick(self.anchors, a_rows)).float()
+            loss = loss + weight * torch.nn.functional.mse_loss(anchored, a_target.float())
+        if not torch.isfinite(loss):
+            raise EraseError(f"the erase loss became {loss.item()} at step {self.step_done}; lower the learning rate "
+                             f"(--lr).")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step_done += 1
+        self.losses.append(float(loss.detach()))
+        return self.losses[-1]
+
+    def save_checkpoint(self) -> None:
+        from studio.training.trainer import write_checkpoint
+
+        self.adapter.sync_from(self.backbone)
+        write_checkpoint(self.paths["checkpoint"], self.adapter.tensors, self.optimizer.state_dict(),
+                         {"step": self.step_done, "losses": self.losses, "rng": self.rng.getstate(),
+                          "config": self.request})
+
+    def load_checkpoint(self) -> bool:
+        from studio.training.trainer import read_checkpoint
+
+        found = read_checkpoint(self.paths["checkpoint"], self.request)
+        if found is None:
+            return False
+        tensors, optimizer, state = found
+        self.adapter.load_values(self.backbone, tensors)
+        self.optimizer.load_state_dict(optimizer)
+        self.step_done, self.losses = state["step"], state["losses"]
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        for _ in range(self.step_done):
+            self.scheduler.step()
+        return True
+
+    def samples(self) -> None:
+        """Erasers draw no sample images while they train."""
+
+    def finish(self) -> EraseAdapter:
+        """The trained eraser (written to the run's output when it has one), detached from the backbone."""
+        self.adapter.sync_from(self.backbone)
+        self.close()
+        config = self.config
+        config.training = {**config.training, "method": config.method, "steps": self.steps, "lr": self.lr,
+                           "batch": self.batch, "bank_images": self.bank_images, "bank_steps": self.bank_steps,
+                           "anchors": len(self.anchor_prompts), "seed": self.seed,
+                           **({"request": self.request} if self.paths is not None else {})}
+        if self.paths is not None:
+            self.adapter.save(self.paths["out"], overwrite=True)  # claimed by the run: new, or overwrite asked for
+        return self.adapter
+
+    def close(self) -> None:
+        """Detach the eraser in training (after `finish`, or when the run stops on an error or a cancel)."""
+        if self.adapter.name in attached_adapters(self.backbone):
+            self.adapter.detach(self.backbone)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from studio.errors import InvalidArgumentError, MissingExtraError, StudioError
-from studio.training.batch import BatchJob, Recorder, run_job
+from studio.home import atomic_write_bytes
+from studio.jobs import EXECUTORS, Executor, Job, Recorder, Work, run_job
 
 
 def require_ray() -> Any:
@@ -28,13 +29,13 @@ def require_ray() -> Any:
     return ray
 
 
-def _task(config: dict[str, Any], queue: Any, job_id: int, threads: int) -> tuple[bool, dict[str, bytes]]:
-    """A job on a Ray worker, trained with `threads` CPU threads; returns whether its output is a folder (a
-    control model) and its files by path relative to it."""
+def _task(work: Work, config: dict[str, Any], queue: Any, job_id: int, threads: int) -> tuple[bool, dict[str, bytes]]:
+    """A job on a Ray worker, run with `threads` CPU threads; returns whether its output is a folder (a control
+    model) and its files by path relative to it."""
     import torch
 
     torch.set_num_threads(threads)
-    path = run_job(config, lambda event: queue.put((job_id, event)))
+    path = work(config, lambda event: queue.put((job_id, event)))
     if path.is_dir():
         return True, {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
     return False, {path.name: path.read_bytes()}
@@ -45,84 +46,90 @@ def _land(output: tuple[bool, dict[str, bytes]], out: Path) -> Path:
     folder, files = output
     for name, data in files.items():
         target = out / name if folder else out
-        if target.is_file() and target.read_bytes() == data:
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".part")
-        partial.write_bytes(data)
-        partial.replace(target)
+        if not (target.is_file() and target.read_bytes() == data):
+            atomic_write_bytes(target, data)
     return out
 
 
-def run_on_ray(jobs: list[BatchJob], recorder: Recorder, *, address: str | None = None, gpus_per_job: float = 0,
-               cpus_per_job: float = 1, retries: int = 3, backoff: float = 5.0,
-               runtime_env: dict[str, Any] | None = None) -> None:
-    """Run the jobs as Ray tasks on the cluster at `address` (the running Ray, else a local instance)."""
-    ray = require_ray()
-    from ray.util.queue import Queue
+class RayExecutor(Executor):
+    """Each job a Ray task with its resources; the driver keeps the books."""
 
-    if cpus_per_job <= 0 or gpus_per_job < 0 or retries < 0 or backoff < 0:
-        raise InvalidArgumentError(f"cpus_per_job={cpus_per_job} must be > 0, gpus_per_job={gpus_per_job} >= 0, "
-                                   f"retries={retries} >= 0 and backoff={backoff} >= 0.")
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-    elif address or runtime_env:
-        recorder.log("Ray is already initialised in this process: --address and the runtime env are not applied")
-    remote = ray.remote(_task)
-    queue = Queue(actor_options={"num_cpus": 0})
-    by_id = {job.id: job for job in jobs}
-    pending: dict[Any, BatchJob] = {}
-    waiting: list[tuple[float, BatchJob]] = []  # (when to start again, job)
-    tries = {job.id: 0 for job in jobs}  # in this run (job.attempts counts every run's)
+    def check(self) -> None:
+        require_ray()
 
-    def submit(job: BatchJob) -> None:
-        job.attempts += 1
-        tries[job.id] += 1
-        options = dict(num_cpus=cpus_per_job, num_gpus=gpus_per_job, max_retries=0, name=f"studio-train:{job.name}")
-        pending[remote.options(**options).remote(job.config, queue, job.id, max(1, int(cpus_per_job)))] = job
+    def run(self, jobs: list[Job], recorder: Recorder, *, work: Work = run_job, address: str | None = None,
+            gpus_per_job: float = 0, cpus_per_job: float = 1, retries: int = 3, backoff: float = 5.0,
+            runtime_env: dict[str, Any] | None = None, **options: Any) -> None:
+        """Run the jobs as Ray tasks on the cluster at `address` (the running Ray, else a local instance)."""
+        ray = require_ray()
+        from ray.util.queue import Queue
 
-    def drain() -> None:
-        while not queue.empty():
-            for job_id, event in queue.get_nowait_batch(queue.qsize()):
-                recorder(by_id[job_id], event)
-
-    try:
-        for job in jobs:
-            submit(job)
-        while pending or waiting:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.2) if pending else ([], [])
-            drain()
-            for ref in ready:
-                job = pending.pop(ref)
-                try:
-                    files = ray.get(ref)
-                except ray.exceptions.RayTaskError as error:
-                    cause = getattr(error, "cause", None)
-                    if isinstance(cause, StudioError):  # the data or the options: another try gives the same
-                        recorder.failed(job, str(cause))
-                    else:
-                        _lost(job, tries[job.id], f"{type(cause or error).__name__}: {cause or error}", recorder,
-                              waiting, retries, backoff)
-                    continue
-                except ray.exceptions.RayError as error:  # the worker or its node died, the task was lost
-                    _lost(job, tries[job.id], type(error).__name__, recorder, waiting, retries, backoff)
-                    continue
-                recorder.done(job, _land(files, Path(job.config["out"])))
-            now = time.monotonic()
-            for due, job in [w for w in waiting if w[0] <= now]:
-                waiting.remove((due, job))
-                submit(job)
-            if waiting and not pending:
-                time.sleep(max(0.0, min(due for due, _ in waiting) - now))
-        drain()
-    finally:
-        ray.kill(queue.actor)
+        if cpus_per_job <= 0 or gpus_per_job < 0 or retries < 0 or backoff < 0:
+            raise InvalidArgumentError(f"cpus_per_job={cpus_per_job} must be > 0, gpus_per_job={gpus_per_job} >= 0, "
+                                       f"retries={retries} >= 0 and backoff={backoff} >= 0.")
+        started_here = not ray.is_initialized()
         if started_here:
-            ray.shutdown()
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        elif address or runtime_env:
+            recorder.log("Ray is already initialised in this process: --address and the runtime env are not applied")
+        remote = ray.remote(_task)
+        queue = Queue(actor_options={"num_cpus": 0})
+        by_id = {job.id: job for job in jobs}
+        pending: dict[Any, Job] = {}
+        waiting: list[tuple[float, Job]] = []  # (when to start again, job)
+        tries = {job.id: 0 for job in jobs}  # in this run (job.attempts counts every run's)
+
+        def submit(job: Job) -> None:
+            job.attempts += 1
+            tries[job.id] += 1
+            resources = dict(num_cpus=cpus_per_job, num_gpus=gpus_per_job, max_retries=0,
+                             name=f"studio-train:{job.name}")
+            pending[remote.options(**resources).remote(work, job.config, queue, job.id, max(1, int(cpus_per_job)))] = job
+
+        def drain() -> None:
+            while not queue.empty():
+                for job_id, event in queue.get_nowait_batch(queue.qsize()):
+                    recorder(by_id[job_id], event)
+
+        try:
+            for job in jobs:
+                submit(job)
+            while pending or waiting:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.2) if pending else ([], [])
+                drain()
+                for ref in ready:
+                    job = pending.pop(ref)
+                    try:
+                        files = ray.get(ref)
+                    except ray.exceptions.RayTaskError as error:
+                        cause = getattr(error, "cause", None)
+                        if isinstance(cause, StudioError):  # the data or the options: another try gives the same
+                            recorder.failed(job, str(cause))
+                        else:
+                            _lost(job, tries[job.id], f"{type(cause or error).__name__}: {cause or error}", recorder,
+                                  waiting, retries, backoff)
+                        continue
+                    except ray.exceptions.RayError as error:  # the worker or its node died, the task was lost
+                        _lost(job, tries[job.id], type(error).__name__, recorder, waiting, retries, backoff)
+                        continue
+                    recorder.done(job, _land(files, Path(job.config["out"])))
+                now = time.monotonic()
+                for due, job in [w for w in waiting if w[0] <= now]:
+                    waiting.remove((due, job))
+                    submit(job)
+                if waiting and not pending:
+                    time.sleep(max(0.0, min(due for due, _ in waiting) - now))
+            drain()
+        finally:
+            ray.kill(queue.actor)
+            if started_here:
+                ray.shutdown()
 
 
-def _lost(job: BatchJob, tries: int, error: str, recorder: Recorder, waiting: list[tuple[float, BatchJob]],
+EXECUTORS.add("ray", RayExecutor())
+
+
+def _lost(job: Job, tries: int, error: str, recorder: Recorder, waiting: list[tuple[float, Job]],
           retries: int, backoff: float) -> None:
     """A lost attempt: tried again after backoff x 2^(tries - 1) seconds, or failed after `retries` retries."""
     if tries > retries:

@@ -764,58 +764,29 @@ class Run:
     # ----------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> None:
-        """The adapter, the optimizer state and the step, written so a kill at any moment leaves the
-        previous checkpoint or the new one whole (NAME.checkpoint or, mid-swap, NAME.checkpoint.old), never half
-        of one: each is written under another name and renamed into place, and renamed away before it is
-        deleted."""
-        import torch
-        from safetensors.torch import save_file
-
+        """The adapter (its concept tokens too), the optimizer state, the step and the losses (`write_checkpoint`)."""
         from studio.concept_tokens import join
 
-        folder = self.paths["checkpoint"]
-        tmp, old = folder.with_name(folder.name + ".tmp"), previous(folder)
-        sweep(folder)
-        discard(tmp)  # a save a kill cut short
-        tmp.mkdir(parents=True)
         self.adapter.sync_from(self.backbone)
         tensors = join(self.adapter.tensors, self.concept.values() if self.concept is not None else {})
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter.safetensors"))
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")  # tensors only: read with weights_only
-        (tmp / "state.json").write_text(json.dumps({"step": self.step_done, "losses": self.losses,
-                                                    "config": asdict(self.config)}))  # last: it marks tmp whole
-        faults.point("checkpoint:written")
-        if whole(folder):
-            discard(old)  # left by a kill after the last swap
-            folder.replace(old)
-            faults.point("checkpoint:moved-old")
-        tmp.replace(folder)
-        faults.point("checkpoint:swapped")
-        discard(old)
+        write_checkpoint(self.paths["checkpoint"], tensors, self.optimizer.state_dict(),
+                         {"step": self.step_done, "losses": self.losses, "config": asdict(self.config)})
 
     def load_checkpoint(self) -> bool:
         """Continue from the checkpoint (or the one a kill left mid-swap); False when there is none."""
-        import torch
-        from safetensors.torch import load_file
-
         from studio.concept_tokens import split
 
-        folder = latest_checkpoint(self.paths["checkpoint"])
-        if folder is None:
+        found = read_checkpoint(self.paths["checkpoint"], asdict(self.config),
+                                ignore=("steps", "checkpoint_every", "sample_every", "device"),
+                                normalise=lambda saved: asdict(TrainConfig(**saved)))
+        if found is None:
             return False
-        state = json.loads((folder / "state.json").read_text())
-        mine, theirs = asdict(self.config), state["config"]
-        changed = [k for k in mine if k not in ("steps", "checkpoint_every", "sample_every", "device")
-                   and mine[k] != theirs.get(k)]
-        if changed:
-            raise InvalidArgumentError(f"the checkpoint in {str(folder)!r} is of a run with other options "
-                                       f"({', '.join(f'{k}: {theirs.get(k)!r} -> {mine[k]!r}' for k in changed)}); "
-                                       f"resume with the same options or delete the checkpoint.")
-        weights, tokens = split(load_file(str(folder / "adapter.safetensors")))
+        tensors, optimizer, state = found
+        weights, tokens = split(tensors)
         self.adapter.load_values(self.backbone, weights)
         if self.concept is not None:
             self.concept.load(tokens)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        self.optimizer.load_state_dict(optimizer)
         self.step_done = state["step"]
         self.losses = state["losses"]
         for _ in range(self.step_done):
@@ -859,6 +830,55 @@ class Run:
         path = self.adapter.save(self.paths["out"], overwrite=True)
         loss_plot(self.losses, self.paths["plot"])
         return path
+
+
+def write_checkpoint(folder: Path, tensors: dict[str, Any], optimizer: dict[str, Any], state: dict[str, Any]) -> None:
+    """A run's checkpoint (its trained tensors, the optimizer state, `state` as JSON), written so a kill at any
+    moment leaves the previous checkpoint or the new one whole (NAME.checkpoint or, mid-swap, NAME.checkpoint.old),
+    never half of one: each is written under another name and renamed into place, and renamed away before it is
+    deleted. Every run loop's checkpoints (training, erasers) are these."""
+    import torch
+    from safetensors.torch import save_file
+
+    tmp, old = folder.with_name(folder.name + ".tmp"), previous(folder)
+    sweep(folder)
+    discard(tmp)  # a save a kill cut short
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter.safetensors"))
+    torch.save(optimizer, tmp / "optimizer.pt")  # tensors only: read with weights_only
+    (tmp / "state.json").write_text(json.dumps(state, default=str))  # last: it marks tmp whole
+    faults.point("checkpoint:written")
+    if whole(folder):
+        discard(old)  # left by a kill after the last swap
+        folder.replace(old)
+        faults.point("checkpoint:moved-old")
+    tmp.replace(folder)
+    faults.point("checkpoint:swapped")
+    discard(old)
+
+
+def read_checkpoint(folder: Path, options: dict[str, Any], *, ignore: tuple[str, ...] = (),
+                    normalise: Callable[[dict[str, Any]], dict[str, Any]] = dict,
+                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+    """The latest whole checkpoint of `folder` (or the one a kill left mid-swap) as (tensors, optimizer state,
+    state), None when there is none. It must be of a run with these `options` (`state["config"]`, read through
+    `normalise`; the keys in `ignore` may differ): another run's checkpoint is refused, naming what changed."""
+    import torch
+    from safetensors.torch import load_file
+
+    found = latest_checkpoint(folder)
+    if found is None:
+        return None
+    state = json.loads((found / "state.json").read_text())
+    mine, theirs = json.loads(json.dumps(options, default=str)), json.loads(json.dumps(normalise(state["config"]),
+                                                                                        default=str))
+    changed = [k for k in mine if k not in ignore and mine[k] != theirs.get(k)]
+    if changed:
+        raise InvalidArgumentError(f"the checkpoint in {str(found)!r} is of a run with other options "
+                                   f"({', '.join(f'{k}: {theirs.get(k)!r} -> {mine[k]!r}' for k in changed)}); "
+                                   f"resume with the same options or delete the checkpoint.")
+    return (load_file(str(found / "adapter.safetensors")), torch.load(found / "optimizer.pt", weights_only=True),
+            state)
 
 
 def _to(conditioning: dict[str, Any], backbone: Any) -> dict[str, Any]:
@@ -936,17 +956,23 @@ def trim_log(path: Path, step: int) -> None:
 
 def finished_output(config: TrainConfig) -> bool:
     """`config.out` is this very run's finished result (its manifest records the same options)."""
-    out = config.paths()["out"]
+    return finished_record(config.paths()["out"], {k: v for k, v in asdict(config).items() if k != "device"},
+                           normalise=lambda saved: asdict(TrainConfig(**saved)))
+
+
+def finished_record(out: Path, options: dict[str, Any], *,
+                    normalise: Callable[[dict[str, Any]], dict[str, Any]] = dict) -> bool:
+    """`out` is a finished adapter whose manifest's training record (read through `normalise`) is `options`."""
     if not out.exists():
         return False
     try:
         from studio.adapters.base import load_adapter
 
-        recorded = load_adapter(out).config.training or {}
+        recorded = normalise(load_adapter(out).config.training or {})
     except Exception:  # noqa: BLE001 - anything unreadable is not a finished result
         return False
-    mine = {k: v for k, v in asdict(config).items() if k != "device"}
-    return json.loads(json.dumps(recorded, default=str)) == json.loads(json.dumps(mine, default=str))
+    recorded = {k: v for k, v in recorded.items() if k != "device"}
+    return json.loads(json.dumps(recorded, default=str)) == json.loads(json.dumps(options, default=str))
 
 
 def loss_plot(losses: list[float], path: Path, *, width: int = 640, height: int = 240) -> Path:
@@ -987,16 +1013,27 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
     finished run (its output there, no checkpoint) is left as it is.
     `should_stop` is asked after every step: when it says yes, the run saves a checkpoint and raises
     `TrainingCancelled` (resume it later with `resume=True`)."""
-    from studio.outputs import check_new, claim
-
     config = config or TrainConfig(**options)
     paths = config.paths()
     if processes()[0]:  # under `accelerate launch` the first process holds the output for the run
         return _train(config, paths, resume=resume, progress=progress, log=log, should_stop=should_stop)
+    return supervise(paths, lambda resume: _train(config, paths, resume=resume, progress=progress, log=log,
+                                                  should_stop=should_stop),
+                     resume=resume, overwrite=overwrite, finished=lambda: finished_output(config), log=log)
+
+
+def supervise(paths: dict[str, Path], work: Callable[[bool], Any], *, resume: bool, overwrite: bool,
+              finished: Callable[[], bool], log: Callable[[str], None] = print) -> Any:
+    """A run of `paths["out"]` held and checked around `work(resume)` (`run_loop`): the output is claimed first (its
+    folder takes files, an existing one is refused unless `overwrite`, one process at a time), what a kill left is
+    swept, a checkpoint beside an output that `finished()` says is this run's is dropped, an unfinished run is
+    refused unless `resume`, and a finished one asked to resume is left as it is."""
+    from studio.outputs import check_new, claim
+
     unfinished = latest_checkpoint(paths["checkpoint"]) is not None
     with claim(paths["out"], overwrite=overwrite, exists_ok=resume or unfinished):
         sweep(paths["checkpoint"])  # what a kill left mid-delete
-        if unfinished and finished_output(config):  # a kill came between writing the output and the cleanup
+        if unfinished and finished():  # a kill came between writing the output and the cleanup
             drop_checkpoints(paths["checkpoint"])
             log(f"{paths['out']} was finished; removed the checkpoint a kill left beside it")
             unfinished = False
@@ -1008,24 +1045,38 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
         if resume and not unfinished and paths["out"].exists():
             log(f"{paths['out']} is finished and has no checkpoint to resume; delete it to train again")
             return paths["out"]
-        return _train(config, paths, resume=resume, progress=progress, log=log, should_stop=should_stop)
+        return work(resume)
 
 
 def _train(config: TrainConfig, paths: dict[str, Path], *, resume: bool, progress: Progress | None,
            log: Callable[[str], None], should_stop: Callable[[], bool] | None) -> Path:
-    run = Run(config, log=log)
+    return run_loop(Run(config, log=log), paths, steps=config.steps, checkpoint_every=config.checkpoint_every,
+                    sample_every=config.sample_every, resume=resume, progress=progress, log=log,
+                    should_stop=should_stop)
+
+
+def run_loop(run: Any, paths: dict[str, Path] | None, *, steps: int, checkpoint_every: int, sample_every: int = 0,
+             resume: bool = False, progress: Progress | None = None, log: Callable[[str], None] = print,
+             should_stop: Callable[[], bool] | None = None) -> Any:
+    """The one run loop of every trainable kind (training from a folder: `Run`; erasers:
+    `studio.training.erasing.EraseRun`): steps with a JSONL log line each, progress, sample images, checkpoints
+    every `checkpoint_every` steps, a stop asked by `should_stop` saved as a checkpoint (`TrainingCancelled`),
+    resume from the last checkpoint; then the run's `finish()`. `run` gives `step()`, `step_done`, `rank`,
+    `scheduler`, `save_checkpoint()`, `load_checkpoint()`, `samples()`, `finish()`, `log()`. Without `paths`
+    (an eraser kept in memory) nothing is written until `finish`."""
     main = run.rank == 0  # in a multi-process run the others train their slices and write nothing
-    if resume and run.load_checkpoint():
-        run.log(f"resumed at step {run.step_done} of {config.steps}")
+    if paths is not None and resume and run.load_checkpoint():
+        run.log(f"resumed at step {run.step_done} of {steps}")
         if main:
             trim_log(paths["log"], run.step_done)
-    elif main:
+    elif paths is not None and main:
         paths["log"].unlink(missing_ok=True)  # a fresh run: not the log of one started over
-    if main:
+    writes = paths is not None and main
+    if writes:
         paths["log"].parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    with open(paths["log"] if main else os.devnull, "a") as handle:
-        while run.step_done < config.steps:
+    with open(paths["log"] if writes else os.devnull, "a") as handle:
+        while run.step_done < steps:
             loss = run.step()
             step = run.step_done
             record = {"step": step, "loss": round(loss, 6), "lr": run.scheduler.get_last_lr()[0],
@@ -1035,18 +1086,20 @@ def _train(config: TrainConfig, paths: dict[str, Path], *, resume: bool, progres
             if not main:
                 continue
             if progress is not None:
-                progress(step, config.steps, loss)
-            if config.sample_every and step % config.sample_every == 0:
+                progress(step, steps, loss)
+            if sample_every and step % sample_every == 0:
                 run.samples()
-            if step % config.checkpoint_every == 0 and step < config.steps:
+            if paths is not None and step % checkpoint_every == 0 and step < steps:
                 run.save_checkpoint()
-            if should_stop is not None and step < config.steps and should_stop():
+            if should_stop is not None and step < steps and should_stop():
+                if paths is None:
+                    raise TrainingCancelled(f"cancelled at step {step} of {steps}; nothing was saved")
                 run.save_checkpoint()
-                raise TrainingCancelled(f"training of {str(paths['out'])!r} cancelled at step {step} of {config.steps}; "
+                raise TrainingCancelled(f"training of {str(paths['out'])!r} cancelled at step {step} of {steps}; "
                                         f"continue it with resume=True (--resume)")
-    path = run.finish()
-    if main:
+    result = run.finish()
+    if paths is not None and main:
         faults.point("finish:written")
         drop_checkpoints(paths["checkpoint"])
-        log(f"wrote {path}")
-    return path
+        log(f"wrote {paths['out']}")
+    return result
