@@ -1,5 +1,5 @@
 """Progress text shared by the CLI's job bars (studio.cli.JobProgress) and the batch driver's lines
-(studio.training.batch.Recorder)."""
+(studio.jobs.Recorder)."""
 
 from __future__ import annotations
 
