@@ -309,6 +309,40 @@ class Adapter:
         return None
 
 
+class Trainable:
+    """The protocol the run loop (`studio.training.trainer.run_loop`: `Run`, the erasers' `EraseRun`) calls on a
+    kind that trains: `create` one, attach it, train its `trainable_parameters`, read the values back
+    (`sync_from`) for checkpoints and the file, put a checkpoint's back (`load_values`). A trainable kind
+    subclasses it next to `Adapter`; `studio train --kind` offers the registered ones."""
+
+    # what each training example feeds the kind besides its latent and caption: "image_embeds" (the image read
+    # as its own prompt: `embed_images`) or "control" (its control map: `condition_tensors`)
+    example_inputs: ClassVar[tuple[str, ...]] = ()
+    # trained from a reference folder (`studio train`); False for a kind another run makes (erasers: `studio erase`)
+    from_folder: ClassVar[bool] = True
+
+    @classmethod
+    def create(cls, backbone: Backbone, config: AdapterConfig, *, seed: int = 0) -> Adapter:
+        """A fresh adapter to train (the identity, or as its paper initialises it)."""
+        raise NotImplementedError
+
+    def trainable_parameters(self, backbone: Backbone) -> dict[str, list[torch.nn.Parameter]]:
+        """The attached adapter's parameters by group (optimizer groups: `lora_B` takes LoRA+'s ratio), trainable."""
+        raise NotImplementedError
+
+    def sync_from(self, backbone: Backbone) -> None:
+        """Read the attached (trained) values back into `tensors`."""
+        raise NotImplementedError
+
+    def load_values(self, backbone: Backbone, tensors: dict[str, torch.Tensor]) -> None:
+        """Put `tensors` (this adapter's layout: a checkpoint's) into the attached adapter."""
+        raise NotImplementedError
+
+    def training_note(self, backbone: Backbone, trigger: str = "") -> str | None:
+        """A line the run logs once the adapter is made (what a user should know of this run), or None."""
+        return None
+
+
 class WeightAdapter(Adapter):
     """A kind that changes weights: it can say its change per module (`deltas`) and be fused."""
 

@@ -37,6 +37,7 @@ from studio.adapters.base import (
     AdapterConfig,
     AdapterFileError,
     IncompatibleAdapterError,
+    Trainable,
     attached_of,
     check_family,
     option,
@@ -215,11 +216,12 @@ class ControlConfig(AdapterConfig):
             raise InvalidArgumentError(f"condition={options.get('condition')!r}; choose one of {', '.join(CONDITIONS)}.")
 
 
-class ControlAdapter(Adapter):
+class ControlAdapter(Adapter, Trainable):
     """A control model (a diffusers module) attached with a control image: `attach(backbone, scale,
     image=..., preprocess=..., start=0.0, end=1.0)`; the weight is the conditioning scale."""
 
     config_class = ControlConfig
+    example_inputs = ("control",)
     folder = True  # saved as a diffusers folder, not one .safetensors file
 
     def __init__(self, config: ControlConfig, tensors: dict[str, torch.Tensor], model: Any = None):

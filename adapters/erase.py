@@ -139,6 +139,7 @@ class EraseAdapter(LoraAdapter):
     """An eraser: a LoRA that removes `config.concepts`; SPM ones scale themselves per prompt."""
 
     config_class = EraseConfig
+    from_folder = False  # made from concept words by studio.training.erasing (`studio erase`)
     sample_options = {"method": "spm", "concepts": ["cat"], "rank": 1, "transport": True}
 
     def __init__(self, config: EraseConfig, tensors: dict[str, torch.Tensor]):

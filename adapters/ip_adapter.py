@@ -36,6 +36,7 @@ from studio.adapters.base import (
     AdapterConfig,
     AdapterFileError,
     IncompatibleAdapterError,
+    Trainable,
     attached_of,
     check_family,
     option,
@@ -147,10 +148,11 @@ def is_ip_adapter_file(tensors: dict[str, Any]) -> bool:
 
 
 @register("ip_adapter")
-class IpAdapter(Adapter):
+class IpAdapter(Adapter, Trainable):
     """An image prompt: attach with `image=` (or `images=[...]`), `routing=`, `mask=`; weight is λ."""
 
     config_class = IpAdapterConfig
+    example_inputs = ("image_embeds",)
 
     # ------------------------------------------------------------------------------- making one
 

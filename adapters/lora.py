@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from studio.adapters.base import (
     AdapterConfig,
     IncompatibleAdapterError,
+    Trainable,
     WeightAdapter,
     attached_of,
     components,
@@ -127,7 +128,7 @@ def _split(key: str) -> tuple[str, str]:
     raise InvalidArgumentError(f"{key!r} is not a LoRA tensor name (expected one ending in {', '.join(SUFFIXES)}).")
 
 
-class PeftAdapter(WeightAdapter):
+class PeftAdapter(WeightAdapter, Trainable):
     """A weight-space kind that PEFT injects (LoRA, DoRA, orthogonal LoRA, OFT, BOFT). `tensors` are
     PEFT's state dict per component, keyed `<component>.<PEFT key without the adapter name>`."""
 

@@ -114,6 +114,16 @@ class OrthogonalAdapter(LoraAdapter):
     config_class = OrthogonalConfig
     sample_options = {"concept_seed": 3, "rank": 4}
 
+    def training_note(self, backbone: Backbone, trigger: str = "") -> str:
+        """Which basis columns it took, and how likely another default one shares them."""
+        config, table = self.config, module_table(backbone)
+        blocks = disjoint_concepts(config, [table[name].weight[0].numel() for name in config.targets])
+        seed = config.concept_seed
+        origin = f"the hash of {trigger or config.name!r}" if seed >= HASHED else "chosen"
+        return (f"orthogonal: concept seed {seed} ({origin}) takes block {seed % blocks} of {blocks} disjoint in the "
+                f"narrowest layer; an adapter with another seed shares it with probability 1/{blocks}, and "
+                f"`studio merge --method orthogonal` refuses such a pair")
+
     @classmethod
     def create(cls, backbone: Backbone, config: OrthogonalConfig, *, seed: int = 0) -> OrthogonalAdapter:
         import torch

@@ -154,6 +154,22 @@ def test_orthogonal_training_keeps_the_basis_frozen(refs, tmp_path):
     assert any(f["up"].abs().max() > 0 for f in adapter.factors().values())
 
 
+def test_a_kind_with_no_recipe_file_trains_from_its_config_defaults(refs, tmp_path):
+    """HRA declares its options in its config and nothing else: `studio train --kind hra` takes defaults.yaml's run
+    options and the config's own, and the trained reflections change the backbone."""
+    from studio.adapters.base import load_adapter as load
+
+    from studio.backbones import load_backbone
+
+    path = train(folder=str(refs), out=str(tmp_path / "h.safetensors"), kind="hra", steps=2, batch=2, rank=2,
+                 lr=1e-2, log=lambda line: None)
+    adapter = load(path)
+    assert adapter.kind == "hra" and adapter.config.rank == 2 and adapter.config.training["recipe"] == "world-sd/hra"
+    assert adapter.tensors and all(k.split(".")[-1] == "hra_u" or ".hra_u." in k for k in adapter.tensors)
+    backbone = load_backbone("world-sd")
+    assert any((d.dense().abs().max() > 0) for d in adapter.deltas(backbone).values())
+
+
 def test_killed_training_resumes_and_finishes_the_same_steps(refs, tmp_path):
     out = tmp_path / "k.safetensors"
     command = [sys.executable, "-m", "studio.cli", "train", str(refs), "--out", str(out), "--steps", "30",

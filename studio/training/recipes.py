@@ -136,13 +136,13 @@ def keyword_view(kind: str, adapter: dict[str, Any]) -> dict[str, Any]:
 
 
 def trainable_kinds() -> list[str]:
-    """The registered kinds, each followed by its aliases, that have a recipe (any/<kind>.yaml): what `studio
-    train` takes, in the registry's order."""
-    from studio.adapters.base import KIND_ALIASES, adapter_kinds
+    """The registered kinds that train (`Trainable`), each followed by its aliases: what `studio train` takes, in
+    the registry's order. A kind's recipe files (any/<kind>.yaml...) are optional: defaults.yaml and its config's
+    defaults make one."""
+    from studio.adapters.base import KIND_ALIASES, Trainable, adapter_kinds
 
-    names = [name for kind in adapter_kinds()
-             for name in (kind, *(a for a, alias in KIND_ALIASES.items() if alias.kind == kind))]
-    return [name for name in names if (ROOT / "any" / f"{name}.yaml").is_file()]
+    return [name for kind, cls in adapter_kinds().items() if issubclass(cls, Trainable) and cls.from_folder
+            for name in (kind, *(a for a, alias in KIND_ALIASES.items() if alias.kind == kind))]
 
 
 def recipe_kinds() -> list[str]:
@@ -243,8 +243,9 @@ def resolve(backbone: str | None, kind: str, recipe: str | None = None) -> Recip
                 raise InvalidArgumentError(f"recipe {recipe!r}: no recipes for {named_target!r}; recipes: "
                                            f"{', '.join(names())}.")
             target = named_target
-    if not (ROOT / "any" / f"{kind}.yaml").is_file():
-        raise InvalidArgumentError(f"no recipe for kind {kind!r}; kinds with recipes: {', '.join(recipe_kinds())}.")
+    if kind not in trainable_kinds():
+        raise InvalidArgumentError(f"kind {kind!r} does not train from a folder; kinds that do: "
+                                   f"{', '.join(trainable_kinds())}.")
     layers = _layers(target, kind)
     train: dict[str, Any] = {}
     adapter: dict[str, Any] = {}

@@ -382,12 +382,13 @@ class Run:
         self.adapter = adapter_kinds().get_or_raise(config.kind).create(backbone, kind_config(config, backbone),
                                                                  seed=config.seed)
         self.adapter.attach(backbone, 1.0)
-        if config.kind == "orthogonal":
-            self._say_columns()
+        note = self.adapter.training_note(backbone, config.trigger)
+        if note:
+            self.log(note)
         with _first_process_first(self.world):
-            if hasattr(self.adapter, "embed_images"):  # image-prompt kinds read each training image as its own prompt
+            if "image_embeds" in self.adapter.example_inputs:  # the image read as its own prompt (IP-Adapter)
                 self._encode_references()
-            if hasattr(self.adapter, "condition_tensors"):  # control kinds read each image's control map
+            if "control" in self.adapter.example_inputs:  # each image's control map (ControlNet, T2I-Adapter)
                 self._encode_conditions()
         self.concept = (TrainableTokens(backbone, self.adapter.name, config.trigger, config.tokens)
                         if config.tokens else None)
@@ -406,19 +407,6 @@ class Run:
         self.step_done = 0
         self.losses: list[float] = []
         torch.manual_seed(config.seed)
-
-    def _say_columns(self) -> None:
-        """Which basis columns an orthogonal adapter took, and how likely another default one shares them."""
-        from studio.adapters.base import module_table
-        from studio.adapters.orthogonal import HASHED, disjoint_concepts
-
-        adapter, table = self.adapter.config, module_table(self.backbone)
-        blocks = disjoint_concepts(adapter, [table[name].weight[0].numel() for name in adapter.targets])
-        seed = adapter.concept_seed
-        origin = (f"the hash of {self.config.trigger or adapter.name!r}" if seed >= HASHED else "chosen")
-        self.log(f"orthogonal: concept seed {seed} ({origin}) takes block {seed % blocks} of {blocks} disjoint in the "
-                 f"narrowest layer; an adapter with another seed shares it with probability 1/{blocks}, and "
-                 f"`studio merge --method orthogonal` refuses such a pair")
 
     def _prepare_data(self, config: TrainConfig, size: int, choices: list[tuple[int, int]]) -> None:
         """The examples with their latents (and masks), the anchoring captions and the fixed conditioning."""
