@@ -228,6 +228,19 @@ class StudioPipeline:
                       device=str(self.backbone.device), adapters=self._adapter_records(),
                       studio_version=__version__)
 
+    def remake(self, original: Recipe, *, adapters: list[AdapterUse | dict[str, Any]] | None = None,
+               **changes: Any) -> Recipe:
+        """What remaking `original` runs, its adapters attached (its own, checked by hash, or the `adapters`
+        requests instead): `original` itself when nothing changes (its batch position kept, so `replay` gives its
+        very pixels), else a new recipe from it with `changes` (prompt, seed, steps... as `recipe` takes them)."""
+        self.use(original.adapters if adapters is None else adapters)
+        if not changes and adapters is None:
+            return original
+        return self.recipe(**(dict(prompt=original.prompt, negative_prompt=original.negative_prompt,
+                                   seed=original.image_seed, steps=original.steps, guidance=original.guidance,
+                                   width=original.width, height=original.height, scheduler=original.scheduler)
+                              | changes))
+
     def _check_settings(self, *, n: Any, seed: Any, steps: Any, guidance: Any, width: Any, height: Any,
                         scheduler: str) -> None:
         """A recipe's numbers and sampler within their limits, whether `recipe()` made it or a PNG or an edit did."""

@@ -277,19 +277,19 @@ def generate(
                                          scheduler=_value(scheduler)).items() if v is not None}
         attaching = bool(adapter or ip_image or style_image or control)
 
-        def attach_all(pipeline) -> None:  # the adapters and image inputs named on this command line
+        def requests(pipeline) -> list[AdapterUse]:  # the adapters and image inputs named on this command line
             backbone = pipeline.backbone
-            pipeline.use([*_adapter_uses(adapter, allow_partial),
-                          *_image_prompt_uses(backbone, ip_image, ip_adapter, ip_scale, style_only, layout_only,
-                                              ip_content, ip_encoder),
-                          *_style_image_uses(backbone, style_image, style_weight),
-                          *_control_uses(backbone, control, preprocess, control_end)])
+            return [*_adapter_uses(adapter, allow_partial),
+                    *_image_prompt_uses(backbone, ip_image, ip_adapter, ip_scale, style_only, layout_only, ip_content,
+                                        ip_encoder),
+                    *_style_image_uses(backbone, style_image, style_weight),
+                    *_control_uses(backbone, control, preprocess, control_end)]
 
         if from_image is None:
             if prompt is None:
                 raise InvalidArgumentError("PROMPT is missing: give a prompt, or --from IMAGE.png to remake an image.")
             pipeline = _load_pipeline(backbone, family, device, dtype, config)
-            attach_all(pipeline)
+            pipeline.use(requests(pipeline))
             recipe = pipeline.recipe(**changes)
             index = None
         else:
@@ -297,17 +297,8 @@ def generate(
             pipeline = _load_pipeline(backbone or original.backbone, family or FamilyName(original.family),
                                       device or original.device, dtype or original.dtype,
                                       config or original.backbone_config)
-            if attaching:
-                attach_all(pipeline)
-            elif original.adapters:
-                pipeline.use(original.adapters)
-            if changes or attaching:  # a new recipe from the old one
-                fields = dict(prompt=original.prompt, negative_prompt=original.negative_prompt, seed=original.image_seed,
-                              steps=original.steps, guidance=original.guidance, width=original.width,
-                              height=original.height, scheduler=original.scheduler) | changes
-                recipe, index = pipeline.recipe(**fields), None
-            else:
-                recipe, index = original, original.index
+            recipe = pipeline.remake(original, adapters=requests(pipeline) if attaching else None, **changes)
+            index = original.index if recipe is original else None
         if single and index is None:  # a batch to x.png writes x-0.png, x-1.png...: each is new, or --overwrite
             for path in output_paths(out, recipe):
                 check_new(path, overwrite=overwrite)
