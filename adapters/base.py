@@ -13,6 +13,7 @@ targets, trigger words, training recipe...) and the `modelspec.*` keys other too
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -56,7 +57,14 @@ ADAPTERS: Registry[type[Adapter]] = Registry("adapter kind", UnknownAdapterKindE
 
 def adapter_kinds() -> Registry[type[Adapter]]:
     """The registry, after importing every module of `studio.adapters` (each registers its kinds), so
-    a new kind needs no line anywhere else."""
+    a new kind needs no line anywhere else. The package is scanned once: TrainConfig's option lookups, the
+    CLI's flags and every `load_adapter` call here."""
+    _import_kind_modules()
+    return ADAPTERS
+
+
+@functools.cache
+def _import_kind_modules() -> None:
     import importlib
     import pkgutil
 
@@ -65,7 +73,6 @@ def adapter_kinds() -> Registry[type[Adapter]]:
     for module in pkgutil.iter_modules(studio.adapters.__path__):
         if module.name != "base":
             importlib.import_module(f"studio.adapters.{module.name}")
-    return ADAPTERS
 
 
 def register(kind: str) -> Callable[[type[Adapter]], type[Adapter]]:
@@ -157,6 +164,7 @@ class Adapter:
     kind: ClassVar[str] = ""
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     weightless: ClassVar[bool] = False  # a kind with no tensors (its manifest says everything)
+    label: ClassVar[str] = "adapter"  # how messages name an adapter of this kind ("IP-Adapter", "controlnet")
     # config options of a small instance on the tiny test backbones (tiny-sd1): the contract tests build every
     # registered kind with them, so a new kind is covered by declaring them here
     sample_options: ClassVar[dict[str, Any]] = {}
@@ -220,8 +228,6 @@ class Adapter:
                 f"(e.g. {missing[0]}): it was made on {self.config.base or 'another model'} of the same family "
                 f"with a different architecture."
             )
-
-    label: ClassVar[str] = "adapter"  # how messages name an adapter of this kind ("IP-Adapter", "controlnet")
 
     def attach(self, backbone: Backbone, weight: Any = 1.0, **inputs: Any) -> None:
         """Attach to `backbone` at `weight` with the kind's run-time `inputs` (reference or control images...):

@@ -156,7 +156,8 @@ class StudioPipeline:
         detached when a record cannot be attached again; an unchanged stack is left as it is."""
         from studio.hashing import hash_files
 
-        if adapters == self._adapter_records() or self._same_stack(adapters):
+        if self._same_stack(adapters) or (all(isinstance(item, dict) for item in adapters)
+                                          and adapters == self._adapter_records()):
             return
         requests = []
         for item in adapters:

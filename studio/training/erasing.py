@@ -106,11 +106,10 @@ CLOSED_FORM_ONLY = ("uce",)  # methods made in closed form, without a run
 
 
 def _finished(out: str | Path, request: dict[str, Any]) -> bool:
-    """`out` is the finished eraser of this very request."""
-    try:
-        return load_adapter(out).config.training.get("request") == request
-    except Exception:  # noqa: BLE001 - anything unreadable is not a finished result
-        return False
+    """`out` is the finished eraser of this very request (its manifest's training record keeps it)."""
+    from studio.training.trainer import finished_record
+
+    return finished_record(Path(out), request, normalise=lambda training: training.get("request") or {})
 
 
 def make_eraser(backbone: Backbone, config: EraseConfig, *, steps: int | None = None, lr: float | None = None,
@@ -140,7 +139,7 @@ def make_eraser(backbone: Backbone, config: EraseConfig, *, steps: int | None = 
     if config.transport and config.preserve:
         kept = pooled_text(backbone, config.prompts(config.preserve)) @ pooled_text(backbone, config.concepts).T
         config.transport_floor = min(float(kept.max()), 0.99)  # kept prompts get γ 0 (shared tokens aside)
-    if config.method == "uce":
+    if config.method in CLOSED_FORM_ONLY:
         return uce(backbone, config, rank=rank)
     from studio.training.trainer import run_loop
 
