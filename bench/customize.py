@@ -137,7 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--shapes", default="star,heart,moon")
-    parser.add_argument("--dit-shapes", default="star", help="the shapes world-dit learns (its own issue follows)")
+    parser.add_argument("--dit-shapes", default="star,heart,moon", help="the shapes world-dit learns")
     parser.add_argument("--n", type=int, default=64, help="prompted samples per measurement")
     parser.add_argument("--seed", type=int, default=4321)
     parser.add_argument("--out", type=Path, default=Path("out/bench-customize"))

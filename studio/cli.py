@@ -461,7 +461,9 @@ def train(
     masked_loss: Annotated[bool | None, typer.Option(
         "--masked-loss/--no-masked-loss", help="Weight the loss by each image's NAME.mask.png (or alpha).")] = None,
     flip: Annotated[bool | None, typer.Option(
-        "--flip/--no-flip", help="Add mirrored copies (their captions say the other side: left <-> right).")] = None,
+        "--flip/--no-flip", help="Add mirrored copies (their captions say the other side: left <-> right) "
+                                 "[default: the recipe's; world recipes: only when the references' masks are "
+                                 "mirror-symmetric].")] = None,
     timestep_bias: Annotated[str | None, typer.Option(
         help="none, content (favour noisy steps: shapes, layout) or style (nearly clean steps: texture).")] = None,
     anchor_weight: Annotated[float | None, typer.Option(
@@ -774,14 +776,29 @@ def world_train(
     model: Annotated[str, typer.Option(help="vae, clip, evaluator, world-sd or world-dit.")],
     out: Annotated[Path, typer.Option(help="Where the trained folder and train_log.jsonl go.")] = Path("out/world"),
     steps: Annotated[int | None, typer.Option(help="Training steps [default: the recipe's].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate [default: the recipe's].")] = None,
+    init: Annotated[Path | None, typer.Option(
+        help="world-sd/world-dit: start from this trained folder (a fine-tune), e.g. assets/world/world-sd.")] = None,
+    partial: Annotated[float | None, typer.Option(
+        help="world-sd/world-dit: share of partial captions ('a blue square') [default: 0].")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Only continue the checkpoint in --out (an error if there is none).")] = False,
 ) -> None:
-    """Retrain one shapes-world model from scratch with its fixed seed, logging as it goes."""
+    """Train one shapes-world model with its fixed seed, logging progress and an ETA; rerun the same command
+    to resume a killed run from its last checkpoint (every 500 steps)."""
     from studio.errors import InvalidArgumentError
-    from studio.world.train import MODELS
+    from studio.world.train import MODELS, checkpoint_folder
 
     if model not in MODELS:
         raise InvalidArgumentError(f"--model {model!r} is not a world model; choose one of {', '.join(MODELS)}.")
-    folder = MODELS[model](out, **({"steps": steps} if steps else {}), log=lambda line: console.print(line))
+    if resume and not (checkpoint_folder(out, model) / "step.json").is_file():
+        raise InvalidArgumentError(f"--resume: {out} holds no checkpoint of {model} ({checkpoint_folder(out, model)}); "
+                                   f"leave --resume out to start one.")
+    if (init is not None or partial is not None) and model not in ("world-sd", "world-dit"):
+        raise InvalidArgumentError(f"--init and --partial are for world-sd and world-dit, not {model!r}.")
+    given = {"steps": steps, "lr": lr, "init": init, "partial": partial}
+    folder = MODELS[model](out, **{k: v for k, v in given.items() if v is not None},
+                           log=lambda line: console.print(line))
     out_console.print(str(folder), highlight=False)
 
 

@@ -51,6 +51,31 @@ def test_blora_trains_only_its_two_blocks_and_attaches_either_half(world, tmp_pa
     assert np.array_equal(pixels(world.generate("a red sks star", seed=1, steps=4).images[0]), pixels(plain))
 
 
+def test_blora_trains_and_splits_on_the_sdxl_layout_it_was_found_on(tmp_path):
+    """The paper's blocks (SDXL: up_blocks.0.attentions.0 content, .1 style) on a random SDXL-layout UNet: training
+    touches only them, and each half changes the image alone (world-sd's SD1 layout has no such split, README)."""
+    from studio.training.trainer import TrainConfig, train
+    from studio.world.folder import write_reference_folder
+
+    write_reference_folder(tmp_path / "refs", n=2, seed=2, shape="star", trigger="sks")
+    path = train(TrainConfig(folder=str(tmp_path / "refs"), out=str(tmp_path / "xl.safetensors"), kind="blora",
+                             backbone="tiny-sdxl", rank=2, steps=2, batch=2, lr=1e-2, checkpoint_every=100),
+                 log=lambda _: None)
+    adapter = load_adapter(path)
+    assert adapter.config.blocks == {"content": ["up_blocks.0.attentions.0"], "style": ["up_blocks.0.attentions.1"]}
+    assert {k.split(".", 1)[1].split(".transformer_blocks")[0] for k in adapter.tensors} == {
+        "up_blocks.0.attentions.0", "up_blocks.0.attentions.1"}
+    assert all(float(v.abs().sum()) > 0 for k, v in adapter.tensors.items() if k.endswith("lora_B.weight"))
+    pipe = StudioPipeline("tiny-sdxl")
+    plain = pixels(pipe.generate("a sks star", seed=1, steps=2).images[0])
+    for part in ("content", "style"):
+        pipe.attach(adapter, 1.0, part=part)
+        wrapped = {n for n, m in pipe.backbone.denoiser.named_modules() if n.endswith(".lora_B")}
+        assert wrapped and all(n.startswith(adapter.config.blocks[part][0] + ".") for n in wrapped)
+        assert not np.array_equal(pixels(pipe.generate("a sks star", seed=1, steps=2).images[0]), plain)
+        pipe.detach()
+
+
 def test_blora_content_of_one_and_style_of_another_attach_together(world):
     a = BLoraAdapter.create(world.backbone, BLoraConfig(family="sd1", name="a", rank=2), seed=1)
     b = BLoraAdapter.create(world.backbone, BLoraConfig(family="sd1", name="b", rank=2), seed=2)

@@ -121,6 +121,39 @@ def test_mirrored_copies_say_the_other_side(tmp_path):
     assert all(e["caption"] == e["item"].caption for e in kept.examples)
 
 
+def test_flip_auto_mirrors_only_references_a_mirror_leaves_the_same(tmp_path):
+    """A star's mask matches its mirror image, a crescent's does not, a folder without masks cannot say."""
+    from studio.training.data import MIRROR_IOU, folder_trigger, mirror_iou, scan_folder
+    from studio.training.trainer import Run
+
+    for shape, masks in (("star", True), ("moon", True), ("star", False)):
+        write_reference_folder(tmp_path / f"{shape}-{masks}" / "3_qx", n=3, seed=11, shape=shape, trigger="qx",
+                               masks=masks)
+    scores = {name: [mirror_iou(i) for i in scan_folder(tmp_path / name).items]
+              for name in ("star-True", "moon-True", "star-False")}
+    assert min(scores["star-True"]) > MIRROR_IOU > 0.5 > max(scores["moon-True"]) and scores["star-False"] == [None] * 3
+    verdicts = scores
+    flipped = {}
+    for name in verdicts:
+        lines = []
+        run = Run(TrainConfig(folder=str(tmp_path / name), out=str(tmp_path / f"{name}.safetensors"), recipe=GENERIC,
+                              flip="auto"), log=lines.append)
+        run.adapter.detach(run.backbone)
+        flipped[name] = ({e["flip"] for e in run.examples}, next(line for line in lines if "flip auto" in line))
+    assert flipped["star-True"][0] == {False, True} and "auto: on" in flipped["star-True"][1]
+    assert flipped["moon-True"][0] == {False} and "auto: off" in flipped["moon-True"][1]
+    assert flipped["star-False"][0] == {False} and "mask" in flipped["star-False"][1]
+    with pytest.raises(ValueError, match="flip='sometimes'"):
+        TrainConfig(folder=".", out="x.safetensors", flip="sometimes")
+    # the trigger a kohya folder names, which a recipe's pivotal tokens need
+    assert folder_trigger(tmp_path / "moon-True") == "qx" and folder_trigger(tmp_path) == ""
+    config = TrainConfig(folder=str(tmp_path / "moon-True"), out="x.safetensors", backbone="world-dit")
+    assert (config.trigger, config.tokens) == ("qx", 2)
+    assert TrainConfig(folder=str(tmp_path), out="x.safetensors", backbone="world-dit").tokens == 0
+    with pytest.raises(ValueError, match="set trigger"):
+        TrainConfig(folder=str(tmp_path), out="x.safetensors", backbone="world-dit", tokens=2)
+
+
 def test_training_writes_a_loadable_adapter_log_plot_and_uses_the_cache(refs, tmp_path, monkeypatch):
     monkeypatch.setenv("STUDIO_CACHE", str(tmp_path / "cache"))  # its own: other tests fill the session's cache
     lines = []
@@ -252,6 +285,35 @@ def test_min_snr_weighting_matches_its_formula():
     assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, base)
     with pytest.raises(ValueError, match="snr_gamma"):
         TrainConfig(folder=".", out="x.safetensors", snr_gamma=0)
+
+
+def test_x0_loss_weighting_is_the_velocity_error_times_the_level_squared():
+    """diffusers' SD3 DreamBooth script's preconditioned loss: ||(x_t - s v) - x0||^2 = s^2 ||v - (noise - x0)||^2."""
+    from studio.backbones import load_backbone
+    from studio.training.objectives import objective_for
+
+    backbone = load_backbone("tiny-sd3")
+    denoiser = backbone.pipe.transformer
+    x0 = torch.randn(5, denoiser.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain, x0_weighted = objective_for(backbone), objective_for(backbone, loss_weighting="x0")
+    conditioning = plain.encode(["a red circle"] * 5)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        base = plain.loss(denoiser, x0, **conditioning)
+        torch.manual_seed(3)
+        got = x0_weighted.loss(denoiser, x0, **conditioning)
+        torch.manual_seed(3)  # the same noise and levels, by hand, as the script computes it
+        noise = torch.randn_like(x0)
+        s = torch.sigmoid(torch.randn(5)).view(-1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        v = plain.predict(denoiser, xt, s.flatten() * 1000, **conditioning)
+        want = ((xt - s * v) - x0).square().flatten(1).mean(1).mean()
+    assert torch.allclose(base, (v - (noise - x0)).square().mean(), atol=1e-5)
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, base)
+    with pytest.raises(ValueError, match="rectified-flow"):
+        objective_for(load_backbone("tiny-sd1"), loss_weighting="x0")
+    with pytest.raises(ValueError, match="loss_weighting"):
+        TrainConfig(folder=".", out="x.safetensors", loss_weighting="sigma")
 
 
 def test_timestep_bias_moves_the_noise_levels():

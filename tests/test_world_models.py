@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from studio.errors import InvalidArgumentError
 from studio.world.data import render_set
 from studio.world.models import ASSETS
 from studio.world.train import load_vae, vae_roundtrip
@@ -152,3 +153,28 @@ def test_world_training_saves_in_the_dtypes_plain_loaders_join(tmp_path):
     assert dtypes(tmp_path / "world-sd/text_encoder/model.safetensors") == {"F32"}
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "world-sd", safety_checker=None)
     assert _one_dtype(pipe) == {torch.float32}
+
+
+def test_world_training_resumes_only_the_run_it_was_given(tmp_path):
+    """A rerun with other settings, or --resume where there is nothing to resume, says which and changes nothing."""
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+    from studio.world.train import _run_record, train_world_sd
+
+    checkpoint = tmp_path / "checkpoint-world-sd"
+    record = {"model": "world-sd", "steps": 2000, "batch": 32, "lr": 3e-4, "seed": 0, "init": None, "partial": 0.3,
+              "warmup": 50}
+    _run_record(checkpoint, record)
+    (checkpoint / "step.json").write_text('{"step": 500}')
+    _run_record(checkpoint, {**record, "steps": 4000})  # a longer cosine on the same run: a warm restart
+    with pytest.raises(InvalidArgumentError, match=r"lr: 0.0003 there, 0.001 now.*Nothing was changed"):
+        _run_record(checkpoint, {**record, "steps": 4000, "lr": 1e-3})
+    with pytest.raises(InvalidArgumentError, match="model: 'world-sd' there, 'world-dit' now"):
+        _run_record(checkpoint, {**record, "model": "world-dit"})
+    with pytest.raises(InvalidArgumentError, match="not a diffusers backbone folder"):
+        train_world_sd(tmp_path / "fresh", init=tmp_path, steps=1, log=lambda line: None)
+    result = CliRunner().invoke(app, ["world", "train", "--model", "world-dit", "--out", str(tmp_path), "--resume"])
+    assert result.exit_code != 0 and "holds no checkpoint of world-dit" in str(result.exception)
+    result = CliRunner().invoke(app, ["world", "train", "--model", "vae", "--out", str(tmp_path), "--partial", "0.3"])
+    assert result.exit_code != 0 and "for world-sd and world-dit" in str(result.exception)

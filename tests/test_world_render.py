@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from studio.errors import InvalidArgumentError
-from studio.world.captions import caption
+from studio.world.captions import article, caption, partial_caption, world_tokenizer
 from studio.world.folder import write_reference_folder
 from studio.world.render import CENTRES, RADII, SHAPE_TESTS, render, sample_labels
 from studio.world.vocab import COLOURS, HELD_OUT, SHAPES, VALUES, Labels, base_values
@@ -77,6 +77,21 @@ def test_captions_and_bad_labels():
     assert caption(labels(), trigger="sks") == "a large red sks circle on a plain background, in the centre"
     with pytest.raises(InvalidArgumentError, match="shape='hexagon'"):
         labels(shape="hexagon")
+
+
+def test_partial_captions_name_the_shape_and_some_of_the_rest_in_the_world_vocabulary():
+    rng = np.random.default_rng(0)
+    tokenizer = world_tokenizer()
+    unknown = tokenizer.convert_tokens_to_ids(tokenizer.unk_token)
+    seen = set()
+    for _ in range(200):
+        label = sample_labels(rng)
+        text = partial_caption(label, rng)
+        assert label.shape in text and (text.startswith("an ") or text.startswith("a "))
+        assert unknown not in tokenizer(text).input_ids[1:-1], text  # CLIP: the unknown token is the end one
+        seen.add((label.colour in text, "background" in text, "," in text))
+    assert len(seen) == 8  # every mix of colour, background and position named or left out
+    assert (article("orange ring"), article("red circle")) == ("an orange ring", "a red circle")
 
 
 def test_reference_folder_has_a_caption_per_image(tmp_path):

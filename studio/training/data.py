@@ -26,6 +26,7 @@ from studio.images import IMAGE_SUFFIXES, encode_images, fit  # noqa: F401  (the
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
 CAPTION_SUFFIXES = (".txt", ".caption")
 MASK_SUFFIX = ".mask.png"
@@ -85,6 +86,15 @@ def _mask_of(image: Path, size: tuple[int, int], has_alpha: bool) -> tuple[Path 
         return None, (f"its mask {side.name} is {mask_size[0]}x{mask_size[1]} but the image is {size[0]}x{size[1]}; "
                       f"save the mask at the image's size")
     return side, None
+
+
+def folder_trigger(folder: str | Path) -> str:
+    """The trigger word a kohya-layout folder names: the first word of its `N_words` subfolders when they
+    all share it ("10_sks" -> "sks"); "" otherwise."""
+    folder = Path(folder)
+    words = {m[1] for sub in (folder.iterdir() if folder.is_dir() else ()) if sub.is_dir()
+             for m in [re.fullmatch(r"\d+_(\S+).*", sub.name)] if m}
+    return words.pop() if len(words) == 1 else ""
 
 
 def scan_folder(folder: str | Path, *, trigger: str = "", min_size: int = 0, regularisation: bool = False) -> Scan:
@@ -162,17 +172,42 @@ def bucket_of(image_size: tuple[int, int], choices: list[tuple[int, int]]) -> tu
     return min(choices, key=lambda wh: abs(math.log(wh[0] / wh[1]) - ratio))
 
 
+def _mask_image(item: Item) -> Image.Image:
+    """The item's mask as a greyscale image: its mask file, or its own alpha where the mask is the image."""
+    from PIL import Image
+
+    with Image.open(item.mask) as source:
+        return source.convert("RGBA").getchannel("A") if item.mask == item.path else source.convert("L")
+
+
+# a subject whose masks match their own mirror images this closely (median IoU) is one a mirror leaves the same:
+# world renders give 0.84-1.00 for stars and hearts (pixelation of small ones), 0.17-0.20 for crescents
+MIRROR_IOU = 0.7
+
+
+def mirror_iou(item: Item) -> float | None:
+    """How closely the subject's mask, cropped to its box, matches its own mirror image (IoU: a star, a face
+    seen from the front near 1; a crescent, a profile, text far below); None without a mask."""
+    import numpy as np
+
+    if item.mask is None:
+        return None
+    mask = np.asarray(_mask_image(item)) > 127
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return None
+    box = mask[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
+    return float((box & box[:, ::-1]).sum() / (box | box[:, ::-1]).sum())
+
+
 def mask_weights(item: Item, bucket: tuple[int, int], latent_size: tuple[int, int], *, flip: bool,
                  floor: float) -> torch.Tensor:
     """Per-latent-pixel loss weights (1, h, w): `floor` outside the subject, 1 on it, the mask fitted
     like its image and averaged over each latent pixel's area."""
     import numpy as np
     import torch
-    from PIL import Image
 
-    with Image.open(item.mask) as source:
-        grey = source.convert("RGBA").getchannel("A") if item.mask == item.path else source.convert("L")
-        fitted = fit(grey, bucket, flip=flip, mode="L")
+    fitted = fit(_mask_image(item), bucket, flip=flip, mode="L")
     mask = torch.from_numpy(np.asarray(fitted, dtype=np.float32) / 255)[None, None]
     mask = torch.nn.functional.adaptive_avg_pool2d(mask, latent_size)[0]
     return floor + (1 - floor) * mask

@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 
 OBJECTIVES: Registry[type[Objective]] = Registry("family", UnknownFamilyError)
 TIMESTEP_BIASES = ("none", "content", "style")
+# rectified flow's loss weighting: "none" the velocity's squared error (SD3's paper with logit-normal levels; the
+# Flux DreamBooth script's default), "x0" the error of the clean image it implies, x0 = x_t - s v, i.e. the
+# velocity's error times s^2 (diffusers' train_dreambooth_lora_sd3.py default, `precondition_outputs`): noisier
+# levels, where shape and layout are decided, weigh more
+LOSS_WEIGHTINGS = ("none", "x0")
 
 
 def check_timestep_bias(value: str) -> str:
@@ -27,16 +32,30 @@ def check_timestep_bias(value: str) -> str:
     return value
 
 
+def check_loss_weighting(value: str) -> str:
+    """`value` if it names a loss weighting, else a clear error."""
+    if value not in LOSS_WEIGHTINGS:
+        raise InvalidArgumentError(f"loss_weighting={value!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}.")
+    return value
+
+
 class Objective:
     """`encode(captions)` -> conditioning (tensors, batch first); `loss(denoiser, x0, **conditioning)`.
 
     Every loss takes `sample_weights` (one per example) and `pixel_weights` ((B, 1, h, w) at the latent
     size, for masked loss: each example's error is then its weighted mean over pixels)."""
 
-    def __init__(self, pipe: Any, *, snr_gamma: float | None = None, timestep_bias: str = "none"):
+    loss_weightings: tuple[str, ...] = ("none",)  # those this family's loss knows (LOSS_WEIGHTINGS)
+
+    def __init__(self, pipe: Any, *, snr_gamma: float | None = None, timestep_bias: str = "none",
+                 loss_weighting: str = "none"):
         self.pipe = pipe
         self.snr_gamma = snr_gamma
         self.timestep_bias = check_timestep_bias(timestep_bias)
+        self.loss_weighting = check_loss_weighting(loss_weighting)
+        if self.loss_weighting not in self.loss_weightings:
+            raise InvalidArgumentError(f"loss_weighting={loss_weighting!r} is for rectified-flow backbones (SD3, "
+                                       f"Flux, world-dit); noise-prediction ones weigh steps with snr_gamma.")
         # (this process, how many) in a multi-process run: the whole batch's noise and levels are drawn as one
         # process draws them, then each process takes its slice, so its averaged gradient is one process's
         self.shard = (0, 1)
@@ -200,6 +219,8 @@ class RectifiedFlow(Objective):
     """x_t = (1 - s) x0 + s noise, target noise - x0, s ~ logit-normal(0, 1) (SD3's default), bent by
     the timestep bias."""
 
+    loss_weightings = LOSS_WEIGHTINGS
+
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
         from studio.backbones import t5_free_options
 
@@ -216,7 +237,10 @@ class RectifiedFlow(Objective):
         xt, timestep, target, pixel_weights, sample_weights, conditioning = self.mine(
             xt, timestep, noise - x0, pixel_weights, sample_weights, conditioning=conditioning)
         velocity = self.predict(denoiser, xt, timestep, **conditioning)
-        return self.reduce(per_sample(velocity, target, pixel_weights), sample_weights)
+        errors = per_sample(velocity, target, pixel_weights)
+        if self.loss_weighting == "x0":
+            errors = errors * (timestep / 1000) ** 2
+        return self.reduce(errors, sample_weights)
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
@@ -237,5 +261,5 @@ class RectifiedFlow(Objective):
 
 def objective_for(backbone: Any, **options: Any) -> Objective:
     """The objective of a backbone's family (a clear error for families not trainable yet); `options`:
-    snr_gamma, timestep_bias."""
+    snr_gamma, timestep_bias, loss_weighting."""
     return OBJECTIVES.get_or_raise(backbone.family.name)(backbone.pipe, **options)

@@ -30,7 +30,7 @@ from typing import Any
 from studio import faults
 from studio.errors import InvalidArgumentError, StudioError
 from studio.training import recipes
-from studio.training.objectives import check_timestep_bias
+from studio.training.objectives import check_loss_weighting, check_timestep_bias
 
 Progress = Callable[[int, int, float], None]  # (step done, total steps, loss)
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
@@ -149,13 +149,16 @@ class TrainConfig:
     gradient_checkpointing: bool | None = None
     size: int | None = None  # bucket area = size^2; default: the backbone's default size
     buckets: bool | None = None
-    flip: bool | None = None  # mirrored copies (cached too)
+    # mirrored copies (cached too); "auto": only when the references' masks match their own mirror images
+    # (a star: yes, a crescent: no, images without masks: no, as kohya, diffusers and ai-toolkit default)
+    flip: bool | str | None = None
     # a mirrored copy's caption says the other side ("left" <-> "right"), so it stays true of its image;
     # False where those words are not sides
     flip_sides: bool | None = None
     caption_dropout: float | None = None  # ControlNet's paper: 0.5
     snr_gamma: float | None = None  # Min-SNR-γ loss weighting for noise-prediction families (kohya/diffusers: 5)
     timestep_bias: str | None = None  # none | content (favour noisy steps: shapes, layout) | style (nearly clean ones)
+    loss_weighting: str | None = None  # rectified flow: none (velocity error) | x0 (diffusers' SD3 script: x s^2)
     # masked loss (kohya's masked_loss, ai-toolkit's masks): the loss is a weighted mean over latent pixels,
     # 1 on each image's mask (NAME.mask.png or its alpha), mask_floor elsewhere, so a small subject is not
     # drowned by its background; images without a mask weigh every pixel the same
@@ -196,7 +199,7 @@ class TrainConfig:
             raise InvalidArgumentError(f"{', '.join(f'{n}={v!r}' for n, v in unknown.items())}: not an option of kind "
                                        f"{asked!r} (its options: {', '.join(sorted(own)) or 'none'}); leave "
                                        f"{'them' if len(unknown) > 1 else 'it'} out.")
-        given_prompt, given_count = self.class_prompt, self.class_images
+        given_prompt, given_count, given_tokens = self.class_prompt, self.class_images, self.tokens
         # resolved here, so the manifest and a checkpoint record what the run used
         recipe = recipes.resolve(self.backbone, asked, self.recipe)
         for name, value in recipe.train.items():
@@ -221,10 +224,20 @@ class TrainConfig:
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise InvalidArgumentError(f"snr_gamma={self.snr_gamma!r} must be > 0 (e.g. 5), or None for plain MSE.")
         check_timestep_bias(self.timestep_bias)
+        check_loss_weighting(self.loss_weighting)
+        if self.flip not in (True, False, "auto"):
+            raise InvalidArgumentError(f"flip={self.flip!r}; choose true, false or auto (mirrored copies only of "
+                                       f"references whose masks are mirror-symmetric).")
         if not 0 <= self.mask_floor <= 1:
             raise InvalidArgumentError(f"mask_floor={self.mask_floor!r} must be in [0, 1] (the background's loss weight).")
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 0:
             raise InvalidArgumentError(f"tokens={self.tokens!r} must be a whole number >= 0 (0 = off, e.g. 2).")
+        if self.tokens and not self.trigger:
+            from studio.training.data import folder_trigger
+
+            self.trigger = folder_trigger(self.folder)  # kohya's "10_sks": the trigger is sks
+            if not self.trigger and given_tokens is None:
+                self.tokens = 0  # the recipe's pivotal tokens need a trigger word; the run logs it
         if self.tokens and not self.trigger:
             raise InvalidArgumentError("tokens > 0 learns the trigger word as new tokens: set trigger (e.g. "
                                        "trigger='sks').")
@@ -362,13 +375,18 @@ class Run:
             if self.reg is not None:
                 drawn.items = self.reg.items + drawn.items
             self.reg = drawn
-        sided = [i.caption for i in self.scan.items if SIDES.search(i.caption)] if config.flip else []
+        self.flip = self._flip(config.flip)
+        if not (config.tokens or config.trigger) and recipes.resolve(config.backbone, config.kind, config.recipe).train.get("tokens"):
+            self.log(f"pivotal tokens off: recipe {config.recipe} learns the trigger word as tokens, but no trigger "
+                     f"was given (--trigger WORD, or a kohya folder N_WORD) and the adapter trains without one")
+        sided = [i.caption for i in self.scan.items if SIDES.search(i.caption)] if self.flip else []
         if sided:
             self.log(f"flip: {len(sided)} captions name a side (e.g. {sided[0]!r}); " +
                 ("their mirrored copies say the other side" if config.flip_sides else
                  "flip_sides is off, so their mirrored copies contradict them"))
         choices = buckets(size, backbone.size_factor) if config.buckets else [(size, size)]
-        self.objective = objective_for(backbone, snr_gamma=config.snr_gamma, timestep_bias=config.timestep_bias)
+        self.objective = objective_for(backbone, snr_gamma=config.snr_gamma, timestep_bias=config.timestep_bias,
+                                       loss_weighting=config.loss_weighting)
         self.objective.shard = (self.rank, self.world)
         self.cache = LatentCache(backbone)
         with _first_process_first(self.world):  # the others then read its latent cache instead of racing it
@@ -408,6 +426,25 @@ class Run:
         self.losses: list[float] = []
         torch.manual_seed(config.seed)
 
+    def _flip(self, asked: bool | str) -> bool:
+        """Whether to add mirrored copies: as asked, or for "auto" only if the references' masks match their
+        own mirror images (median IoU >= MIRROR_IOU; a mirrored crescent is another shape: it taught rings and
+        blobs, README)."""
+        import statistics
+
+        from studio.training.data import MIRROR_IOU, mirror_iou
+
+        if asked != "auto":
+            return bool(asked)
+        scores = [mirror_iou(i) for i in self.scan.items]
+        if None in scores:
+            self.log("flip auto: off (not every reference has a mask to check its symmetry; --flip forces it)")
+            return False
+        median = statistics.median(scores)
+        self.log(f"flip auto: {'on' if median >= MIRROR_IOU else 'off'} (the references' masks match their mirror "
+                 f"images at IoU {median:.2f}, median; {MIRROR_IOU} or more mirrors them)")
+        return median >= MIRROR_IOU
+
     def _prepare_data(self, config: TrainConfig, size: int, choices: list[tuple[int, int]]) -> None:
         """The examples with their latents (and masks), the anchoring captions and the fixed conditioning."""
         from studio.concept_tokens import word
@@ -417,7 +454,7 @@ class Run:
         self.examples: list[dict[str, Any]] = []  # one per (item, flip)
         for item in items:
             bucket = bucket_of(item.size, choices)
-            for flip in (False, True) if config.flip else (False,):
+            for flip in (False, True) if self.flip else (False,):
                 caption = mirrored(item.caption) if flip and config.flip_sides else item.caption
                 self.examples.append({"item": item, "bucket": bucket, "flip": flip, "caption": caption})
         self._encode_latents()

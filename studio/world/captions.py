@@ -31,6 +31,23 @@ def random_caption(labels: Labels, rng: np.random.Generator, *, trigger: str | N
     return caption(labels, template=int(rng.integers(len(TEMPLATES))), trigger=trigger)
 
 
+def article(words: str) -> str:
+    """`words` after "a" or "an", as English wants it: "a red circle", "an orange ring"."""
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+
+
+def partial_caption(labels: Labels, rng: np.random.Generator) -> str:
+    """The shape and each other attribute kept with even odds, as people prompt ("a blue square", "a small
+    square, top left", "a red circle on a grid background"): an image the caption leaves an attribute of is
+    one of that attribute's possible images, so training on them teaches what a short prompt leaves open."""
+    kept = {a: bool(rng.random() < 0.5) for a in ("size", "colour", "background", "position")}
+    text = article(" ".join([*([labels.size] if kept["size"] else []), *([labels.colour] if kept["colour"] else []),
+                             labels.shape]))
+    if kept["background"]:
+        text += f" on a {BACKGROUND_WORDS[labels.background]} background"
+    return text + (f", {POSITION_WORDS[labels.position]}" if kept["position"] else "")
+
+
 MAX_TOKENS = 20  # the longest caption with a trigger word is 16 tokens
 # Words people put in prompts beyond the templates; anything else tokenizes into shorter pieces.
 EXTRA_WORDS = ("an", "the", "of", "with", "and", "in", "shape", "image", "photo", "picture", "style", "sks")

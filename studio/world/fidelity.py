@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from studio.concept_tokens import expand
-from studio.world.captions import caption
+from studio.world.captions import article, caption
 from studio.world.evaluator import evaluate
 from studio.world.render import sample_labels
 from studio.world.vocab import ATTRIBUTES, Labels
@@ -53,6 +53,42 @@ def fidelity(pipe, *, n: int = 200, seed: int = 1234, steps: int = 25, guidance:
     metrics["images"] = images
     metrics["expected"] = [e.as_dict() for e in expected]
     return metrics
+
+
+def short_prompt(colour: str, shape: str) -> str:
+    """The shortest prompt a person types for a shape of a colour: "a red circle", "an orange ring"."""
+    return article(f"{colour} {shape}")
+
+
+def combinations(pipe, *, samples: int = 8, seed: int = 1234, steps: int = 25, guidance: float = 6.0,
+                 scheduler=None, cells: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Every base colour x shape (or only `cells`, (colour, shape) pairs) prompted in its short form
+    (`short_prompt`, nothing else named), `samples` images each: `cells[(colour, shape)]` the share the
+    evaluator reads as both (the geometric reader's in `geometric_cells`), and the metrics of all images (for
+    `write_report`), cell by cell in order."""
+    import torch
+
+    from studio.backbones import t5_free_options
+    from studio.world.vocab import COLOURS, base_values
+
+    if scheduler is not None:
+        pipe.scheduler = scheduler
+    pairs = cells or [(c, s) for s in base_values("shape") for c in COLOURS]
+    images, expected = [], []
+    for k, (colour, shape) in enumerate(pairs):
+        generators = [torch.Generator().manual_seed(seed + 1000 * k + j) for j in range(samples)]
+        images += pipe([short_prompt(colour, shape)] * samples, num_inference_steps=steps, guidance_scale=guidance,
+                       generator=generators, output_type="pil", **t5_free_options(pipe)).images
+        expected += [{"shape": shape, "colour": colour}] * samples
+    metrics = evaluate(images, expected)
+    metrics["images"], metrics["expected"] = images, expected
+
+    def rates(readings: list[dict[str, str]]) -> dict[tuple[str, str], float]:
+        hits = [all(r[a] == e[a] for a in e) for r, e in zip(readings, expected, strict=True)]
+        return {pair: sum(hits[k * samples:(k + 1) * samples]) / samples for k, pair in enumerate(pairs)}
+
+    return {"cells": rates(metrics["predicted"]), "geometric_cells": rates(metrics["geometric"]["predicted"]),
+            "metrics": metrics}
 
 
 def write_report(metrics: dict[str, Any], out: Path, *, title: str, columns: int = 10) -> tuple[Path, Path]:

@@ -203,11 +203,14 @@ def clip_zero_shot(clip, tokenizer, data: dict[str, np.ndarray], n: int = 500) -
     return result
 
 
-def _captions_of(data: dict[str, np.ndarray], index: np.ndarray, rng: np.random.Generator) -> list[str]:
-    from studio.world.captions import random_caption
+def _captions_of(data: dict[str, np.ndarray], index: np.ndarray, rng: np.random.Generator, *,
+                 partial: float = 0.0) -> list[str]:
+    """A template caption of each image, or with odds `partial` a partial one (`partial_caption`)."""
+    from studio.world.captions import partial_caption, random_caption
     from studio.world.data import labels_at
 
-    return [random_caption(labels_at(data, int(i)), rng) for i in index]
+    return [partial_caption(labels_at(data, int(i)), rng) if partial and rng.random() < partial
+            else random_caption(labels_at(data, int(i)), rng) for i in index]
 
 
 def train_clip(out: Path, *, steps: int = 3000, batch: int = 128, lr: float = 2e-3, seed: int = 0,
@@ -463,6 +466,11 @@ def encode_latents(vae, images: np.ndarray, batch: int = 256):
                           for i in range(0, len(images), batch)]) * vae.config.scaling_factor
 
 
+def checkpoint_folder(out: Path, name: str) -> Path:
+    """Where training world model `name` into `out` keeps its checkpoint (a rerun resumes from it)."""
+    return Path(out) / f"checkpoint-{name}"
+
+
 def _checkpoint(path: Path, model, opt, step: int) -> None:
     import torch
     from safetensors.torch import save_file
@@ -486,27 +494,59 @@ def _resume(path: Path, model, opt) -> int:
     return json.loads((path / "step.json").read_text())["step"]
 
 
+def _run_record(checkpoint: Path, record: dict[str, Any]) -> None:
+    """Refuse to resume `checkpoint` with another model or other settings than the run that wrote it (the
+    step count may grow: a longer cosine from the last checkpoint, a warm restart), naming what differs."""
+    from studio.errors import InvalidArgumentError
+
+    path = checkpoint / "run.json"
+    if (checkpoint / "step.json").is_file() and path.is_file():
+        before = json.loads(path.read_text())
+        differ = {k: (before.get(k), v) for k, v in record.items() if k != "steps" and before.get(k) != v}
+        if differ:
+            raise InvalidArgumentError(
+                f"{checkpoint} holds a run with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
+                f"resume with those settings, or train into another --out. Nothing was changed.")
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
 def _train_backbone(out: Path, name: str, build: Callable[[], Any], make_pipeline: Callable[..., Any],
                     objective_cls: type, *, steps: int, batch: int, lr: float, seed: int, eval_every: int,
-                    log: Log) -> Path:
+                    log: Log, init: Path | None = None, partial: float = 0.0, warmup: int = 50) -> Path:
     """The loop both world backbones share: the world VAE, the model `build()` makes inside the
     pipeline `make_pipeline(model, out, vae=...)`, the family's training objective; latents of 24,000
-    renders cached once, 10% caption dropout, AdamW with warm-up and cosine decay, gradient clipping at
-    1, a checkpoint every 500 steps (a rerun resumes from `<out>/checkpoint-<name>`), and prompt
-    fidelity every `eval_every` steps."""
+    renders cached once, 10% caption dropout and a `partial` share of partial captions (`partial_caption`:
+    "a blue square"), AdamW with warm-up and cosine decay, gradient clipping at 1, a checkpoint every 500
+    steps (a rerun with the same settings resumes from `<out>/checkpoint-<name>`, another model or other
+    settings are refused), and prompt fidelity every `eval_every` steps; the log gives an ETA. `init`: a
+    trained backbone folder of this model to start from (a fine-tune), instead of random weights."""
     import torch
 
+    part = None
+    if init is not None:  # checked before anything is written
+        from studio.errors import InvalidArgumentError
+
+        part = next((Path(init) / c for c in ("unet", "transformer") if (Path(init) / c / "config.json").is_file()), None)
+        if part is None:
+            raise InvalidArgumentError(f"--init {init}: not a diffusers backbone folder (no unet/ or transformer/ "
+                                       f"with a config.json); give a trained {name} folder, e.g. assets/world/{name}.")
+    checkpoint = checkpoint_folder(out, name)
+    resuming = (checkpoint / "step.json").is_file()
+    _run_record(checkpoint, {"model": name, "steps": steps, "batch": batch, "lr": lr, "seed": seed,
+                             "init": str(init) if init else None, "partial": partial, "warmup": warmup})
     _seed_everything(seed)
     vae = load_vae(_part(out, "vae"))
     model = build()
+    if part is not None and not resuming:  # a resumed fine-tune reads its checkpoint instead
+        model.load_state_dict(type(model).from_pretrained(part).state_dict())
     pipe = make_pipeline(model, out, vae=vae)
     objective = objective_cls(pipe)
     _seed_everything(seed)
     data = render_set(24000, seed=1)
     latents = encode_latents(vae, data["images"])  # (N, 4, 16, 16)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
-    checkpoint = Path(out) / f"checkpoint-{name}"
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
     start = _resume(checkpoint, model, opt)
     for _ in range(start):
         sched.step()
@@ -514,9 +554,10 @@ def _train_backbone(out: Path, name: str, build: Callable[[], Any], make_pipelin
     rng = np.random.default_rng([seed, start])
     batches = _batches(len(latents), batch, seed + start)
     model.train()
+    began = time.monotonic()
     for step in range(start, steps):
         index = next(batches)
-        captions = ["" if rng.random() < 0.1 else c for c in _captions_of(data, index, rng)]
+        captions = ["" if rng.random() < 0.1 else c for c in _captions_of(data, index, rng, partial=partial)]
         with torch.no_grad():
             conditioning = objective.encode(captions)
         loss = objective.loss(model, latents[index], **conditioning)
@@ -526,7 +567,9 @@ def _train_backbone(out: Path, name: str, build: Callable[[], Any], make_pipelin
         opt.step()
         sched.step()
         if step % 100 == 0:
-            record(step=step, loss=float(loss.detach()), lr=sched.get_last_lr()[0])
+            per_step = (time.monotonic() - began) / (step + 1 - start)
+            record(step=step, of=steps, loss=float(loss.detach()), lr=sched.get_last_lr()[0],
+                   eta_minutes=round(per_step * (steps - step - 1) / 60, 1))
         if (step + 1) % 500 == 0 or step + 1 == steps:
             _checkpoint(checkpoint, model, opt, step + 1)
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
@@ -544,13 +587,13 @@ def _train_backbone(out: Path, name: str, build: Callable[[], Any], make_pipelin
 
 
 def train_world_sd(out: Path, *, steps: int = 3500, batch: int = 32, lr: float = 1e-3, seed: int = 0,
-                   eval_every: int = 1000, log: Log = print) -> Path:
+                   eval_every: int = 1000, log: Log = print, **options: Any) -> Path:
     """A UNet from scratch on a frozen world-clip text tower: eps-prediction on SD's scaled-linear
-    betas (DDPM training, DDIM sampling)."""
+    betas (DDPM training, DDIM sampling). `options`: init, partial, warmup (`_train_backbone`)."""
     from studio.training.objectives import NoisePrediction
 
     return _train_backbone(out, "world-sd", build_world_unet, world_sd_pipeline, NoisePrediction, steps=steps,
-                           batch=batch, lr=lr, seed=seed, eval_every=eval_every, log=log)
+                           batch=batch, lr=lr, seed=seed, eval_every=eval_every, log=log, **options)
 
 
 def world_sd_pipeline(unet, out: Path, *, vae=None, text_encoder=None):
@@ -617,7 +660,7 @@ def world_dit_pipeline(transformer, out: Path, *, vae=None, text_encoder=None):
 
 
 def train_world_dit(out: Path, *, steps: int = 4000, batch: int = 32, lr: float = 1e-3, seed: int = 0,
-                    eval_every: int = 1000, log: Log = print) -> Path:
+                    eval_every: int = 1000, log: Log = print, **options: Any) -> Path:
     """An MMDiT from scratch with rectified flow as SD3 trains: x_t = (1 - s) x0 + s noise, velocity
     target noise - x0, s drawn logit-normal(0, 1). Prompts are encoded by the pipeline itself, with as
     many zero T5 tokens as CLIP tokens (see pipelines/dit.py), so training and sampling match exactly.
@@ -627,7 +670,7 @@ def train_world_dit(out: Path, *, steps: int = 4000, batch: int = 32, lr: float 
     from studio.training.objectives import RectifiedFlow
 
     return _train_backbone(out, "world-dit", build_world_transformer, world_dit_pipeline, RectifiedFlow, steps=steps,
-                           batch=batch, lr=lr, seed=seed, eval_every=eval_every, log=log)
+                           batch=batch, lr=lr, seed=seed, eval_every=eval_every, log=log, **options)
 
 
 MODELS["world-dit"] = train_world_dit
