@@ -14,6 +14,7 @@
 
     .venv/bin/python bench/control.py                  # trains all three, then measures (~45 min on 2 cores)
     .venv/bin/python bench/control.py --reuse          # measure the models in --out again
+    .venv/bin/python bench/control.py --shipped --skip-speed   # the shipped world-sd models (~6 min)
     .venv/bin/python bench/control.py --ship           # also copy the world-sd models into assets/world/control
 """
 
@@ -188,6 +189,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs=3, default=[3000, 6000, 3000], metavar=("CN_SD", "T2I_SD", "CN_DIT"),
                         help="training steps of each model")
     parser.add_argument("--reuse", action="store_true", help="measure the models already in --out")
+    parser.add_argument("--shipped", action="store_true",
+                        help="measure the shipped models (world-sd's, in assets/world/control) instead of training")
     parser.add_argument("--ship", action="store_true", help="copy the world-sd models into assets/world/control")
     parser.add_argument("--n", type=int, default=64, help="scenes per measurement")
     parser.add_argument("--seed", type=int, default=999)
@@ -196,23 +199,28 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     EVALUATOR = load_evaluator()
+    from studio.adapters.base import load_adapter
+
+    from studio.embedded import ships
+
     paths = {}
     for (kind, backbone), steps in zip(MODELS, args.steps, strict=True):
+        if args.shipped:
+            if ships(backbone, kind) is not None:
+                paths[(kind, backbone)] = ships(backbone, kind)
+            continue
         target = args.out / f"{kind}-{backbone}"
         paths[(kind, backbone)] = target if args.reuse else train_control(args.out, kind, backbone, refs=args.refs,
                                                                            steps=steps)
-    from studio.adapters.base import load_adapter
 
     if args.ship:
-        from studio.embedded import ships
-
         for (kind, backbone), path in paths.items():
             if ships(backbone, kind) is not None:  # in fp16: the world's assets stay within their 40 MB
                 destination = load_adapter(path).save(ships(backbone, kind), overwrite=True, half=True)
                 print(f"shipped {destination}")
 
     scenes = cases(args.n, args.seed)
-    for backbone in () if args.skip_quality else ("world-sd", "world-dit"):
+    for backbone in () if args.skip_quality else dict.fromkeys(b for _, b in paths):
         pipeline = StudioPipeline(backbone)
         adapters = {kind: load_adapter(path, pipeline.backbone) for (kind, b), path in paths.items() if b == backbone}
         print(f"\n{backbone}: {args.n} held-out masks, one image each, 20 steps, CFG "

@@ -86,16 +86,18 @@ def test_uce_rank_truncation_keeps_the_largest_directions(world):
     assert torch.allclose((full - cut).norm(), s[4:].norm(), rtol=1e-3)  # Eckart-Young: the best rank-4
 
 
-@pytest.mark.parametrize("source,method,variant", [("world-sd", "esd", "x"), ("world-sd", "spm", "x"),
-                                                   ("world-dit", "esd", "x"), ("tiny-sdxl", "spm", "x"),
-                                                   ("tiny-sd3", "esd", "x"), ("world-dit", "esd", "kv")])
-def test_training_moves_the_concept_prediction_towards_negative_guidance(source, method, variant):
+# steps: SPM on the short-prompt world-sd (issue 33) moves "a circle" 2% of the way in 30 steps, 21% in 60
+# (the first world-sd: 50% and 57%); ESD there 16% in 30
+@pytest.mark.parametrize("source,method,variant,steps", [("world-sd", "esd", "x", 30), ("world-sd", "spm", "x", 60),
+                                                         ("world-dit", "esd", "x", 30), ("tiny-sdxl", "spm", "x", 30),
+                                                         ("tiny-sd3", "esd", "x", 30), ("world-dit", "esd", "kv", 30)])
+def test_training_moves_the_concept_prediction_towards_negative_guidance(source, method, variant, steps):
     """After a few steps the eraser's prediction for the concept prompt is closer to
     ε(x) - η(ε(x, c) - ε(x)) than the base model's, on bank states it was not trained on."""
     from studio.training.erasing import trajectory_bank
 
     backbone = load_backbone(source)
-    adapter = erase("circle", method=method, backbone=backbone, steps=30, lr=5e-3, templates=["a {}"], seed=0,
+    adapter = erase("circle", method=method, backbone=backbone, steps=steps, lr=5e-3, templates=["a {}"], seed=0,
                     variant=variant)
     if variant == "kv":  # only the projections that read the text: keys and values of its tokens
         assert adapter.target_names() and all(re.search(r"attn\.add_[kv]_proj$", n) for n in adapter.target_names())

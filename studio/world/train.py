@@ -554,7 +554,7 @@ def _train_backbone(out: Path, name: str, build: Callable[[], Any], make_pipelin
     rng = np.random.default_rng([seed, start])
     batches = _batches(len(latents), batch, seed + start)
     model.train()
-    began = time.monotonic()
+    last = (time.monotonic(), start)  # the ETA reads the pace since the last log line (a paused run recovers)
     for step in range(start, steps):
         index = next(batches)
         captions = ["" if rng.random() < 0.1 else c for c in _captions_of(data, index, rng, partial=partial)]
@@ -567,7 +567,9 @@ def _train_backbone(out: Path, name: str, build: Callable[[], Any], make_pipelin
         opt.step()
         sched.step()
         if step % 100 == 0:
-            per_step = (time.monotonic() - began) / (step + 1 - start)
+            now = time.monotonic()
+            per_step = (now - last[0]) / (step + 1 - last[1])
+            last = (now, step + 1)
             record(step=step, of=steps, loss=float(loss.detach()), lr=sched.get_last_lr()[0],
                    eta_minutes=round(per_step * (steps - step - 1) / 60, 1))
         if (step + 1) % 500 == 0 or step + 1 == steps:
