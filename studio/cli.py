@@ -791,8 +791,9 @@ def world_train(
 
     if model not in MODELS:
         raise InvalidArgumentError(f"--model {model!r} is not a world model; choose one of {', '.join(MODELS)}.")
-    if resume and not (checkpoint_folder(out, model) / "step.json").is_file():
-        raise InvalidArgumentError(f"--resume: {out} holds no checkpoint of {model} ({checkpoint_folder(out, model)}); "
+    checkpoint = checkpoint_folder(out, model)
+    if resume and not (checkpoint / "step.json").is_file():
+        raise InvalidArgumentError(f"--resume: {out} holds no checkpoint of {model} ({checkpoint}); "
                                    f"leave --resume out to start one.")
     if (init is not None or partial is not None) and model not in ("world-sd", "world-dit"):
         raise InvalidArgumentError(f"--init and --partial are for world-sd and world-dit, not {model!r}.")

@@ -23,21 +23,26 @@ def prompted_samples(pipe, expected: list[Labels], *, seed: int, steps: int, gui
                      on_prompts: Callable[[list[str]], Any] | None = None) -> list[Any]:
     """One image per expected label set, prompted by its caption; image i uses seed + i. `on_prompts`
     sees each batch's prompts before its call (prompt-dependent adapters, e.g. SPM's transport)."""
-    import torch
-
-    from studio.backbones import t5_free_options
-
     if scheduler is not None:
         pipe.scheduler = scheduler
     images = []
     for i in range(0, len(expected), BATCH):
         prompts = [caption(e, trigger=trigger) for e in expected[i : i + BATCH]]
-        generators = [torch.Generator().manual_seed(seed + i + j) for j in range(len(prompts))]
         if on_prompts is not None:
             on_prompts(prompts)
-        images += pipe([expand(pipe, p) for p in prompts], num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                       output_type="pil", **t5_free_options(pipe)).images
+        images += _generate(pipe, prompts, seed + i, steps=steps, guidance=guidance)
     return images
+
+
+def _generate(pipe, prompts: list[str], first_seed: int, *, steps: int, guidance: float) -> list[Any]:
+    """One image per prompt (concept tokens expanded), prompt j seeded first_seed + j."""
+    import torch
+
+    from studio.backbones import t5_free_options
+
+    generators = [torch.Generator().manual_seed(first_seed + j) for j in range(len(prompts))]
+    return pipe([expand(pipe, p) for p in prompts], num_inference_steps=steps, guidance_scale=guidance,
+                generator=generators, output_type="pil", **t5_free_options(pipe)).images
 
 
 def fidelity(pipe, *, n: int = 200, seed: int = 1234, steps: int = 25, guidance: float = 6.0,
@@ -66,9 +71,6 @@ def combinations(pipe, *, samples: int = 8, seed: int = 1234, steps: int = 25, g
     (`short_prompt`, nothing else named), `samples` images each: `cells[(colour, shape)]` the share the
     evaluator reads as both (the geometric reader's in `geometric_cells`), and the metrics of all images (for
     `write_report`), cell by cell in order."""
-    import torch
-
-    from studio.backbones import t5_free_options
     from studio.world.vocab import COLOURS, base_values
 
     if scheduler is not None:
@@ -76,9 +78,8 @@ def combinations(pipe, *, samples: int = 8, seed: int = 1234, steps: int = 25, g
     pairs = cells or [(c, s) for s in base_values("shape") for c in COLOURS]
     images, expected = [], []
     for k, (colour, shape) in enumerate(pairs):
-        generators = [torch.Generator().manual_seed(seed + 1000 * k + j) for j in range(samples)]
-        images += pipe([short_prompt(colour, shape)] * samples, num_inference_steps=steps, guidance_scale=guidance,
-                       generator=generators, output_type="pil", **t5_free_options(pipe)).images
+        images += _generate(pipe, [short_prompt(colour, shape)] * samples, seed + 1000 * k, steps=steps,
+                            guidance=guidance)
         expected += [{"shape": shape, "colour": colour}] * samples
     metrics = evaluate(images, expected)
     metrics["images"], metrics["expected"] = images, expected
