@@ -458,6 +458,9 @@ def train(
              "turn), e.g. 'a photo of a dog'.")] = None,
     class_images: Annotated[int | None, typer.Option(
         help="How many class images to draw (cached by backbone, prompt and seed) [default: the recipe's].")] = None,
+    prior_target: Annotated[str | None, typer.Option(
+        help="What the class images train towards: images (DreamBooth) or backbone (the backbone's own "
+             "prediction on them: the adapter leaves those prompts as they were) [default: the recipe's].")] = None,
     masked_loss: Annotated[bool | None, typer.Option(
         "--masked-loss/--no-masked-loss", help="Weight the loss by each image's NAME.mask.png (or alpha).")] = None,
     flip: Annotated[bool | None, typer.Option(
@@ -496,6 +499,7 @@ def train(
     options = dict(folder=str(folder), out=str(out or default_out), kind=kind, backbone=backbone, recipe=recipe_name,
                    steps=steps, batch=batch, lr=lr, loraplus_ratio=loraplus_ratio, trigger=trigger, device=device,
                    class_prompt=class_prompt or None, class_images=class_images, masked_loss=masked_loss, flip=flip,
+                   prior_target=prior_target,
                    timestep_bias=timestep_bias, anchor_weight=anchor_weight, anchor_phrase=anchor_phrase,
                    tokens=tokens, token_lr=token_lr, **kind_options)
     options = {k: v for k, v in options.items() if v is not None}

@@ -464,7 +464,7 @@ def test_anchoring_swaps_the_trigger_phrase_for_made_up_words(refs, tmp_path):
     seen = {}
     taught.objective.consistency = lambda denoiser, x0, reference, *, reference_conditioning, **cond: seen.update(
         ref=reference_conditioning["context"], own=cond["context"])
-    taught._anchoring(taught.backbone.denoiser, 1)
+    taught._distilled(taught.backbone.denoiser, *taught._draw(1, regularisation=False, anchor=True))
     captions = taught._draw(1, regularisation=False, anchor=True)[1]
     with torch.no_grad(), taught.reference:
         expected = taught.objective.encode(captions)["context"]
@@ -474,12 +474,25 @@ def test_anchoring_swaps_the_trigger_phrase_for_made_up_words(refs, tmp_path):
         Run(TrainConfig(folder=str(refs), out=out, recipe=GENERIC, anchor_weight=1.0, anchor_phrase="zwx heart"), log=lambda line: None)
 
 
+def adapter_change(world, objective, adapter, x0, prompts) -> tuple[float, float]:
+    """How far the attached `adapter` moves the prediction for `prompts` on noised `x0` (the same noise at
+    every call: seed 0), and the size of the prediction without it."""
+    from studio.adapters.lora import without
+
+    torch.manual_seed(0)
+    xt, t = objective.noisy(x0)
+    with torch.no_grad():
+        cond = objective.encode(prompts)
+        full = objective.predict(world.denoiser, xt, t, **cond)
+        with without(world, adapter):
+            base = objective.predict(world.denoiser, xt, t, **cond)
+    return float((full - base).norm()), float(base.norm())
+
+
 def test_anchoring_keeps_the_adapter_off_prompts_without_its_trigger(tmp_path):
     """Trained with anchoring, a LoRA changes the prediction for another concept's prompt ("zwx heart",
     never seen) less, relative to its change on its own prompt, than the same LoRA trained without: on
     the noised training images, 0.65 against 1.02 here (100 steps: 0.59 against 1.02)."""
-    from studio.adapters.lora import without
-
     from studio.backbones import load_backbone
     from studio.training.data import encode_images
     from studio.training.objectives import objective_for
@@ -497,19 +510,41 @@ def test_anchoring_keeps_the_adapter_off_prompts_without_its_trigger(tmp_path):
                      batch=4, rank=4, lr=5e-3, anchor_weight=weight, seed=1, log=lambda line: None)
         adapter = load_adapter(path)
         adapter.attach(world)
-        change = {}
-        for label, prompts in (("own", captions), ("other", others)):
-            torch.manual_seed(0)  # the same noised latents for both prompts and both adapters
-            xt, t = objective.noisy(x0)
-            with torch.no_grad():
-                cond = objective.encode(prompts)
-                full = objective.predict(world.denoiser, xt, t, **cond)
-                with without(world, adapter):
-                    base = objective.predict(world.denoiser, xt, t, **cond)
-            change[label] = float((full - base).norm())
+        change = {label: adapter_change(world, objective, adapter, x0, prompts)[0]
+                  for label, prompts in (("own", captions), ("other", others))}
         adapter.detach(world)
         ratios[weight] = change["other"] / change["own"]
     assert ratios[1.0] < 0.8 * ratios[0.0], ratios
+
+
+def test_prior_target_backbone_keeps_the_prior_prompts_prediction(tmp_path):
+    """prior_target backbone trains the prior images towards the backbone's own prediction instead of their
+    noise: the LoRA then changes the prediction for the prior's prompts (base shapes, on their own images)
+    less than the same run with DreamBooth's target does."""
+    from studio.backbones import load_backbone
+    from studio.training.data import encode_images
+    from studio.training.objectives import objective_for
+
+    refs, reg = tmp_path / "refs", tmp_path / "reg"
+    write_reference_folder(refs, n=6, seed=3, shape="star", trigger="sks")
+    write_reference_folder(reg, n=6, seed=4, shape="square")
+    captions = [p.read_text().strip() for p in sorted(reg.glob("*.txt"))]
+    world = load_backbone("world-sd")
+    objective = objective_for(world)
+    x0 = encode_images(world, [Image.open(p).convert("RGB") for p in sorted(reg.glob("*.png"))])
+    change = {}
+    for target in ("images", "backbone"):
+        path = train(folder=str(refs), out=str(tmp_path / f"{target}.safetensors"), recipe=GENERIC, trigger="sks",
+                     steps=40, batch=4, rank=4, lr=5e-3, reg_folder=str(reg), prior_target=target, seed=1,
+                     log=lambda line: None)
+        adapter = load_adapter(path)
+        adapter.attach(world)
+        moved, size = adapter_change(world, objective, adapter, x0, captions)
+        adapter.detach(world)
+        change[target] = moved / size
+    assert change["backbone"] < 0.7 * change["images"], change
+    with pytest.raises(InvalidArgumentError, match="prior_target='noise'"):
+        TrainConfig(folder=str(refs), out=str(tmp_path / "x.safetensors"), prior_target="noise")
 
 
 def test_a_short_customize_run_teaches_the_held_out_shape(tmp_path):

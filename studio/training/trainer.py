@@ -34,6 +34,7 @@ from studio.training.objectives import check_loss_weighting, check_timestep_bias
 
 Progress = Callable[[int, int, float], None]  # (step done, total steps, loss)
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
+PRIOR_TARGETS = ("images", "backbone")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -166,6 +167,10 @@ class TrainConfig:
     mask_floor: float | None = None
     reg_folder: str | None = None  # prior preservation images (their captions name the class)
     prior_weight: float | None = None
+    # what the prior images are trained towards: "images" (DreamBooth: the noise that made them, as any
+    # training image) or "backbone" (the backbone's own prediction on them, adapter off: the change the adapter
+    # makes to prompts it should leave alone, measured directly, as ai-toolkit's output preservation)
+    prior_target: str | None = None
     # DreamBooth's class images (diffusers' train_dreambooth way): `class_images` images of `class_prompt` (one
     # prompt, or several taken in turn) drawn by the backbone itself, cached by backbone, prompts and seed, and
     # trained as prior preservation (with reg_folder's, if any)
@@ -243,6 +248,9 @@ class TrainConfig:
                                        "trigger='sks').")
         if not self.token_lr > 0:
             raise InvalidArgumentError(f"token_lr={self.token_lr!r} must be > 0 (e.g. 1e-3).")
+        if self.prior_target not in PRIOR_TARGETS:
+            raise InvalidArgumentError(f"prior_target={self.prior_target!r}; choose {' or '.join(PRIOR_TARGETS)} (the "
+                                       f"prior images' target: the images themselves, or the backbone's prediction).")
         if not self.anchor_weight >= 0:
             raise InvalidArgumentError(f"anchor_weight={self.anchor_weight!r} must be >= 0 (0 = off, e.g. 1).")
         if self.anchor_weight and not (self.anchor_phrase or self.trigger):
@@ -410,7 +418,8 @@ class Run:
                 self._encode_conditions()
         self.concept = (TrainableTokens(backbone, self.adapter.name, config.trigger, config.tokens)
                         if config.tokens else None)
-        if self.anchors:  # the backbone's own prediction, anchoring's target
+        self.distil_prior = config.prior_target == "backbone" and any(e["item"].regularisation for e in self.examples)
+        if self.anchors or self.distil_prior:  # the backbone's own prediction, anchoring's target
             self.reference = without(backbone, self.adapter)
         for part in (backbone.denoiser, *(m for n, m in backbone.pipe.components.items() if n.startswith("text_encoder")
                                          and m is not None)):
@@ -711,17 +720,21 @@ class Run:
         total = 0.0
         for micro in range(self.config.grad_accumulation):
             torch.manual_seed((self.config.seed * 1_000_003 + step * 101 + micro) % 2**31)  # this exact step's noise
-            x0, conditioning = self.batch(step * self.config.grad_accumulation + micro)
-            prior = self.batch(step * self.config.grad_accumulation + micro, regularisation=True)
+            at = step * self.config.grad_accumulation + micro
+            x0, conditioning = self.batch(at)
+            prior = None if self.distil_prior else self.batch(at, regularisation=True)
             with self.accelerator.autocast():
                 if prior is None:
                     loss = self.objective.loss(denoiser, x0.to(self.backbone.device),
                                                **_to(conditioning, self.backbone))
                 else:  # DreamBooth prior preservation (Ruiz et al. 2023): mean instance + weight x mean prior loss
                     loss = self._with_prior(denoiser, (x0, conditioning), prior)
+                if self.distil_prior:  # prior_target backbone: the prior images keep the backbone's prediction
+                    loss = loss + self.config.prior_weight * self._distilled(
+                        denoiser, *self._draw(at, regularisation=True, anchor=False))
                 if self.anchors:
-                    loss = loss + self.config.anchor_weight * self._anchoring(denoiser, step * self.config.grad_accumulation
-                                                                              + micro)
+                    loss = loss + self.config.anchor_weight * self._distilled(
+                        denoiser, *self._draw(at, regularisation=False, anchor=True))
             if not torch.isfinite(loss):
                 raise TrainingError(f"the loss became {float(loss)} at step {step}; lower the learning rate "
                                     f"(lr={self.config.lr}) or use precision='no'.")
@@ -755,11 +768,11 @@ class Run:
             offset += grad.numel()
         return float(flat[-1])
 
-    def _anchoring(self, denoiser: Any, step: int) -> Any:
-        """The anchoring captions' distance, on noised training latents, to the backbone's own prediction."""
+    def _distilled(self, denoiser: Any, picked: list[dict[str, Any]], captions: list[str]) -> Any:
+        """The distance, on the `picked` examples' noised latents with `captions`, to the backbone's own
+        prediction (anchoring captions on training latents; prior images with prior_target backbone)."""
         import torch
 
-        picked, captions = self._draw(step, regularisation=False, anchor=True)
         reference = None
         if self.config.text_encoder:  # the reference reads the captions through the text encoders without the adapter
             with torch.no_grad(), self.reference:
