@@ -206,8 +206,9 @@ def main() -> None:
     paths = {}
     for (kind, backbone), steps in zip(MODELS, args.steps, strict=True):
         if args.shipped:
-            if ships(backbone, kind) is not None:
-                paths[(kind, backbone)] = ships(backbone, kind)
+            shipped = ships(backbone, kind)
+            if shipped is not None:
+                paths[(kind, backbone)] = shipped
             continue
         target = args.out / f"{kind}-{backbone}"
         paths[(kind, backbone)] = target if args.reuse else train_control(args.out, kind, backbone, refs=args.refs,

@@ -1,13 +1,13 @@
 """Where a world backbone fails a short prompt: in the noisy steps (layout) or the clean ones (detail).
 
 Six colour x shape pairs, `--samples` images each, sampled four ways at the family's defaults: the short
-prompt ("a blue square") throughout, a full caption ("a large blue square on a grid background, in the
-middle") throughout, the full caption for the first `--swap` steps and the short prompt after, and the short
+prompt ("a blue square", `short_prompt`) throughout, the world's full caption ("a large blue square on a
+grid background, in the centre", `caption`) throughout, the full caption for the first `--swap` steps and the short prompt after, and the short
 prompt first and the full caption after (the prompt embeddings are replaced from the pipeline's step
 callback). If the short prompt fails only when it rules the noisy steps, the layout is where it fails.
 Prints the evaluator's shape and colour accuracy of each, and writes each way's numbered grid under --grids.
 
-    .venv/bin/python bench/prompt_swap.py --backbone out/world-dit-v2/world-dit    # ~3 min on 2 CPU cores
+    .venv/bin/python bench/prompt_swap.py --backbone out/world-dit-v2/world-dit    # ~1 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -18,19 +18,17 @@ from pathlib import Path
 import torch
 
 from studio.backbones import load_backbone, t5_free_options
+from studio.world.captions import caption
 from studio.world.evaluator import evaluate
-from studio.world.fidelity import write_report
+from studio.world.fidelity import short_prompt, write_report
+from studio.world.vocab import Labels
 
 PAIRS = [("blue", "square"), ("pink", "triangle"), ("green", "cross"), ("orange", "diamond"), ("red", "circle"),
          ("cyan", "ring")]
 
 
-def short(colour: str, shape: str) -> str:
-    return f"a {colour} {shape}"
-
-
 def full(colour: str, shape: str) -> str:
-    return f"a large {colour} {shape} on a grid background, in the middle"
+    return caption(Labels(shape=shape, colour=colour, background="grid", position="centre", size="large"))
 
 
 def sample(backbone, first, second, swap_after: int, *, samples: int, seed: int) -> dict:
@@ -74,9 +72,9 @@ def main() -> None:
     steps = backbone.family.steps
     print(f"{args.backbone}: {len(PAIRS)} pairs x {args.samples} images, {steps} steps, prompt swapped after "
           f"{args.swap}")
-    for label, first, second, after in (("short", short, short, steps), ("full", full, full, steps),
-                                        ("full then short", full, short, args.swap),
-                                        ("short then full", short, full, args.swap)):
+    for label, first, second, after in (("short", short_prompt, short_prompt, steps), ("full", full, full, steps),
+                                        ("full then short", full, short_prompt, args.swap),
+                                        ("short then full", short_prompt, full, args.swap)):
         metrics = sample(backbone, first, second, after, samples=args.samples, seed=args.seed)
         accuracy = metrics["accuracy"]
         print(f"{label:<16} shape {accuracy['shape']:.2f}  colour {accuracy['colour']:.2f}", flush=True)

@@ -419,7 +419,7 @@ class Run:
         self.concept = (TrainableTokens(backbone, self.adapter.name, config.trigger, config.tokens)
                         if config.tokens else None)
         self.distil_prior = config.prior_target == "backbone" and any(e["item"].regularisation for e in self.examples)
-        if self.anchors or self.distil_prior:  # the backbone's own prediction, anchoring's target
+        if self.anchors or self.distil_prior:  # the backbone's own prediction: anchoring's and the distilled prior's target
             self.reference = without(backbone, self.adapter)
         for part in (backbone.denoiser, *(m for n, m in backbone.pipe.components.items() if n.startswith("text_encoder")
                                          and m is not None)):
